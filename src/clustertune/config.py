@@ -1,0 +1,248 @@
+"""Typed, validated recipe: TOML in, frozen pydantic models out.
+
+Unknown keys, wrong types and impossible combinations fail at load time with one error that
+names the file, the key path and the reason, before any process or GPU is touched.
+
+    clustertune validate configs/demo.toml --set train.lr=1e-3
+
+This module is imported by the launcher side too, so it must never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe (or override) that cannot be used; the message is meant for the user as-is."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    # strict on ints/bools so "2" or 1.5 are not coerced into a stage number.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+
+
+class ModelSection(_Section):
+    """`path`: a local Hugging Face model directory, or a built-in shape name (see shapes.py)."""
+
+    path: str = "tiny"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    # Liger fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): "auto" = on GPU only.
+    liger: Literal["auto", "on", "off"] = "auto"
+    trust_remote_code: bool = False
+
+
+class DataSection(_Section):
+    train_files: list[str] = Field(default_factory=lambda: ["demo"])
+    format: Literal["auto", "messages", "alpaca"] = "auto"
+    max_length: int = Field(default=2048, ge=8)
+    overlength: Literal["truncate", "drop"] = "truncate"
+    skip_invalid: bool = False
+    # Padding-free packing: samples are concatenated into micro-batches of at most
+    # train.micro_batch_tokens tokens, attention does not cross sample boundaries.
+    packing: bool = False
+    cache_dir: str | None = None  # default: <output_dir>/../.cache/tokenized
+    eval_files: list[str] = Field(default_factory=list)
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TrainSection(_Section):
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    global_batch_size: int = Field(default=16, ge=1)  # samples per optimizer step (unpacked)
+    micro_batch_size: int = Field(default=4, ge=1)  # samples per rank per forward (unpacked)
+    micro_batch_tokens: int = Field(default=8192, ge=8)  # token budget per forward (packed)
+    lr: float = Field(default=2e-5, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = Field(default=0.9, gt=0, lt=1)
+    adam_beta2: float = Field(default=0.95, gt=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    log_every: int = Field(default=1, ge=1)
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainSection":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+
+class ZeroSection(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket_size: int | None = Field(default=None, ge=1)
+    allgather_bucket_size: int | None = Field(default=None, ge=1)
+    prefetch_bucket_size: int | None = Field(default=None, ge=1)
+    overlap_comm: bool = True
+
+    @model_validator(mode="after")
+    def _offload(self) -> "ZeroSection":
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"zero.offload_params needs zero.stage = 3 (got stage {self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("zero.offload_optimizer needs zero.stage >= 1 (got stage 0)")
+        return self
+
+
+class LoraSection(_Section):
+    enabled: bool = False
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_export: bool = True
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(default=0, ge=0)  # 0: only the final export
+    keep_last: int = Field(default=2, ge=1)
+    keep_best: bool = False
+
+
+class EvalSection(_Section):
+    every_steps: int = Field(default=0, ge=0)  # 0: only at the end (if an eval set exists)
+    generate_samples: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+class RunSection(_Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    # Variables (names only) forwarded to every worker besides the built-in allow-list.
+    env_passthrough: list[str] = Field(default_factory=list)
+
+
+class Recipe(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=lambda: TrainSection(max_steps=100))
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        if self.lora.enabled and self.zero.offload_params:
+            raise ValueError("lora.enabled with zero.offload_params is not supported: LoRA trains few "
+                             "parameters, use zero.stage = 2 or 3 without parameter offload")
+        if self.data.packing and self.train.micro_batch_tokens < self.data.max_length:
+            raise ValueError(
+                f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= data.max_length "
+                f"({self.data.max_length}) when data.packing is on, or the longest sample cannot fit")
+        if self.data.eval_files and self.data.eval_fraction:
+            raise ValueError("set data.eval_files or data.eval_fraction, not both")
+        return self
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json(exclude_none=True))
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as a TOML literal
+    (numbers, booleans, arrays, quoted strings), anything else is taken as a bare string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise RecipeError(f"--set {text!r}: empty key component")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if p != "__root__")
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        msg = msg.removeprefix("Value error, ")
+        got = item.get("input")
+        got_text = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '<recipe>'}: {msg}{got_text}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a TOML recipe (None: the built-in demo recipe) and apply `--set` overrides."""
+    if path is None:
+        from clustertune.demo import demo_recipe_dict
+        tree, source = demo_recipe_dict(), "<demo recipe>"
+    else:
+        path = Path(path)
+        source = str(path)
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: recipe file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    tree = apply_overrides(tree, overrides or [])
+    return recipe_from_dict(tree, source)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """Render the resolved recipe as TOML (flat tables; values are scalars or flat lists)."""
+    out: list[str] = []
+    for section, values in recipe.to_toml_dict().items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
