@@ -32,6 +32,9 @@ class ModelSection(_Section):
     """`path`: a local Hugging Face model directory, or a built-in shape name (see shapes.py)."""
 
     path: str = "tiny"
+    # Tokenizer directory; default: the model directory, or the bundled demo tokenizer for
+    # built-in shapes (random-init shapes are for throughput and tests, not real text).
+    tokenizer: str | None = None
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     # Liger fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): "auto" = on GPU only.
     liger: Literal["auto", "on", "off"] = "auto"

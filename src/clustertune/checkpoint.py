@@ -1,0 +1,170 @@
+"""Checkpoint lifecycle: step-numbered DeepSpeed checkpoints with a completion marker, rotation,
+resume discovery, and the Hugging Face export of the trained weights.
+
+A checkpoint counts only when its marker exists: the marker is written atomically after every
+rank has saved and passed a barrier, so a crash mid-save leaves a directory resume ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+MARKER = "COMPLETE.json"
+_TAG = re.compile(r"^step_(\d{8})$")
+SHARD_BYTES = 2 * 1024**3
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _TAG.match(child.name)
+        if match and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def newest_complete(run_dir: Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def write_marker(directory: Path, info: dict[str, Any]) -> None:
+    tmp = directory / (MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MARKER)
+
+
+def rotate(run_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last` (never the newest one), and
+    incomplete ones older than the newest complete. Call from one process per filesystem."""
+    complete = complete_checkpoints(run_dir)
+    removed = []
+    for step, path in complete[:-max(1, keep_last)]:
+        if step not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    newest = complete[-1][0] if complete else None
+    root = checkpoint_root(run_dir)
+    if newest is not None and root.is_dir():
+        for child in root.iterdir():
+            match = _TAG.match(child.name)
+            if match and int(match.group(1)) < newest and not (child / MARKER).exists():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+# ------------------------------------------------------------------------------ HF export
+
+def _iter_full_parameters(lm, *, zero_stage: int) -> Iterator[tuple[str, Any]]:
+    """(name, full tensor on CPU) for every parameter, gathering one at a time under ZeRO-3
+    so host and GPU memory stay bounded by the largest parameter."""
+    from clustertune import engine
+    for name, param in lm.named_parameters():
+        with engine.gathered([param], zero_stage=zero_stage):
+            yield name, param.detach().to("cpu", copy=True)
+
+
+def _merge_lora(named: Iterator[tuple[str, Any]], *, scaling: float) -> Iterator[tuple[str, Any]]:
+    """PEFT names -> plain HF names, with W = W0 + scaling * B @ A folded into each base weight."""
+    pending: dict[str, dict[str, Any]] = {}
+    for name, tensor in named:
+        name = name.removeprefix("base_model.model.")
+        if ".lora_A." in name or ".lora_B." in name or ".base_layer.weight" in name:
+            module = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$|\.base_layer\.weight$", "", name)
+            kind = "A" if ".lora_A." in name else "B" if ".lora_B." in name else "W"
+            parts = pending.setdefault(module, {})
+            parts[kind] = tensor
+            if len(parts) == 3:
+                merged = (parts["W"].float() + scaling * parts["B"].float() @ parts["A"].float()).to(parts["W"].dtype)
+                del pending[module]
+                yield f"{module}.weight", merged
+            continue
+        yield name.replace(".base_layer.", "."), tensor
+    if pending:
+        raise RuntimeError(f"LoRA merge: incomplete modules {sorted(pending)[:3]}")
+
+
+def _write_safetensors_shards(named: Iterator[tuple[str, Any]], out: Path, *, dtype) -> None:
+    from safetensors.torch import save_file
+    shard: dict[str, Any] = {}
+    shard_bytes = 0
+    files: list[list[str]] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            files.append(list(shard))
+            save_file(shard, str(out / f"model-{len(files):05d}.safetensors.tmp"), metadata={"format": "pt"})
+            shard, shard_bytes = {}, 0
+
+    for name, tensor in named:
+        tensor = tensor.to(dtype).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > SHARD_BYTES:
+            flush()
+        shard[name] = tensor
+        shard_bytes += size
+        total += size
+    flush()
+    count = len(files)
+    for i, names in enumerate(files, start=1):
+        final = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+        os.replace(out / f"model-{i:05d}.safetensors.tmp", out / final)
+        weight_map.update({n: final for n in names})
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_hf_model(lm, tokenizer, out: Path, *, zero_stage: int, is_writer: bool, lora_merge: bool,
+                    dtype) -> None:
+    """Write `lm` (HF causal LM, maybe PEFT-wrapped, maybe ZeRO-3 partitioned) as a Hugging Face
+    model directory loadable by from_pretrained. Collective under ZeRO-3: call on every rank."""
+    from clustertune.model import base_causal_lm
+
+    is_peft = hasattr(lm, "peft_config")
+    named = _iter_full_parameters(lm, zero_stage=zero_stage)
+    if is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+    if is_peft and not lora_merge:
+        adapter = {n: t for n, t in named if "lora_" in n}
+        if is_writer:
+            lm.save_pretrained(str(out), state_dict=adapter)
+    else:
+        if is_peft:
+            cfg = lm.peft_config["default"]
+            named = _merge_lora(named, scaling=cfg.lora_alpha / cfg.r)
+        if is_writer:
+            _write_safetensors_shards(named, out, dtype=dtype)
+        else:
+            for _ in named:  # take part in every gather
+                pass
+    if is_writer:
+        config = base_causal_lm(lm).config
+        config.use_cache = True
+        config.save_pretrained(str(out))
+        base_causal_lm(lm).generation_config.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))

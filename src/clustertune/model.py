@@ -1,0 +1,126 @@
+"""Model side of the worker: tokenizer, HF causal LM (local directory or built-in shape), ZeRO-3
+partitioned creation, LoRA, gradient checkpointing, and the token-loss wrapper that DeepSpeed
+trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clustertune.config import LoraSection, ModelSection
+from clustertune.shapes import lookup_shape
+
+IGNORE_INDEX = -100
+
+
+def tokenizer_dir(model: ModelSection) -> Path:
+    if model.tokenizer:
+        return Path(model.tokenizer)
+    if lookup_shape(model.path) is not None:
+        from clustertune.demo import demo_tokenizer_dir
+        return demo_tokenizer_dir()
+    return Path(model.path)
+
+
+def load_tokenizer(model: ModelSection):
+    from transformers import AutoTokenizer
+    directory = tokenizer_dir(model)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model.tokenizer: {directory} is not a directory")
+    tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def hf_config(model: ModelSection):
+    from transformers import AutoConfig, Qwen2Config
+    shape = lookup_shape(model.path)
+    if shape is not None:
+        return Qwen2Config(**shape.hf_config_dict())
+    return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+
+
+def attention_implementation(model: ModelSection) -> str:
+    return "sdpa" if model.attn_implementation == "auto" else model.attn_implementation
+
+
+def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=None,
+                    gradient_checkpointing: bool = False):
+    """Create (random shape) or load (local directory) the HF model.
+
+    `zero3_context` (from engine.zero3_init_context) makes every rank build only its partition.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model)
+    config.use_cache = False
+    attn = attention_implementation(model)
+    ctx = zero3_context if zero3_context is not None else contextlib.nullcontext()
+    with ctx:
+        if lookup_shape(model.path) is not None:
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(
+                model.path, config=config, dtype=dtype, attn_implementation=attn,
+                trust_remote_code=model.trust_remote_code)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def apply_lora(lm, lora: LoraSection):
+    if not lora.enabled:
+        return lm
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(lm, config)
+    if getattr(lm, "is_gradient_checkpointing", False):
+        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps them in the graph.
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def base_causal_lm(lm):
+    """The HF *ForCausalLM under an optional PEFT wrapper."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+class TokenLossModel(nn.Module):
+    """Forward returns the per-token cross-entropy ([batch, seq], 0 where the target is ignored).
+
+    The loop sums it and divides by the step's trained-token count (all micro-batches, all
+    ranks), so accumulation and uneven lengths give exactly the big-batch gradient.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        causal_lm = base_causal_lm(self.lm)
+        hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = causal_lm.lm_head(hidden).float()
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.view(targets.shape)
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def describe(lm) -> dict[str, Any]:
+    trainable = sum(p.numel() if getattr(p, "ds_numel", None) is None else p.ds_numel
+                    for p in lm.parameters() if p.requires_grad)
+    total = sum(p.numel() if getattr(p, "ds_numel", None) is None else p.ds_numel for p in lm.parameters())
+    return {"parameters": total, "trainable": trainable}

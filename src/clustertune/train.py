@@ -1,0 +1,216 @@
+"""The worker: setup -> loop (train_step) -> checkpoint -> export. One process per rank.
+
+Started by a launcher (clustertune.local for one machine, the DeepSpeed launcher across nodes),
+never directly by users; see clustertune.worker for the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from clustertune import batching, checkpoint, engine, metrics
+from clustertune.config import Recipe, recipe_to_toml
+from clustertune.model import (TokenLossModel, apply_lora, build_causal_lm, describe, load_tokenizer,
+                               model_dtype)
+from clustertune.shapes import shape_from_model_path
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    on_gpu: bool
+    device: torch.device
+    precision: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(recipe: Recipe) -> Runtime:
+    rank, local_rank, world = engine.world_info()
+    want = recipe.train.device
+    on_gpu = torch.cuda.is_available() if want == "auto" else want == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    engine.init_distributed(on_gpu=on_gpu)
+    seed_everything(recipe.train.seed, deterministic=recipe.train.deterministic or not on_gpu)
+    return Runtime(rank, local_rank, world, on_gpu, torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"),
+                   engine.resolve_precision(recipe.train, on_gpu=on_gpu))
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, ds_config: dict[str, Any], rt: Runtime) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.toml").write_text(recipe_to_toml(recipe))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    (run_dir / "world.json").write_text(json.dumps(
+        {"world_size": rt.world_size, "device": str(rt.device.type), "precision": rt.precision}, indent=2))
+
+
+def prepare_data(recipe: Recipe, tokenizer, rt: Runtime, run_dir: Path):
+    """Rank 0 validates and tokenizes (filling the cache); the others then load the cache, so
+    every rank trains the identical filtered, shuffled list."""
+    from clustertune.data import prepare_dataset
+    cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else run_dir.parent / ".cache" / "tokenized"
+    result = None
+    if rt.local_rank == 0:
+        result = prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
+                                 log=print if rt.is_main else (lambda *_: None))
+    engine.barrier()
+    if result is None:
+        result = prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
+                                 log=lambda *_: None)
+    return result
+
+
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Train `recipe` on this rank; returns a summary (rank 0's is complete)."""
+    rt = setup_runtime(recipe)
+    run_dir = Path(recipe.run.output_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe, tokenizer, rt, run_dir)
+    if rt.is_main:
+        print(data.report.summary(), flush=True)
+
+    layout = engine.batch_layout(recipe.train, world_size=rt.world_size, packing=recipe.data.packing)
+    shape = shape_from_model_path(recipe.model.path)
+    ds_config = engine.build_deepspeed_config(recipe.train, recipe.zero, layout=layout,
+                                              precision=rt.precision, hidden_size=shape.hidden_size)
+    if rt.is_main:
+        write_run_files(run_dir, recipe, ds_config, rt)
+
+    zero3 = recipe.zero.stage == 3
+    hf_ds_config, zero_init = engine.zero3_init_context(ds_config) if zero3 else (None, None)
+    lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
+                         gradient_checkpointing=recipe.train.gradient_checkpointing)
+    lm = apply_lora(lm, recipe.lora)
+    model_info = describe(lm)
+    ds_engine = engine.initialize(TokenLossModel(lm), ds_config=ds_config, train=recipe.train, on_gpu=rt.on_gpu)
+
+    samples = data.train
+    lengths = [len(s.input_ids) for s in samples]
+    trained = [s.num_trained for s in samples]
+    steps = batching.total_steps(num_samples=len(samples), global_batch_size=recipe.train.global_batch_size,
+                                 max_steps=recipe.train.max_steps, epochs=recipe.train.epochs)
+
+    start_step = 0
+    if resume:
+        found = checkpoint.newest_complete(run_dir)
+        if found is not None:
+            state = engine.load_checkpoint(ds_engine, checkpoint.checkpoint_root(run_dir), found[1].name)
+            start_step = int(state["step"])
+            if rt.is_main:
+                print(f"resumed from {found[1]} (step {start_step})", flush=True)
+        elif rt.is_main:
+            print("--resume: no complete checkpoint yet, starting from step 0", flush=True)
+
+    flops_per_tok_base = dict(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
+                              hidden=shape.hidden_size)
+    peak = metrics.detect_peak_flops()
+    sink = metrics.MetricsSink(run_dir, enabled=rt.is_main, total_steps=steps, start_step=start_step)
+    if rt.is_main:
+        sink.write(f"model: {model_info['parameters']:,} parameters ({model_info['trainable']:,} trainable); "
+                   f"{len(samples)} samples; {steps} steps; world {rt.world_size}; ZeRO-{recipe.zero.stage}; "
+                   f"{rt.precision}; micro-batches/rank/step {layout.gradient_accumulation_steps}")
+    losses: list[float] = []
+    try:
+        for step in range(start_step, steps):
+            indices = batching.step_sample_indices(step, num_samples=len(samples),
+                                                   global_batch_size=recipe.train.global_batch_size,
+                                                   seed=recipe.train.seed)
+            plan = batching.plan_step(step, indices, lengths=lengths, trained=trained, layout=layout,
+                                      packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
+            started = time.perf_counter()
+            lr = recipe.train.lr * engine.lr_multiplier(step, train=recipe.train, total_steps=steps)
+            engine.set_lr(ds_engine, lr)
+            loss = train_step(ds_engine, plan, samples, rt=rt, packing=recipe.data.packing,
+                              pad_id=tokenizer.pad_token_id)
+            grad_norm = engine.optimizer_step(ds_engine)
+            if rt.on_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            losses.append(loss)
+            if rt.is_main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
+                doc_lengths = [lengths[i] for i in indices]
+                tok_s = sum(doc_lengths) / elapsed
+                fpt = metrics.flops_per_token(t_eff=metrics.effective_context(doc_lengths), **flops_per_tok_base)
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": sum(doc_lengths), "trained_tokens": plan.trained_tokens,
+                          "tokens_per_s": tok_s, "step_time_s": elapsed,
+                          "mfu": metrics.mfu(tokens_per_s=tok_s, flops_per_tok=fpt, peak_flops=peak)}
+                if rt.on_gpu:
+                    record["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                sink.log(record)
+            if recipe.checkpoint.every_steps and (step + 1) % recipe.checkpoint.every_steps == 0 and step + 1 < steps:
+                save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt)
+        if recipe.checkpoint.every_steps:
+            save_checkpoint(ds_engine, run_dir, steps, recipe, rt)
+    finally:
+        sink.close()
+
+    export_dir = run_dir / "final"
+    checkpoint.export_hf_model(lm, tokenizer, export_dir, zero_stage=recipe.zero.stage, is_writer=rt.is_main,
+                               lora_merge=recipe.lora.merge_on_export, dtype=model_dtype(rt.precision))
+    engine.barrier()
+    if rt.is_main:
+        print(f"exported Hugging Face model to {export_dir}", flush=True)
+    del hf_ds_config
+    return {"losses": losses, "steps": steps, "export_dir": str(export_dir), "model": lm, "tokenizer": tokenizer,
+            "runtime": rt}
+
+
+def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, packing: bool, pad_id: int) -> float:
+    """Forward/backward over this rank's micro-batches of one step; returns the step's mean
+    loss per trained token over all ranks."""
+    mine = plan.per_rank[rt.rank]
+    # DeepSpeed averages gradients over ranks; scaling by world size turns that average into the
+    # sum over ranks, so the gradient is sum(token losses) / (step's trained tokens).
+    scale = rt.world_size / max(1, plan.trained_tokens)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for m, group in enumerate(mine):
+        batch = batching.collate([samples[i] for i in group], packing=packing, pad_id=pad_id)
+        batch = {k: (v.to(rt.device) if v is not None else None) for k, v in batch.items()}
+        token_losses = ds_engine(**batch)
+        total = token_losses.sum()
+        engine.backward(ds_engine, total * scale, is_last_micro_batch=m == len(mine) - 1)
+        loss_sum += total.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / max(1, plan.trained_tokens)
+
+
+def save_checkpoint(ds_engine, run_dir: Path, step: int, recipe: Recipe, rt: Runtime) -> None:
+    tag = checkpoint.tag_for(step)
+    root = checkpoint.checkpoint_root(run_dir)
+    engine.save_checkpoint(ds_engine, root, tag, client_state={"step": step})
+    engine.barrier()
+    # One marker (and one rotation) per node: without a shared filesystem every node holds its own
+    # ranks' shards and needs its own marker; with one, local rank 0s write the same content.
+    if rt.local_rank == 0:
+        checkpoint.write_marker(root / tag, {"step": step, "world_size": rt.world_size,
+                                             "zero_stage": recipe.zero.stage})
+        checkpoint.rotate(run_dir, recipe.checkpoint.keep_last)
+    engine.barrier()

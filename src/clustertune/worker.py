@@ -1,0 +1,42 @@
+"""Per-rank entry point, started by a launcher (never by hand):
+
+    RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
+        python -m clustertune.worker runs/demo/launch_recipe.toml [--set train.lr=1e-3] [--resume]
+
+Secrets reach the worker only through the 0600 file named by CLUSTERTUNE_SECRETS_FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clustertune.worker")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+
+    secrets_file = os.environ.get("CLUSTERTUNE_SECRETS_FILE")
+    if secrets_file:
+        from clustertune.secrets import load_secrets_file
+        load_secrets_file(secrets_file)
+
+    from clustertune.config import RecipeError, load_recipe
+    from clustertune.data import DataError
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        from clustertune.train import run
+        run(recipe, resume=args.resume)
+    except (RecipeError, DataError, FileNotFoundError) as err:
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
