@@ -1,0 +1,138 @@
+"""On-disk cache of tokenized data, so a relaunch (or every rank after the first) skips tokenizing.
+
+One `<key>.npz` file per cache entry: per split, the concatenated token ids, a per-token "has a
+target" flag and sample offsets, plus the pre-split report as JSON. The key hashes everything the
+tokenized result depends on (file contents, tokenizer and template, format, length policy,
+library versions), not the seed or eval_fraction: the split and the shuffle are cheap and are
+redone on load. It is written to a temp file and renamed, so racing processes are safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clustertune.data.types import IGNORE, DataError, DataReport, Sample
+
+CACHE_VERSION = 1  # bump when the rendering, masking or file layout changes
+
+
+@dataclass
+class Tokenized:
+    """Kept samples in file order, before the eval split and the shuffle."""
+
+    train: list[Sample]
+    eval: list[Sample]
+    report: DataReport  # counts up to filtering; split counts are filled in later
+
+
+def cache_key(*, train_files: list[Path], eval_files: list[Path], settings: dict[str, Any], tokenizer: Any) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "train": [file_digest(p) for p in train_files],
+        "eval": [file_digest(p) for p in eval_files],
+        "settings": settings,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return _sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read data file: {err.strerror}") from None
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of the tokenizer as the data sees it: vocabulary, merges, normalization and added
+    tokens (the Rust tokenizer's full JSON), chat template, special tokens, library versions."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    import tokenizers
+    import transformers
+    parts = {
+        "class": type(tokenizer).__name__,
+        "tokenizer": _sha256(body.encode()),
+        "chat_template": tokenizer.chat_template,
+        "special_tokens": tokenizer.special_tokens_map,
+        # A new release may render or tokenize differently (whitespace, normalization).
+        "versions": [transformers.__version__, tokenizers.__version__],
+    }
+    return _sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------- file format
+
+def save(path: Path, data: Tokenized, log: Callable[[str], None]) -> None:
+    """Write atomically; a failure only costs re-tokenizing next time, so it is a warning."""
+    arrays = {**_pack("train", data.train), **_pack("eval", data.eval),
+              "report": np.array(json.dumps(dataclasses.asdict(data.report)))}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
+    except OSError as err:
+        log(f"data: warning: could not write the tokenized cache {path}: {err}")
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: Path, log: Callable[[str], None]) -> Tokenized | None:
+    """The cached entry, or None when there is none or it cannot be read (then re-tokenize)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            report = DataReport(**json.loads(str(z["report"])))
+            return Tokenized(_unpack(z, "train"), _unpack(z, "eval"), report)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        log(f"data: warning: ignoring unreadable tokenized cache {path}: {err}")
+        return None
+
+
+def _pack(split: str, samples: Iterable[Sample]) -> dict[str, np.ndarray]:
+    samples = list(samples)
+    lengths = [len(s.input_ids) for s in samples]
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1]))
+    # Only "has a target" is stored: the target itself is the next input id (see Sample).
+    has_target = np.fromiter((t != IGNORE for s in samples for t in s.targets), dtype=np.bool_,
+                             count=int(offsets[-1]))
+    return {f"{split}_ids": ids, f"{split}_has_target": has_target, f"{split}_offsets": offsets}
+
+
+def _unpack(z: Any, split: str) -> list[Sample]:
+    ids, has_target, offsets = z[f"{split}_ids"], z[f"{split}_has_target"], z[f"{split}_offsets"]
+    # targets[i] = ids[i+1] where it has a target; the last flag of each sample is always False,
+    # so reading ids one past a sample's end never leaks into a target.
+    next_ids = np.append(ids[1:], np.int32(IGNORE))
+    targets = np.where(has_target, next_ids, IGNORE).astype(np.int64)
+    ids_list, targets_list = ids.tolist(), targets.tolist()
+    return [Sample(ids_list[a:b], targets_list[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]

@@ -1,0 +1,199 @@
+"""Chat rendering with the tokenizer's own template, and the assistant-only loss mask.
+
+The template is code we do not control (it may add a default system prompt, or rewrite
+assistant turns: DeepSeek-R1's removes everything up to `</think>`, Qwen3's only in turns before
+the last user message), so nothing here assumes what it prints. Instead:
+
+1. Render the whole conversation once: that text is what the model is trained on.
+2. Find each assistant turn's character span *in that text*. Fast path: render again with each
+   assistant content replaced by a unique marker, and accept the result only if putting the real
+   contents back in reproduces the text exactly. Otherwise (the template altered a turn), per
+   assistant turn: render with only that content replaced, and the span is where the two
+   renderings differ (longest common prefix and suffix). Either way the span is located in the
+   final rendering, never in a rendering of a prefix of the conversation.
+3. Tokenize the text with offsets; a token is trained if it overlaps a span. The end-of-turn
+   control token right after the span (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`) is
+   trained too, so the model learns to stop; the role header before the span is not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from clustertune.data.records import Message, RecordError, validate_messages
+from clustertune.data.types import IGNORE, DataError, Sample
+
+OVERLENGTH = ("truncate", "drop")
+# Marker for an assistant content in the diff renderings: a character no real text starts or ends
+# with, so the common prefix/suffix stop exactly at the content's edges.
+_MARK = "\x00"
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: list[Span]  # one per assistant message, in order; may be empty (start == end)
+    altered: int  # assistant turns whose rendering differs from their content
+
+
+class ChatEncoder:
+    """What one tokenizer needs for rendering and masking, computed once per dataset."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer: the loss mask needs "
+                            "token character offsets. Load the tokenizer with use_fast=True.")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat_template: the data is rendered with the model's own "
+                            "template, so use a tokenizer (model directory) that ships one")
+        self.tokenizer = tokenizer
+        controls = _control_tokens(tokenizer)
+        self.control_ids = frozenset(tokenizer.convert_tokens_to_ids(sorted(controls)))
+        # Longest first, so that a control token is reported by its full name.
+        self._control_re = re.compile("|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True)))
+
+    def render(self, messages: list[Message]) -> Rendered:
+        """Render a validated conversation and locate its assistant spans (RecordError if unusable)."""
+        self._check_no_control_tokens(messages)
+        text = self._apply(messages)
+        spans = self._spans_by_markers(messages, text)
+        if spans is not None:
+            return Rendered(text, spans, altered=0)
+        spans = [self._span_by_diff(messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        contents = [m["content"] for m in messages if m["role"] == "assistant"]
+        altered = sum(text[s:e] != c for (s, e), c in zip(spans, contents))
+        return Rendered(text, spans, altered)
+
+    def encode(self, batch: list[Rendered]) -> list[tuple[list[int], list[bool]]]:
+        """Token ids and per-token trained flags; one tokenizer call for the batch (Rust-parallel)."""
+        if not batch:
+            return []
+        enc = self.tokenizer([r.text for r in batch], add_special_tokens=False,
+                             return_offsets_mapping=True, verbose=False)
+        return [(ids, self._mask(ids, offsets, r)) for ids, offsets, r in
+                zip(enc["input_ids"], enc["offset_mapping"], batch)]
+
+    # ------------------------------------------------------------------------------ rendering
+
+    def _apply(self, messages: list[Message]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as err:  # the template is foreign code: any failure is this record's problem
+            raise RecordError("chat template error", f"{type(err).__name__}: {err}") from None
+
+    def _check_no_control_tokens(self, messages: list[Message]) -> None:
+        # "<|im_end|>" typed inside a message would be tokenized as a real turn boundary.
+        for i, message in enumerate(messages):
+            found = self._control_re.search(message["content"])
+            if found:
+                raise RecordError("control token in content", f"messages[{i}].content contains "
+                                  f"{found.group()!r}, which the tokenizer reads as a control token")
+
+    def _spans_by_markers(self, messages: list[Message], text: str) -> list[Span] | None:
+        marks = {i: f"{_MARK}{i}{_MARK}" for i, m in enumerate(messages) if m["role"] == "assistant"}
+        marked = self._apply([{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)])
+        spans: list[Span] = []
+        pos = cursor = 0  # positions in `marked` and in `text`
+        for i, mark in marks.items():
+            at = marked.find(mark, pos)
+            if at < 0 or marked.count(mark) != 1 or not text.startswith(marked[pos:at], cursor):
+                return None
+            start = cursor + at - pos
+            content = messages[i]["content"]
+            if not text.startswith(content, start):
+                return None
+            spans.append((start, start + len(content)))
+            cursor, pos = start + len(content), at + len(mark)
+        return spans if text[cursor:] == marked[pos:] else None
+
+    def _span_by_diff(self, messages: list[Message], index: int, text: str) -> Span:
+        other = self._apply([{**m, "content": _MARK} if i == index else m for i, m in enumerate(messages)])
+        start = _common_prefix(text, other)
+        return start, len(text) - _common_prefix(text[start:][::-1], other[start:][::-1])
+
+    # ------------------------------------------------------------------------------ masking
+
+    def _mask(self, ids: list[int], offsets: list[Span], rendered: Rendered) -> list[bool]:
+        mask = [False] * len(ids)
+        j = 0
+        for start, end in rendered.spans:
+            if not rendered.text[start:end].strip():
+                continue  # the template printed nothing of this turn: do not teach an empty answer
+            while j < len(ids) and offsets[j][1] <= start:
+                j += 1
+            while j < len(ids) and offsets[j][0] < end:
+                mask[j] = True
+                j += 1
+            j = self._mark_end_of_turn(ids, offsets, rendered.text, mask, j)
+        return mask
+
+    def _mark_end_of_turn(self, ids: list[int], offsets: list[Span], text: str, mask: list[bool], j: int) -> int:
+        """Train the control token that closes the turn (and whitespace before it, which the model
+        must also produce). If real text comes first, the template has no end-of-turn token."""
+        k = j
+        while k < len(ids) and ids[k] not in self.control_ids and not text[offsets[k][0]:offsets[k][1]].strip():
+            k += 1
+        if k == len(ids) or ids[k] not in self.control_ids:
+            return j
+        for t in range(j, k + 1):
+            mask[t] = True
+        return k + 1
+
+
+def _control_tokens(tokenizer: Any) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t.content for t in added.values() if getattr(t, "special", False)} | set(tokenizer.all_special_tokens)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection on C-speed slice comparisons."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ---------------------------------------------------------------------------------- samples
+
+def fit(ids: list[int], mask: list[bool], *, max_length: int, overlength: str) -> tuple[Sample | None, str]:
+    """Apply the length policy. Returns (sample or None, fate), fate one of "kept", "truncated",
+    "dropped_overlength" (too long: policy drop, or truncation left no trained token) and
+    "dropped_no_target" (no trained token even at full length)."""
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
+    # mask[0] can never be a target: nothing precedes the first token.
+    if not any(mask[1:]):
+        return None, "dropped_no_target"
+    if len(ids) <= max_length:
+        return Sample(ids, shift_targets(ids, mask)), "kept"
+    if overlength == "drop":
+        return None, "dropped_overlength"
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask[1:]):
+        return None, "dropped_overlength"
+    return Sample(ids, shift_targets(ids, mask)), "truncated"
+
+
+def shift_targets(ids: list[int], mask: list[bool]) -> list[int]:
+    return [nxt if trained else IGNORE for nxt, trained in zip(ids[1:], mask[1:])] + [IGNORE]
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict], *, max_length: int,
+                          overlength: str) -> Sample | None:
+    """One conversation -> Sample, or None when the length policy or the template leaves no
+    trained token. Invalid messages raise DataError."""
+    encoder = ChatEncoder(tokenizer)
+    try:
+        rendered = encoder.render(validate_messages(messages))
+    except RecordError as err:
+        raise DataError(str(err)) from None
+    ids, mask = encoder.encode([rendered])[0]
+    return fit(ids, mask, max_length=max_length, overlength=overlength)[0]

@@ -1,0 +1,76 @@
+"""The data pipeline's value types: what the worker receives and what the user is shown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE = -100  # the target of a token that carries no loss (PyTorch cross_entropy's ignore_index)
+
+
+class DataError(ValueError):
+    """Data that cannot be used. The message is shown to the user as-is (file:line and reason)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized conversation.
+
+    `targets` is pre-shifted so the worker never shifts: targets[i] is the token the model must
+    predict after reading input_ids[:i+1], i.e. input_ids[i+1] when that token belongs to an
+    assistant turn, else IGNORE. targets[-1] is always IGNORE.
+    """
+
+    input_ids: list[int]
+    targets: list[int]
+
+    @property
+    def num_trained(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+@dataclass
+class DataReport:
+    """Exact counts of what happened to every record.
+
+    Invariants: total_lines = valid + invalid (blank lines are not records and are not counted);
+    valid = train_samples + eval_samples + dropped_overlength + dropped_no_target.
+    """
+
+    files: list[str]
+    total_lines: int = 0
+    valid: int = 0
+    invalid: int = 0
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # kept, cut to max_length
+    dropped_overlength: int = 0  # over max_length and dropped (policy "drop", or nothing trained left)
+    dropped_no_target: int = 0  # no assistant token survived the chat template
+    train_samples: int = 0
+    eval_samples: int = 0
+    train_tokens: int = 0
+    trained_tokens: int = 0
+    cache_hit: bool = False
+    # Assistant turns that the chat template rendered differently from their content (DeepSeek-R1's
+    # template removes everything up to `</think>`): the loss sees the rendering, so say so.
+    altered_turns: int = 0
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.invalid_reasons.items()))
+        lines = [
+            f"data: {len(self.files)} file(s), {self.total_lines} records: {self.valid} valid, "
+            f"{self.invalid} invalid skipped" + (f" ({reasons})" if reasons else ""),
+            f"data: {self.truncated} truncated to max_length, {self.dropped_overlength} over-long dropped, "
+            f"{self.dropped_no_target} dropped with no assistant tokens",
+            f"data: {self.train_samples} train samples ({self.train_tokens} tokens, {self.trained_tokens} "
+            f"trained), {self.eval_samples} eval samples; tokenized cache {'hit' if self.cache_hit else 'miss'}",
+        ]
+        if self.altered_turns:
+            lines.append(f"data: warning: the chat template changed {self.altered_turns} assistant turn(s) "
+                         "(e.g. removed <think>...</think>); the loss is on the rendered text")
+        return "\n".join(lines)
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]  # filtered, then shuffled with the seed: identical on every process
+    eval: list[Sample]  # in file order
+    report: DataReport

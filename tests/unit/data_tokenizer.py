@@ -1,0 +1,100 @@
+"""Tiny chat tokenizers built in memory for the data tests: no downloads, no files.
+
+Character-level: every character is one token and every control token (`<|im_end|>`, ...) is one
+token, so a test can write the expected token sequence by hand, character by character.
+
+    from data_tokenizer import chatml_tokenizer, r1_tokenizer
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+# Qwen2.5's ChatML template (tool-calling branches removed): a default system turn when the
+# conversation has none, then `<|im_start|>role\ncontent<|im_end|>\n` per message.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# DeepSeek-R1-Distill's template (tool-calling branches removed). Note what it does to every
+# assistant turn: everything up to `</think>` is cut, so the rendering differs from the content.
+R1_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{bos_token}}{{ns.system_prompt}}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}"
+    "{%- endfor -%}"
+    "{% if add_generation_prompt %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+)
+
+# A Qwen3-like ChatML template that strips the reasoning only from assistant turns *before the
+# last user message*: earlier turns render differently once the conversation grows, so rendering
+# prefixes of the conversation does not give prefixes of the full rendering.
+QWEN3_LIKE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- set content = message.content %}"
+    "{%- if message.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+
+
+def _char_tokenizer(specials: list[str], unk: str) -> Tokenizer:
+    chars = sorted(set(string.printable) | set("éü—…"))
+    vocab = {tok: i for i, tok in enumerate([unk, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    # One piece per character (newlines included); added tokens are matched before this runs.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def chatml_tokenizer(template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Qwen-style: ChatML control tokens, `<|endoftext|>` as pad/eos fallback, `<|im_end|>` as eos."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_char_tokenizer(CHATML_SPECIALS, "<unk>"),
+        unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = template
+    return tok
+
+
+def r1_tokenizer() -> PreTrainedTokenizerFast:
+    """DeepSeek-R1-Distill-style: bos/eos sentence tokens, `<｜User｜>`/`<｜Assistant｜>` headers."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_char_tokenizer(R1_SPECIALS, "<unk>"),
+        unk_token="<unk>", bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>",
+        additional_special_tokens=["<｜User｜>", "<｜Assistant｜>"],
+    )
+    tok.chat_template = R1_TEMPLATE
+    return tok
