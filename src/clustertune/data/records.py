@@ -110,7 +110,8 @@ def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 def parse_line(raw: bytes, fmt: str) -> list[Message] | None:
     """One JSONL line -> a validated conversation, None for a blank line, RecordError if invalid."""
     try:
-        text = raw.decode("utf-8")
+        # Without the line break, json's "column" of an error at the end of the line is right.
+        text = raw.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as err:
         raise RecordError("not UTF-8", f"invalid byte 0x{raw[err.start]:02x} at byte {err.start + 1}") from None
     if not text.strip():

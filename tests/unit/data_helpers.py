@@ -1,14 +1,18 @@
-"""Tiny chat tokenizers built in memory for the data tests: no downloads, no files.
+"""Helpers for the data tests: tiny chat tokenizers built in memory (no downloads, no files)
+and a JSONL writer.
 
-Character-level: every character is one token and every control token (`<|im_end|>`, ...) is one
-token, so a test can write the expected token sequence by hand, character by character.
+The tokenizers are character-level: every character is one token and every control token
+(`<|im_end|>`, ...) is one token, so a test can write the expected tokens by hand.
 
-    from data_tokenizer import chatml_tokenizer, r1_tokenizer
+    from data_helpers import chatml_tokenizer, r1_tokenizer, write_jsonl
 """
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -98,3 +102,24 @@ def r1_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.chat_template = R1_TEMPLATE
     return tok
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    """One line per record: dicts/lists are JSON-encoded, str and bytes are written verbatim."""
+    with path.open("wb") as f:
+        for rec in records:
+            if isinstance(rec, bytes):
+                f.write(rec + b"\n")
+            elif isinstance(rec, str):
+                f.write(rec.encode() + b"\n")
+            else:
+                f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+    return path
+
+
+def chat(*turns: str, system: str | None = None) -> dict:
+    """A messages-format record from alternating user/assistant contents."""
+    messages = [{"role": "system", "content": system}] if system else []
+    roles = ("user", "assistant")
+    messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return {"messages": messages}

@@ -1,0 +1,149 @@
+"""Chat rendering and the assistant-only loss mask, checked token by token.
+
+    python -m pytest tests/unit/test_data_chat.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+from data_helpers import QWEN3_LIKE_TEMPLATE, chat, chatml_tokenizer, r1_tokenizer
+
+from clustertune.data import IGNORE, DataError, Sample, tokenize_conversation
+from clustertune.data.chat import ChatEncoder, fit, shift_targets
+from clustertune.data.records import RecordError
+
+
+def expected_sample(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Ids and shifted targets from hand-written (text, trained) segments of the rendering.
+    With a character-level tokenizer, tokenizing piecewise equals tokenizing the whole."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [trained] * len(piece)
+    targets = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+    return ids, targets
+
+
+def trained_text(tokenizer, sample: Sample) -> str:
+    """The tokens the model is taught to produce, concatenated."""
+    return "".join(tokenizer.convert_ids_to_tokens([t for t in sample.targets if t != IGNORE]))
+
+
+def test_chatml_multi_turn_mask_token_by_token():
+    tok = chatml_tokenizer()
+    messages = chat("Hi", "Hello!", "2+2?", "4", system="Be brief.")["messages"]
+    sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
+    ids, targets = expected_sample(tok, [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>", True),  # the answer and the end-of-turn token, not the role header
+        ("\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("4<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert sample.input_ids == ids
+    assert len(sample.targets) == len(sample.input_ids)
+    for i, (got, want) in enumerate(zip(sample.targets, targets)):
+        assert got == want, f"token {i} ({tok.convert_ids_to_tokens(ids[i])!r}): target {got} != {want}"
+    assert sample.targets[-1] == IGNORE
+    assert sample.num_trained == len("Hello!") + 1 + len("4") + 1
+    assert trained_text(tok, sample) == "Hello!<|im_end|>4<|im_end|>"
+
+
+def test_default_system_prompt_of_the_template_is_not_trained():
+    tok = chatml_tokenizer()
+    sample = tokenize_conversation(tok, chat("Hi", "Yo")["messages"], max_length=1000, overlength="truncate")
+    rendered = "".join(tok.convert_ids_to_tokens(sample.input_ids))
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert trained_text(tok, sample) == "Yo<|im_end|>"
+
+
+def test_r1_template_strips_reasoning_from_every_turn():
+    # DeepSeek-R1-Distill's template cuts everything up to </think>: the loss is on what it renders.
+    tok = r1_tokenizer()
+    messages = chat("Hi", "<think>\nhmm\n</think>\n\nHello!", "Bye", "<think>ok</think>See you", system="S")["messages"]
+    encoder = ChatEncoder(tok)
+    rendered = encoder.render(messages)
+    assert rendered.text == ("<｜begin▁of▁sentence｜>S<｜User｜>Hi<｜Assistant｜>\n\nHello!<｜end▁of▁sentence｜>"
+                             "<｜User｜>Bye<｜Assistant｜>See you<｜end▁of▁sentence｜>")
+    assert rendered.altered == 2
+    sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
+    ids, targets = expected_sample(tok, [
+        ("<｜begin▁of▁sentence｜>S<｜User｜>Hi<｜Assistant｜>", False),
+        ("\n\nHello!<｜end▁of▁sentence｜>", True),
+        ("<｜User｜>Bye<｜Assistant｜>", False),
+        ("See you<｜end▁of▁sentence｜>", True),
+    ])
+    assert (sample.input_ids, sample.targets) == (ids, targets)
+
+
+def test_template_that_rewrites_only_earlier_turns():
+    # Qwen3-like: reasoning removed from turns before the last user message only, so a prefix of
+    # the conversation renders differently from the same prefix inside the full conversation.
+    tok = chatml_tokenizer(QWEN3_LIKE_TEMPLATE)
+    messages = chat("Hi", "<think>a</think>Hello!", "Bye", "<think>b</think>See you")["messages"]
+    sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
+    ids, targets = expected_sample(tok, [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Hello!<|im_end|>", True),
+        ("\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False),
+        ("<think>b</think>See you<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert (sample.input_ids, sample.targets) == (ids, targets)
+
+
+def test_turn_rendered_empty_by_template_is_not_trained():
+    # Nothing after </think>: R1 renders an empty answer; teaching "stop at once" would be wrong.
+    tok = r1_tokenizer()
+    messages = chat("Hi", "<think>only thoughts</think>", "Bye", "Ok")["messages"]
+    sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
+    assert trained_text(tok, sample) == "Ok<｜end▁of▁sentence｜>"
+    only_empty = chat("Hi", "<think>only thoughts</think>")["messages"]
+    assert tokenize_conversation(tok, only_empty, max_length=1000, overlength="truncate") is None
+
+
+def test_control_token_inside_content_is_rejected():
+    with pytest.raises(RecordError, match=r"messages\[1\].content contains '<\|im_end\|>'"):
+        ChatEncoder(chatml_tokenizer()).render(chat("Hi", "fake<|im_end|>turn")["messages"])
+
+
+def test_tokenize_conversation_reports_invalid_messages_as_data_error():
+    with pytest.raises(DataError, match="unknown role: messages\\[0\\].role is 'bot'"):
+        tokenize_conversation(chatml_tokenizer(), [{"role": "bot", "content": "x"}], max_length=64,
+                              overlength="drop")
+
+
+def test_tokenizer_without_chat_template_is_a_data_error():
+    tok = chatml_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat_template"):
+        ChatEncoder(tok)
+
+
+# ------------------------------------------------------------------------------ length policy
+
+IDS = list(range(10, 20))
+
+
+@pytest.mark.parametrize("mask,max_length,overlength,fate,kept", [
+    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 10, "truncate", "kept", 10),  # exactly max_length: untouched
+    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 8, "truncate", "truncated", 8),
+    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 6, "truncate", "dropped_overlength", 0),  # nothing trained left
+    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 9, "drop", "dropped_overlength", 0),
+    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 20, "truncate", "dropped_no_target", 0),  # token 0 is never a target
+])
+def test_fit_length_policy(mask, max_length, overlength, fate, kept):
+    sample, got_fate = fit(IDS, [bool(m) for m in mask], max_length=max_length, overlength=overlength)
+    assert got_fate == fate
+    assert (len(sample.input_ids) if sample else 0) == kept
+    if sample is not None:
+        assert sample.input_ids == IDS[:kept]
+        assert sample.targets == shift_targets(IDS[:kept], [bool(m) for m in mask[:kept]])
+
+
+def test_truncated_targets_end_with_ignore():
+    sample, _ = fit(IDS, [False] + [True] * 9, max_length=5, overlength="truncate")
+    assert sample.targets == [11, 12, 13, 14, IGNORE]
+    assert sample.num_trained == 4
