@@ -56,7 +56,8 @@ class MetricsSink:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        # A resumed run appends to the record it continues; a fresh run starts a new one.
+        self._file = open(run_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))

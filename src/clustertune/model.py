@@ -47,12 +47,24 @@ def hf_config(model: ModelSection):
     return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
 
 
-def attention_implementation(model: ModelSection) -> str:
-    return "sdpa" if model.attn_implementation == "auto" else model.attn_implementation
+def attention_implementation(model: ModelSection, *, on_gpu: bool = False, packing: bool = False) -> str:
+    """auto: flash varlen for packed rows on GPU when torch has it, else sdpa (which takes the
+    block-diagonal mask transformers derives from restarting position ids)."""
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    if on_gpu and packing:
+        from clustertune import kernels
+        if kernels.varlen_available():
+            return kernels.register_varlen_attention()
+    return "sdpa"
+
+
+def use_liger(model: ModelSection, *, on_gpu: bool) -> bool:
+    return model.liger == "on" or (model.liger == "auto" and on_gpu)
 
 
 def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=None,
-                    gradient_checkpointing: bool = False):
+                    gradient_checkpointing: bool = False, attn: str | None = None, liger: bool = False):
     """Create (random shape) or load (local directory) the HF model.
 
     `zero3_context` (from engine.zero3_init_context) makes every rank build only its partition.
@@ -61,7 +73,7 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
 
     config = hf_config(model)
     config.use_cache = False
-    attn = attention_implementation(model)
+    attn = attn or attention_implementation(model)
     ctx = zero3_context if zero3_context is not None else contextlib.nullcontext()
     with ctx:
         if lookup_shape(model.path) is not None:
@@ -70,6 +82,10 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
             lm = AutoModelForCausalLM.from_pretrained(
                 model.path, config=config, dtype=dtype, attn_implementation=attn,
                 trust_remote_code=model.trust_remote_code)
+    if liger:
+        from clustertune import kernels
+        kernels.apply_liger(lm)
+        kernels.install_fused_head_loss(lm.lm_head)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lm
@@ -94,21 +110,41 @@ def base_causal_lm(lm):
 
 
 class TokenLossModel(nn.Module):
-    """Forward returns the per-token cross-entropy ([batch, seq], 0 where the target is ignored).
+    """Forward returns the SUM of the cross-entropy over trained tokens of the micro-batch.
 
-    The loop sums it and divides by the step's trained-token count (all micro-batches, all
-    ranks), so accumulation and uneven lengths give exactly the big-batch gradient.
+    The loop divides by the step's trained-token count (all micro-batches, all ranks), so
+    accumulation and uneven lengths give exactly the big-batch gradient. `token_losses` gives
+    the per-token values ([batch, seq], 0 where ignored) for evaluation and tests.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, *, varlen: bool = False):
         super().__init__()
         self.lm = lm
+        self.varlen = varlen  # packed rows go through the varlen attention kernel (kernels.py)
+
+    def _hidden(self, input_ids, position_ids, attention_mask):
+        causal_lm = base_causal_lm(self.lm)
+        extra = {}
+        if self.varlen and attention_mask is None:
+            from clustertune.kernels import varlen_kwargs
+            extra = varlen_kwargs(position_ids)
+        hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+        return causal_lm, hidden
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        causal_lm = base_causal_lm(self.lm)
-        hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids,
-                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
+        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask)
+        if getattr(causal_lm.lm_head, "clustertune_fused_loss", False):
+            return causal_lm.lm_head(hidden, targets).float()
+        return self._plain_token_losses(causal_lm, hidden, targets).sum()
+
+    def token_losses(self, input_ids, position_ids, targets, attention_mask=None) -> torch.Tensor:
+        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask)
+        return self._plain_token_losses(causal_lm, hidden, targets)
+
+    @staticmethod
+    def _plain_token_losses(causal_lm, hidden, targets) -> torch.Tensor:
         logits = causal_lm.lm_head(hidden).float()
         losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="none")

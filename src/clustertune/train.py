@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from clustertune import batching, checkpoint, engine, metrics
 from clustertune.config import Recipe, recipe_to_toml
-from clustertune.model import (TokenLossModel, apply_lora, build_causal_lm, describe, load_tokenizer,
-                               model_dtype)
+from clustertune.kernels import VARLEN_ATTENTION
+from clustertune.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
+                               load_tokenizer, model_dtype, use_liger)
 from clustertune.shapes import shape_from_model_path
 
 
@@ -92,23 +93,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     run_dir = Path(recipe.run.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer, rt, run_dir)
-    if rt.is_main:
-        print(data.report.summary(), flush=True)
 
-    layout = engine.batch_layout(recipe.train, world_size=rt.world_size, packing=recipe.data.packing)
-    shape = shape_from_model_path(recipe.model.path)
-    ds_config = engine.build_deepspeed_config(recipe.train, recipe.zero, layout=layout,
-                                              precision=rt.precision, hidden_size=shape.hidden_size)
+    parts = build_training_engine(recipe, rt)
     if rt.is_main:
-        write_run_files(run_dir, recipe, ds_config, rt)
-
-    zero3 = recipe.zero.stage == 3
-    hf_ds_config, zero_init = engine.zero3_init_context(ds_config) if zero3 else (None, None)
-    lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing)
-    lm = apply_lora(lm, recipe.lora)
+        write_run_files(run_dir, recipe, parts.ds_config, rt)
+    ds_engine, lm, layout, shape = parts.engine, parts.lm, parts.layout, parts.shape
     model_info = describe(lm)
-    ds_engine = engine.initialize(TokenLossModel(lm), ds_config=ds_config, train=recipe.train, on_gpu=rt.on_gpu)
 
     samples = data.train
     lengths = [len(s.input_ids) for s in samples]
@@ -177,9 +167,36 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     engine.barrier()
     if rt.is_main:
         print(f"exported Hugging Face model to {export_dir}", flush=True)
-    del hf_ds_config
     return {"losses": losses, "steps": steps, "export_dir": str(export_dir), "model": lm, "tokenizer": tokenizer,
             "runtime": rt}
+
+
+@dataclass
+class TrainingEngine:
+    engine: Any
+    lm: Any
+    layout: engine.BatchLayout
+    shape: Any
+    ds_config: dict[str, Any]
+    hf_ds_config: Any  # keeps transformers' ZeRO-3 registration alive while the model lives
+
+
+def build_training_engine(recipe: Recipe, rt: Runtime) -> TrainingEngine:
+    """Model (partitioned at creation under ZeRO-3), kernels, LoRA, DeepSpeed engine."""
+    layout = engine.batch_layout(recipe.train, world_size=rt.world_size, packing=recipe.data.packing)
+    shape = shape_from_model_path(recipe.model.path)
+    ds_config = engine.build_deepspeed_config(recipe.train, recipe.zero, layout=layout,
+                                              precision=rt.precision, hidden_size=shape.hidden_size)
+    zero3 = recipe.zero.stage == 3
+    hf_ds_config, zero_init = engine.zero3_init_context(ds_config) if zero3 else (None, None)
+    attn = attention_implementation(recipe.model, on_gpu=rt.on_gpu, packing=recipe.data.packing)
+    lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
+                         gradient_checkpointing=recipe.train.gradient_checkpointing, attn=attn,
+                         liger=use_liger(recipe.model, on_gpu=rt.on_gpu))
+    lm = apply_lora(lm, recipe.lora)
+    module = TokenLossModel(lm, varlen=attn == VARLEN_ATTENTION)
+    ds_engine = engine.initialize(module, ds_config=ds_config, train=recipe.train, on_gpu=rt.on_gpu)
+    return TrainingEngine(ds_engine, lm, layout, shape, ds_config, hf_ds_config)
 
 
 def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, packing: bool, pad_id: int) -> float:
@@ -193,8 +210,7 @@ def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, pack
     for m, group in enumerate(mine):
         batch = batching.collate([samples[i] for i in group], packing=packing, pad_id=pad_id)
         batch = {k: (v.to(rt.device) if v is not None else None) for k, v in batch.items()}
-        token_losses = ds_engine(**batch)
-        total = token_losses.sum()
+        total = ds_engine(**batch)
         engine.backward(ds_engine, total * scale, is_last_micro_batch=m == len(mine) - 1)
         loss_sum += total.detach().double()
     if dist.is_initialized():

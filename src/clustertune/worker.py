@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
 
+    import warnings
+    # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     secrets_file = os.environ.get("CLUSTERTUNE_SECRETS_FILE")
     if secrets_file:
         from clustertune.secrets import load_secrets_file
