@@ -1,0 +1,66 @@
+"""GPU catalog for planning: memory a process can see, and dense bf16 peak for MFU.
+
+Units. Vendors sell HBM cards as "80 GB", "96 GB", ...; those stacks are binary-sized, so the
+number is really GiB, and the driver shows a little less of it. We keep the vendor's number for
+display and plan against `mem_gib`: the total nvidia-smi reports (MiB / 1024), which is what the
+CUDA context, torch's allocator and our estimates all have to fit into.
+
+    >>> lookup_gpu("NVIDIA H100 80GB HBM3").mem_gib
+    79.6
+
+Pure data: imported by the launcher side, never imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    vendor_gb: int  # the marketing number ("H20 96 GB")
+    mem_gib: float  # nvidia-smi memory.total in MiB / 1024: what the process can use at most
+    bf16_tflops: float  # dense bf16 tensor-core peak, for MFU (DESIGN.md's convention)
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} {self.vendor_gb} GB ({self.mem_gib:.1f} GiB visible)"
+
+
+GPUS: dict[str, GpuSpec] = {
+    "h20": GpuSpec("h20", 96, 95.6, 148.0),  # 97871 MiB
+    "h100": GpuSpec("h100", 80, 79.6, 989.0),  # 81559 MiB (SXM and PCIe)
+    "h200": GpuSpec("h200", 141, 140.4, 989.0),  # 143771 MiB
+    "a100": GpuSpec("a100", 80, 80.0, 312.0),  # 81920 MiB
+    "a100-40": GpuSpec("a100-40", 40, 40.0, 312.0),  # 40960 MiB (SXM4)
+    "l40s": GpuSpec("l40s", 48, 45.0, 362.0),  # 46068 MiB
+    "a10": GpuSpec("a10", 24, 22.5, 125.0),  # 23028 MiB
+    "rtx4090": GpuSpec("rtx4090", 24, 24.0, 165.0),  # 24564 MiB
+}
+
+# Other spellings users type or nvidia-smi prints, after _normalize().
+_ALIASES = {
+    "h100-80": "h100", "h100-sxm": "h100", "h100-pcie": "h100", "h100-80gb-hbm3": "h100",
+    "h20-96": "h20", "h200-141": "h200", "h200-141gb": "h200",
+    "a100-80": "a100", "a100-80gb": "a100", "a100-sxm4-80gb": "a100", "a100-pcie-80gb": "a100",
+    "a100-40gb": "a100-40", "a100-sxm4-40gb": "a100-40", "a100-pcie-40gb": "a100-40",
+    "4090": "rtx4090", "rtx-4090": "rtx4090", "geforce-rtx-4090": "rtx4090",
+}
+
+
+def _normalize(name: str) -> str:
+    key = name.strip().lower().removeprefix("nvidia").strip()
+    return re.sub(r"[\s_]+", "-", key)
+
+
+def lookup_gpu(name: str) -> GpuSpec | None:
+    """Catalog entry for a short name ("h20") or an nvidia-smi name ("NVIDIA H100 80GB HBM3")."""
+    key = _normalize(name)
+    # No fuzzy matching: "h100-nvl" (94 GB) must not silently become an 80 GB h100.
+    return GPUS.get(_ALIASES.get(key, key))
+
+
+def known_gpu_names() -> str:
+    return ", ".join(GPUS)

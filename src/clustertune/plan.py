@@ -1,0 +1,552 @@
+"""Memory and feasibility arithmetic: which ZeRO stage / offload / gradient-checkpointing option
+fits the GPUs and the hosts of a job, and which of those is the fastest.
+
+    from clustertune.plan import PlanInput, plan
+    result = plan(PlanInput(shape, tokens_per_micro_batch=4096, seq_len=4096, world_size=16,
+                            gpus_per_node=8, gpu_mem_gib=95.6, host_mem_gib=1024))
+    result.recommended.option.label   # 'ZeRO-3 + ckpt'
+
+Pure arithmetic (no torch, no I/O); `clustertune plan` (plan_cli.py) feeds it a recipe.
+Units: bytes inside, GiB (2**30 bytes) in every result field (`*_gib`) -- the unit of
+torch.cuda.max_memory_allocated() / 2**30 and of nvidia-smi's MiB / 1024.
+
+The model of DeepSpeed ZeRO follows deepspeed 0.19 (runtime/zero/stage_1_and_2.py, stage3.py):
+  * bf16 mixed precision keeps bf16 params (2 B/param), bf16 gradients (2 B: DeepSpeed's
+    gradient accumulation dtype defaults to the model dtype) and an fp32 master copy plus Adam
+    m and v (4+4+4 = 12 B) -- 16 B/param in all; fp32 training 4+4+4+4.
+  * stage 1 partitions the optimizer states, stage 2 also the gradients, stage 3 also the params.
+  * at the optimizer step the bf16 gradient partition is copied to fp32 (4 B/param of the
+    partition; stage 3 does it per sub-group of `sub_group_size` elements). Activations are
+    gone by then, so the step and the backward pass are two separate peaks.
+  * optimizer offload moves master + Adam states + fp32 gradient buffers into pinned host RAM;
+    stage 2/3 then keep no gradient partition on the GPU. Param offload (stage 3) moves the bf16
+    partition to host RAM too; the GPU only holds the parameters being used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clustertune.shapes import Shape
+
+GIB = 1024**3
+
+# ------------------------------------------------------------------------------------ constants
+# Outside torch's allocator but on the card: CUDA context, cuBLAS/cuDNN workspaces (~1 GiB on
+# H100-class cards with torch 2.x) and NCCL's per-channel buffers once there are peers.
+CUDA_CONTEXT_GIB = 1.0
+NCCL_BUFFERS_GIB = 0.5
+# The caching allocator's slack: reserved minus allocated on memory that is allocated and freed
+# every step (activations, logits, gathered params). Model states are a few large flat buffers
+# allocated once, so they get no slack.
+FRAGMENTATION = 0.10
+# Host RSS of one worker before any weights: python, torch + CUDA host libraries, DeepSpeed,
+# tokenized-data and dataloader workers.
+PROCESS_HOST_GIB = 3.0
+# Feasibility: keep this share of the GPU (and of host RAM) free for what the model misses
+# (NCCL growth, dataloader spikes, a longer-than-usual packed batch).
+DEFAULT_SAFETY_MARGIN = 0.10
+# Hugging Face shards weights into files of at most ~5 GB; under zero.Init every rank
+# materializes one shard at a time, never the whole model.
+DEFAULT_CHECKPOINT_SHARD_GIB = 5.0
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanError(ValueError):
+    """Inputs the planner cannot use; the message is meant for the user as-is."""
+
+
+@dataclass(frozen=True)
+class ZeroBuckets:
+    """ZeRO buffer sizes in elements. Defaults are DeepSpeed's (runtime/zero/config.py)."""
+
+    reduce_bucket: int = 500_000_000
+    allgather_bucket: int = 500_000_000
+    prefetch_bucket: int = 50_000_000  # stage3_prefetch_bucket_size
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters
+    sub_group_size: int = 1_000_000_000  # stage 3: optimizer step granularity
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each kind of state."""
+
+    param: int
+    grad: int
+    optimizer: int  # per trainable param: fp32 master (bf16 only) + Adam m + v
+    activation: int
+
+
+PRECISIONS = {"bf16": Precision(2, 2, 12, 2), "fp32": Precision(4, 4, 8, 4)}
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    shape: Shape
+    tokens_per_micro_batch: int  # tokens one rank runs through one forward (packed or padded)
+    seq_len: int  # longest sample; only eager attention's score matrices depend on it
+    world_size: int
+    gpus_per_node: int
+    gpu_mem_gib: float
+    host_mem_gib: float  # per node
+    precision: Literal["bf16", "fp32"] = "bf16"
+    liger: bool = True  # fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy
+    attention: Literal["sdpa", "eager"] = "sdpa"  # sdpa/flash/flex: no seq^2 memory
+    lora_rank: int | None = None  # None: full fine-tuning
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    buckets: ZeroBuckets = field(default_factory=ZeroBuckets)
+    overlap_comm: bool = True
+    safety_margin: float = DEFAULT_SAFETY_MARGIN
+    checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_micro_batch", "seq_len", "world_size", "gpus_per_node"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("gpu_mem_gib", "host_mem_gib"):
+            if not getattr(self, name) > 0:
+                raise PlanError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.safety_margin < 1:
+            raise PlanError(f"safety_margin must be in [0, 1) (got {self.safety_margin})")
+        if self.precision not in PRECISIONS:
+            raise PlanError(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
+        if self.lora_rank is not None:
+            if self.lora_rank < 1:
+                raise PlanError(f"lora_rank must be >= 1 (got {self.lora_rank})")
+            unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS) - {"all-linear"})
+            if unknown:
+                raise PlanError(f"unknown LoRA target modules {unknown}; the planner knows {list(LORA_TARGETS)}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return min(self.gpus_per_node, self.world_size)
+
+    @property
+    def bytes(self) -> Precision:
+        return PRECISIONS[self.precision]
+
+
+@dataclass(frozen=True)
+class Option:
+    stage: Literal[1, 2, 3]
+    offload_optimizer: bool
+    offload_params: bool
+    gradient_checkpointing: bool
+
+    def speed_key(self) -> tuple[bool, bool, bool, bool, int]:
+        """Sort key, fastest first. The order and why:
+        1. param offload is slowest: every forward and backward streams the weights over PCIe
+           (~25 GB/s per GPU vs 3+ TB/s HBM), per micro-batch, so nothing amortizes it.
+        2. optimizer offload next: per optimizer step the gradients cross PCIe, the Adam step
+           runs on host cores whose memory bandwidth all ranks of a node share, and the new
+           weights cross back (DeepSpeed also accumulates gradients on the host per micro-step).
+           Unlike HF's docs (which put "ZeRO-2 + offload" before ZeRO-3) we rank it after
+           ZeRO-3 without offload: at 8 GPUs per node the host is the shared bottleneck, while
+           ZeRO-3's gathers run on NVLink/IB and overlap with compute through prefetch.
+        3. ZeRO-3: params are all-gathered in forward and again in backward, per micro-batch
+           (1.5x ZeRO-2's traffic) plus per-module hooks; measured 1.86x slower than ZeRO-2 on
+           one H100 (gpu/README.md: 10.7% vs 19.9% MFU, both with checkpointing).
+        4. gradient checkpointing: one extra forward, <= +33% FLOPs; measured 1.17x
+           (19.9% vs 23.3% MFU) -- cheaper than ZeRO-3, hence ranked after it.
+        5. ZeRO-1 before ZeRO-2: with gradient accumulation stage 1 reduces gradients once per
+           optimizer step, stage 2 reduce-scatters them every micro-batch.
+        """
+        return (self.offload_params, self.offload_optimizer, self.stage == 3,
+                self.gradient_checkpointing, self.stage)
+
+    @property
+    def offload_label(self) -> str:
+        parts = [name for on, name in ((self.offload_optimizer, "opt"), (self.offload_params, "param")) if on]
+        return "+".join(parts) if parts else "-"
+
+    @property
+    def label(self) -> str:
+        text = f"ZeRO-{self.stage}"
+        if self.offload_optimizer or self.offload_params:
+            text += f" + {self.offload_label} offload"
+        if self.gradient_checkpointing:
+            text += " + ckpt"
+        return text
+
+
+def all_options(lora: bool = False) -> list[Option]:
+    """Every option, fastest first. LoRA with param offload is not supported by the recipe."""
+    options = []
+    for stage in (1, 2, 3):
+        for offload_optimizer in (False, True):
+            for offload_params in ((False, True) if stage == 3 else (False,)):
+                if offload_params and lora:
+                    continue
+                for ckpt in (False, True):
+                    options.append(Option(stage, offload_optimizer, offload_params, ckpt))
+    return sorted(options, key=Option.speed_key)
+
+
+# --------------------------------------------------------------------------------- parameters
+
+def _kv_dim(shape: Shape) -> int:
+    return shape.num_key_value_heads * shape.head_dim
+
+
+def _module_dims(shape: Shape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a Qwen2 decoder block."""
+    h, i, kv = shape.hidden_size, shape.intermediate_size, _kv_dim(shape)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    return LORA_TARGETS if "all-linear" in targets else tuple(dict.fromkeys(targets))
+
+
+def trainable_parameters(shape: Shape, lora_rank: int | None, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """All parameters for full fine-tuning; for LoRA r * (in + out) per target module per layer."""
+    if lora_rank is None:
+        return shape.parameter_count()
+    dims = _module_dims(shape)
+    per_layer = sum(lora_rank * sum(dims[name]) for name in _lora_targets(targets))
+    return per_layer * shape.num_hidden_layers
+
+
+def _largest_layer_module(shape: Shape) -> int:
+    return max(a * b for a, b in _module_dims(shape).values())
+
+
+def _largest_module(shape: Shape) -> int:
+    """Largest single module ZeRO-3 must gather whole: embedding/lm_head or an MLP projection."""
+    return max(shape.vocab_size * shape.hidden_size, _largest_layer_module(shape))
+
+
+# -------------------------------------------------------------------------------- activations
+
+def layer_activation_bytes_per_token(inp: PlanInput) -> float:
+    """Bytes one Qwen2 decoder layer keeps for backward, per token, without checkpointing.
+
+    a = activation element size (2 for bf16), h = hidden, i = intermediate, kvr = width of k and
+    v as attention sees them (h: HF's sdpa path repeats k/v to all heads whenever it passes a
+    mask -- conservative; native GQA would be num_kv_heads*head_dim).
+    HF modules (liger off):
+      2 RMSNorms: each saves its fp32 upcast input (4h) and the bf16 normalized output (a*h)
+      attention:  q/k/v input a*h, q after RoPE a*h, k and v 2*a*kvr, sdpa output a*h,
+                  o_proj's contiguous input a*h, logsumexp 4*heads (fp32)
+      MLP:        input a*h; gate out, silu(gate), up out, silu*up: 4*a*i
+      bf16 total: 26h + 8i (+4*heads)
+    Liger (RMSNorm saves only its bf16 input and an fp32 rstd per row; SwiGLU saves gate and up
+    and recomputes silu): norms 2*(a*h + 4), MLP a*h + 3*a*i; bf16 total 18h + 6i (+...).
+    Calibrated on gpu/README.md (H100, qwen2.5-1.5b, 8192 tokens): checkpointing off minus on
+    measured 21.4 GiB (HF) and 16.6 GiB (Liger); this model predicts 22.3 and 16.2 GiB.
+    Eager attention adds its saved fp32 softmax and bf16 probabilities: (4 + a) * heads * seq.
+    LoRA adds each target's rank-r intermediate (a*r) and ignores that frozen base layers need
+    not save their inputs (an upper bound).
+    """
+    s, a = inp.shape, inp.bytes.activation
+    h, i, heads = s.hidden_size, s.intermediate_size, s.num_attention_heads
+    kvr = h
+    attention = a * (h + h + 2 * kvr + h + h) + 4 * heads
+    if inp.liger:
+        norms = 2 * (a * h + 4)
+        mlp = a * (h + 3 * i)
+    else:
+        norms = 2 * (4 * h + a * h)
+        mlp = a * (h + 4 * i)
+    total = float(norms + attention + mlp)
+    if inp.attention == "eager":
+        total += (4 + a) * heads * inp.seq_len
+    if inp.lora_rank is not None:
+        total += a * inp.lora_rank * len(_lora_targets(inp.lora_targets))
+    return total
+
+
+def activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
+    """Activation memory at the backward peak, per rank.
+
+    With checkpointing (HF, non-reentrant, per decoder layer) each layer keeps only its input
+    (a*h per token) and one layer at a time is recomputed in full. Both ways, the backward of a
+    layer holds a working set of gradients: incoming and outgoing hidden grads and the two MLP
+    branch grads, a*(2h + 2i) per token. The head adds the final norm (and, without Liger's
+    fused loss, lm_head's saved input a*h).
+    """
+    s, a = inp.shape, inp.bytes.activation
+    h, i, layers = s.hidden_size, s.intermediate_size, s.num_hidden_layers
+    layer = layer_activation_bytes_per_token(inp)
+    if gradient_checkpointing:
+        body = layers * a * h + layer
+    else:
+        body = layers * layer
+    working = a * (2 * h + 2 * i)
+    head = a * h + 4 if inp.liger else (4 * h + a * h) + a * h
+    return tokens * (body + working + head)
+
+
+def logits_bytes(inp: PlanInput, tokens: int) -> float:
+    """Memory of the logits and the loss at their peak, per rank.
+
+    Liger's fused linear cross-entropy (liger_kernel/ops/fused_linear_cross_entropy.py) never
+    materializes all logits: chunks of next_pow2(ceil(T / ceil(V/h))) tokens x V, plus the
+    lm_head weight gradient (V x h, weight dtype) and the input gradient (T x h) that it computes
+    in the forward. gpu/README.md measured 0.53 GB at 8192 x 151936 x 1536; this gives 0.49 GiB.
+    Plain HF loss: bf16 logits (a) + their fp32 upcast (4) + fp32 log-softmax / its grad (4)
+    per token per vocab entry (brief's 2+4+4 = 10 B).
+    """
+    s, a = inp.shape, inp.bytes.activation
+    v, h = s.vocab_size, s.hidden_size
+    if inp.liger:
+        inc = math.ceil(v / h)
+        chunk = min(tokens, 1 << max(0, math.ceil(math.log2(math.ceil(tokens / inc)))))
+        return a * (chunk * v + v * h + tokens * h)
+    return tokens * v * (a + 4 + 4)
+
+
+# ------------------------------------------------------------------------------------ results
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Per-rank GPU memory in GiB at the worse of the two peaks (backward, optimizer step)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    comm_buckets: float  # persistent: ZeRO reduce buckets
+    live_params: float  # ZeRO-3: gathered params + the gathered module's gradient (transient)
+    step_transient: float  # fp32 copy of the gradient partition at the optimizer step
+    runtime: float  # CUDA context + NCCL: outside torch's allocator
+    fragmentation: float
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def buffers(self) -> float:
+        """Everything besides model states, activations and logits, as the table shows it."""
+        return self.comm_buckets + self.live_params + self.runtime + self.fragmentation
+
+    @property
+    def allocated_peak(self) -> float:
+        """Comparable to torch.cuda.max_memory_allocated() / 2**30."""
+        backward = self.activations + self.logits + self.live_params
+        return self.model_states + self.comm_buckets + max(backward, self.step_transient)
+
+    @property
+    def total(self) -> float:
+        """What the card must hold (nvidia-smi's view): allocated + runtime + allocator slack."""
+        return self.allocated_peak + self.runtime + self.fragmentation
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Host RAM per node in GiB."""
+
+    load: float  # while the model is loaded
+    train: float  # steady state: per-process overhead + offloaded states
+
+    @property
+    def peak(self) -> float:
+        return max(self.load, self.train)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    option: Option
+    gpu: GpuMemory
+    host: HostMemory
+    fits_gpu: bool
+    fits_host: bool
+    max_tokens: int  # largest tokens per micro-batch that still fits the GPU (0: none)
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Disk, GiB. DeepSpeed checkpoint: weights + optimizer states summed over all ranks."""
+
+    weights: float
+    optimizer: float
+    export: float  # final Hugging Face safetensors (merged LoRA: the full model)
+    adapter: float | None  # LoRA only: the adapter alone, when it is not merged on export
+
+    @property
+    def deepspeed(self) -> float:
+        return self.weights + self.optimizer
+
+
+@dataclass(frozen=True)
+class Plan:
+    input: PlanInput
+    parameters: int
+    trainable: int
+    estimates: list[Estimate]  # fastest first
+    checkpoint: CheckpointSize
+    gpu_budget_gib: float
+    host_budget_gib: float
+
+    @property
+    def recommended(self) -> Estimate | None:
+        return next((e for e in self.estimates if e.fits), None)
+
+    def why(self) -> str:
+        """One line: why the recommendation (or why nothing fits)."""
+        best = self.recommended
+        if best is None:
+            least = min(self.estimates, key=lambda e: e.gpu.total)
+            return (f"nothing fits: the leanest option, {least.option.label}, needs {least.gpu.total:.1f} GiB/GPU "
+                    f"(budget {self.gpu_budget_gib:.1f}) and {least.host.peak:.0f} GiB host/node "
+                    f"(budget {self.host_budget_gib:.0f}); add GPUs, use LoRA or fewer tokens per micro-batch")
+        faster = self.estimates[: self.estimates.index(best)]
+        text = f"fastest option that fits {self.gpu_budget_gib:.1f} GiB/GPU and {self.host_budget_gib:.0f} GiB host/node"
+        if not faster:
+            return text
+        # Name the faster option that misses by the least, and what it misses.
+        closest = min(faster, key=self._overshoot)
+        if closest.gpu.total / self.gpu_budget_gib >= closest.host.peak / self.host_budget_gib:
+            need = f"{closest.gpu.total:.1f} GiB/GPU"
+        else:
+            need = f"{closest.host.peak:.0f} GiB host/node"
+        return f"{text}; every faster option is over budget, the closest being {closest.option.label} at {need}"
+
+    def _overshoot(self, e: Estimate) -> float:
+        return max(e.gpu.total / self.gpu_budget_gib, e.host.peak / self.host_budget_gib)
+
+
+# ------------------------------------------------------------------------------------ estimate
+
+def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> GpuMemory:
+    tokens = inp.tokens_per_micro_batch if tokens is None else tokens
+    b, n, buckets = inp.bytes, inp.world_size, inp.buckets
+    total = inp.shape.parameter_count()
+    trainable = trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets)
+
+    # Model states. Frozen params (LoRA base) are in no optimizer group: stage 1/2 keep them
+    # whole on every rank, stage 3 (zero.Init) partitions them like the rest.
+    params = b.param * total / (n if option.stage == 3 else 1)
+    if option.offload_params:
+        params = 0.0
+    if option.offload_optimizer:
+        # Stage 1 does not partition gradients, so the full gradients stay on the GPU; stage 2/3
+        # send each reduced bucket to the host's fp32 buffers.
+        grads = b.grad * trainable if option.stage == 1 else 0.0
+        optimizer = 0.0
+        step_transient = 0.0
+    else:
+        grads = b.grad * trainable / (1 if option.stage == 1 else n)
+        optimizer = b.optimizer * trainable / n
+        partition = trainable / n
+        if option.stage == 3:
+            partition = min(partition, buckets.sub_group_size)
+        step_transient = 4 * partition
+
+    # Communication buffers. Stage 1/2 double-buffer the reduce bucket when overlap_comm is on;
+    # stage 3 has one bucket per dtype, and gathers params module by module: the module in use
+    # (the embedding/lm_head is the largest) plus the prefetch, capped by max_live_parameters,
+    # and the gathered module's full gradient before it is reduce-scattered.
+    if option.stage == 3:
+        comm = b.grad * buckets.reduce_bucket
+        largest = _largest_module(inp.shape)
+        gathered = min(largest + buckets.prefetch_bucket, max(buckets.max_live_parameters, largest))
+        gathered_grad = _largest_layer_module(inp.shape) if inp.lora_rank is None else 0
+        live = b.param * gathered + b.grad * gathered_grad
+    else:
+        comm = b.grad * buckets.reduce_bucket * (2 if inp.overlap_comm else 1)
+        live = 0.0
+
+    acts = activation_bytes(inp, option.gradient_checkpointing, tokens)
+    logits = logits_bytes(inp, tokens)
+    runtime = CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if n > 1 else 0.0)
+    frag = FRAGMENTATION * (acts + logits + live)
+    return GpuMemory(params=params / GIB, grads=grads / GIB, optimizer=optimizer / GIB,
+                     activations=acts / GIB, logits=logits / GIB, comm_buckets=comm / GIB,
+                     live_params=live / GIB, step_transient=step_transient / GIB,
+                     runtime=runtime, fragmentation=frag / GIB)
+
+
+def host_memory(inp: PlanInput, option: Option) -> HostMemory:
+    """Host RAM per node.
+
+    Load: with ZeRO-3 the model is built under deepspeed.zero.Init, so no rank ever holds the
+    whole model -- each reads one checkpoint shard at a time. Stages 1/2 have every process of
+    the node materialize the full model in host RAM (bf16: 2 B/param) before moving it to its GPU.
+    Offload, per rank then x ranks per node:
+      stage 1/2 (stage_1_and_2.py, cpu_offload): fp32 master + Adam m, v (12), the fp32
+        gradient partition (4), the fp32 accumulation buffer used with gradient accumulation (4)
+        and a bf16 staging copy of the params (2) = 22 B per trainable param of the partition.
+      stage 3: master + m + v (12), the pinned gradient partition (2) and the fp32 gradient of
+        one sub-group at the step (4 x min(sub_group_size, partition)).
+      param offload: the bf16 param partition (2 B/param / world).
+    """
+    b, n, r = inp.bytes, inp.world_size, inp.ranks_per_node
+    total = inp.shape.parameter_count()
+    trainable = trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets)
+    if option.stage == 3:
+        load_per_rank = PROCESS_HOST_GIB * GIB + inp.checkpoint_shard_gib * GIB
+    else:
+        load_per_rank = PROCESS_HOST_GIB * GIB + b.param * total
+    offload = 0.0
+    partition = trainable / n
+    if option.offload_optimizer:
+        if option.stage == 3:
+            offload += (b.optimizer + b.grad) * partition + 4 * min(partition, inp.buckets.sub_group_size)
+        else:
+            offload += (b.optimizer + 4 + 4 + b.param) * partition
+    if option.offload_params:
+        offload += b.param * total / n
+    train_per_rank = PROCESS_HOST_GIB * GIB + offload
+    return HostMemory(load=r * load_per_rank / GIB, train=r * train_per_rank / GIB)
+
+
+def checkpoint_size(inp: PlanInput) -> CheckpointSize:
+    """DeepSpeed checkpoint: module weights (all params, param dtype) + the optimizer states of
+    the trainable params (fp32 master + m + v); the HF export is the weights in the param dtype
+    (LoRA merged, so the full model)."""
+    b = inp.bytes
+    total = inp.shape.parameter_count()
+    trainable = trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets)
+    adapter = b.param * trainable / GIB if inp.lora_rank is not None else None
+    return CheckpointSize(weights=b.param * total / GIB, optimizer=b.optimizer * trainable / GIB,
+                          export=b.param * total / GIB, adapter=adapter)
+
+
+def _fits_gpu(inp: PlanInput, mem: GpuMemory) -> bool:
+    return mem.total <= inp.gpu_mem_gib * (1 - inp.safety_margin)
+
+
+def max_tokens(inp: PlanInput, option: Option, step: int = 128, limit: int = 1 << 20) -> int:
+    """Largest multiple of `step` tokens per micro-batch that fits the GPU (0 if none does).
+    Memory only grows with tokens, so bisection is exact."""
+    if not _fits_gpu(inp, gpu_memory(inp, option, step)):
+        return 0
+    lo, hi = 1, limit // step  # lo fits; find the last k such that k*step fits
+    if _fits_gpu(inp, gpu_memory(inp, option, hi * step)):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits_gpu(inp, gpu_memory(inp, option, mid * step)):
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
+
+
+def estimate(inp: PlanInput, option: Option) -> Estimate:
+    gpu = gpu_memory(inp, option)
+    host = host_memory(inp, option)
+    return Estimate(option=option, gpu=gpu, host=host, fits_gpu=_fits_gpu(inp, gpu),
+                    fits_host=host.peak <= inp.host_mem_gib * (1 - inp.safety_margin),
+                    max_tokens=max_tokens(inp, option))
+
+
+def plan(inp: PlanInput) -> Plan:
+    """Every option (fastest first) with its memory, and the job's checkpoint sizes."""
+    estimates = [estimate(inp, option) for option in all_options(lora=inp.lora_rank is not None)]
+    return Plan(input=inp, parameters=inp.shape.parameter_count(),
+                trainable=trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets),
+                estimates=estimates, checkpoint=checkpoint_size(inp),
+                gpu_budget_gib=inp.gpu_mem_gib * (1 - inp.safety_margin),
+                host_budget_gib=inp.host_mem_gib * (1 - inp.safety_margin))

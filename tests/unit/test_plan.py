@@ -1,0 +1,191 @@
+"""Memory planner arithmetic (clustertune.plan): pinned answers and monotonicity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from clustertune.plan import (GIB, Option, PlanError, PlanInput, activation_bytes, all_options, gpu_memory,
+                              host_memory, logits_bytes, plan, trainable_parameters)
+from clustertune.shapes import SHAPES
+
+R1_32B = SHAPES["deepseek-r1-distill-qwen-32b"]
+QWEN_1_5B = SHAPES["qwen2.5-1.5b"]
+
+
+def r1_32b_job(**changes) -> PlanInput:
+    """The user's job: 2 nodes x 8 H20 (95.6 GiB visible), 4096 tokens, 1 TiB host RAM per node."""
+    base = PlanInput(R1_32B, tokens_per_micro_batch=4096, seq_len=4096, world_size=16, gpus_per_node=8,
+                     gpu_mem_gib=95.6, host_mem_gib=1024)
+    return dataclasses.replace(base, **changes)
+
+
+def by_label(result, label: str):
+    return next(e for e in result.estimates if e.option.label == label)
+
+
+# ------------------------------------------------------------------------------ the pinned answer
+
+def test_r1_32b_on_2x8_h20_recommends_zero3_with_checkpointing_no_offload():
+    result = plan(r1_32b_job())
+    best = result.recommended
+    assert best is not None
+    assert best.option == Option(stage=3, offload_optimizer=False, offload_params=False, gradient_checkpointing=True)
+
+    # 32.76B params x 16 B = 488 GiB of model states; ZeRO-3 over 16 ranks: 30.5 GiB per rank.
+    assert result.parameters == 32_763_876_352
+    g = best.gpu
+    assert g.params == pytest.approx(3.81, abs=0.01)  # bf16, 1/16
+    assert g.grads == pytest.approx(3.81, abs=0.01)  # bf16, 1/16
+    assert g.optimizer == pytest.approx(22.89, abs=0.01)  # fp32 master + m + v, 1/16
+    assert g.model_states == pytest.approx(30.5, abs=0.1)
+    assert g.activations == pytest.approx(4.0, abs=0.1)  # layer inputs 2.5 + one recomputed layer 1.0 + ...
+    assert g.logits == pytest.approx(1.56, abs=0.05)  # Liger: mostly the lm_head weight gradient
+    assert g.total == pytest.approx(41.1, abs=0.3)
+    assert best.host.load == pytest.approx(64, abs=1)  # zero.Init: one shard per rank, 8 ranks
+    assert best.max_tokens > 4 * 4096  # room to grow the micro-batch
+
+    # Why not faster options: ZeRO-2 keeps the whole bf16 model (61 GiB) on every GPU.
+    zero2 = by_label(result, "ZeRO-2 + ckpt")
+    assert zero2.gpu.params == pytest.approx(61.0, abs=0.1)
+    assert zero2.gpu.total > result.gpu_budget_gib and not zero2.fits
+    # ZeRO-3 without checkpointing: 64 layers of full activations (~64 GiB) do not fit.
+    zero3 = by_label(result, "ZeRO-3")
+    assert zero3.gpu.activations > 60 and not zero3.fits
+    assert "ZeRO-2 + ckpt" in result.why()
+
+    # DeepSpeed checkpoint: 2 B weights + 12 B optimizer states per param; export: bf16 weights.
+    assert result.checkpoint.deepspeed == pytest.approx(32_763_876_352 * 14 / GIB)
+    assert result.checkpoint.export == pytest.approx(61.0, abs=0.1)
+
+
+def test_r1_32b_without_liger_still_zero3_ckpt_with_fp32_logits():
+    result = plan(r1_32b_job(liger=False))
+    best = result.recommended
+    assert best.option.label == "ZeRO-3 + ckpt"
+    # 4096 tokens x 152064 vocab x 10 B (bf16 logits + fp32 upcast + fp32 log-softmax)
+    assert best.gpu.logits == pytest.approx(4096 * 152064 * 10 / GIB)
+
+
+def test_r1_32b_on_fewer_gpus():
+    # one node of 8: ZeRO-3 states are 61 GiB/rank, + ~10 GiB still under 86 GiB
+    one_node = plan(r1_32b_job(world_size=8)).recommended
+    assert one_node.option.label == "ZeRO-3 + ckpt"
+    assert 65 < one_node.gpu.total < 86
+    # 4 GPUs: 122 GiB of states per rank -> the optimizer must go to host RAM
+    assert plan(r1_32b_job(world_size=4, gpus_per_node=4)).recommended.option.offload_optimizer
+
+
+def test_small_model_on_one_h100_fits_without_zero3():
+    inp = PlanInput(QWEN_1_5B, tokens_per_micro_batch=8192, seq_len=8192, world_size=1, gpus_per_node=1,
+                    gpu_mem_gib=79.6, host_mem_gib=256)
+    result = plan(inp)
+    assert by_label(result, "ZeRO-2").fits
+    assert by_label(result, "ZeRO-2 + ckpt").fits
+    best = result.recommended
+    assert best.option.stage in (1, 2) and not best.option.offload_optimizer
+    assert not best.option.gradient_checkpointing
+
+
+def test_calibration_against_measured_hf_baseline():
+    """gpu/README.md, H100, HF Trainer + DeepSpeed, qwen2.5-1.5b, 4 x 2048 tokens, no Liger:
+    ZeRO-2 ckpt 34.9, ZeRO-2 no ckpt 56.3, ZeRO-3 ckpt 38.7 GiB max_memory_allocated.
+    The estimate must stay within +-15% (and preferably above: it guards against OOM)."""
+    inp = PlanInput(QWEN_1_5B, tokens_per_micro_batch=8192, seq_len=2048, world_size=1, gpus_per_node=1,
+                    gpu_mem_gib=79.6, host_mem_gib=256, liger=False)
+    for option, measured in ((Option(2, False, False, True), 34.9), (Option(2, False, False, False), 56.3),
+                             (Option(3, False, False, True), 38.7)):
+        assert gpu_memory(inp, option).allocated_peak == pytest.approx(measured, rel=0.15), option.label
+
+
+# ----------------------------------------------------------------------------- monotonicity
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_more_ranks_less_memory_at_stage3(ckpt):
+    totals = [gpu_memory(r1_32b_job(world_size=n), Option(3, False, False, ckpt)).total for n in (8, 16, 32, 64)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+
+
+def test_stage_order_of_model_states():
+    inp = r1_32b_job()
+    states = [gpu_memory(inp, Option(s, False, False, True)).model_states for s in (1, 2, 3)]
+    assert states[0] > states[1] > states[2]
+
+
+def test_checkpointing_reduces_activations():
+    inp = r1_32b_job()
+    for tokens in (512, 4096, 32768):
+        assert activation_bytes(inp, True, tokens) < activation_bytes(inp, False, tokens) / 5
+    # linear in tokens
+    assert activation_bytes(inp, True, 8192) == pytest.approx(2 * activation_bytes(inp, True, 4096))
+
+
+def test_offload_moves_memory_from_gpu_to_host():
+    inp = r1_32b_job()
+    for stage in (1, 2, 3):
+        on, off = Option(stage, True, False, True), Option(stage, False, False, True)
+        assert gpu_memory(inp, on).total < gpu_memory(inp, off).total
+        assert host_memory(inp, on).train > host_memory(inp, off).train
+    plain, params = Option(3, True, False, True), Option(3, True, True, True)
+    assert gpu_memory(inp, params).total < gpu_memory(inp, plain).total
+    assert host_memory(inp, params).train > host_memory(inp, plain).train
+
+
+def test_zero_init_avoids_full_model_in_host_ram_at_load():
+    inp = r1_32b_job()
+    # stage 1/2: each of the 8 processes loads 61 GiB of bf16 weights
+    assert host_memory(inp, Option(2, False, False, True)).load == pytest.approx(8 * (3 + 61.0), abs=1)
+    assert host_memory(inp, Option(3, False, False, True)).load < 100
+
+
+def test_liger_shrinks_logits_and_activations():
+    with_liger, without = r1_32b_job(), r1_32b_job(liger=False)
+    assert logits_bytes(with_liger, 4096) < logits_bytes(without, 4096) / 3
+    assert activation_bytes(with_liger, False, 4096) < activation_bytes(without, False, 4096)
+
+
+def test_more_gpu_memory_never_loses_options():
+    small, large = plan(r1_32b_job(gpu_mem_gib=79.6)), plan(r1_32b_job(gpu_mem_gib=140.4))
+    for a, b in zip(small.estimates, large.estimates):
+        assert a.option == b.option and (not a.fits or b.fits)
+    # on H200 the faster ZeRO-2 + ckpt fits (61 GiB of weights + the rest < 126 GiB)
+    assert large.recommended.option.label == "ZeRO-2 + ckpt"
+
+
+def test_nothing_fits_returns_none_with_reason():
+    result = plan(r1_32b_job(world_size=1, gpus_per_node=1, gpu_mem_gib=22.5, host_mem_gib=64))
+    assert result.recommended is None
+    assert result.why().startswith("nothing fits")
+
+
+# ------------------------------------------------------------------------------ options, LoRA
+
+def test_speed_order_ends_points():
+    options = all_options()
+    assert len(options) == 16
+    assert options[0] == Option(1, False, False, False)
+    assert options[-1] == Option(3, True, True, True)
+    # ZeRO-2 + ckpt is ranked faster than ZeRO-3 without ckpt (measured 1.17x vs 1.86x costs)
+    assert options.index(Option(2, False, False, True)) < options.index(Option(3, False, False, False))
+
+
+def test_lora_trains_few_params_and_skips_param_offload():
+    inp = r1_32b_job(lora_rank=16)
+    trainable = trainable_parameters(R1_32B, 16)
+    # r * (in + out) summed over q,k,v,o,gate,up,down, x 64 layers
+    h, i, kv = 5120, 27648, 1024
+    assert trainable == 64 * 16 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    result = plan(inp)
+    assert all(not e.option.offload_params for e in result.estimates)
+    assert result.checkpoint.adapter == pytest.approx(2 * trainable / GIB)
+    # frozen bf16 weights stay whole at ZeRO-1/2 (61 GiB) and fit in 86 GiB next to few optimizer
+    # states, with checkpointing (without it, 64 GiB of activations do not)
+    assert result.recommended.option == Option(1, False, False, True)
+
+
+def test_invalid_inputs_are_clear_errors():
+    with pytest.raises(PlanError, match="world_size"):
+        r1_32b_job(world_size=0)
+    with pytest.raises(PlanError, match="unknown LoRA target"):
+        r1_32b_job(lora_rank=8, lora_targets=("qkv",))
