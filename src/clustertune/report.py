@@ -1,0 +1,211 @@
+"""`clustertune report RUN_DIR`: plots and a text summary of a run's metrics.jsonl.
+
+    clustertune report runs/r1-distill-32b-sft   # -> runs/.../report/{loss,lr,tokens_per_s,memory}.png, summary.txt
+
+metrics.jsonl has one JSON object per line. Training lines carry some of "step", "loss", "lr",
+"grad_norm", "tokens_per_s", "mfu", "mem_gb", "step_time_s", "trained_tokens", "time"; eval
+lines carry "eval_loss" (and maybe "eval_ppl"). Missing and unknown keys are fine, and so is a
+torn last line (the run may still be writing). Launcher side: never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+# The first logged steps include compilation, allocator growth and NCCL setup: leave this share
+# of them (at least one when there are two or more) out of the throughput mean.
+WARMUP_FRACTION = 0.1
+
+
+class ReportError(Exception):
+    """A run directory the report cannot use; the message is meant for the user as-is."""
+
+
+@dataclass
+class Metrics:
+    train: list[dict[str, float]] = field(default_factory=list)
+    eval: list[dict[str, float]] = field(default_factory=list)
+    skipped_lines: int = 0
+
+    def series(self, key: str, rows: str = "train") -> tuple[list[float], list[float]]:
+        """(steps, values) of the rows that have `key`; rows without a step use their index."""
+        xs, ys = [], []
+        for index, row in enumerate(getattr(self, rows)):
+            if key in row:
+                xs.append(row.get("step", float(index)))
+                ys.append(row[key])
+        return xs, ys
+
+
+def _numeric(obj: dict) -> dict[str, float]:
+    # bool is an int subclass: a stray flag must not become a 0/1 metric.
+    return {k: float(v) for k, v in obj.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: run directory not found")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{path}: no metrics file (has the run logged a step yet?)")
+    metrics = Metrics()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            metrics.skipped_lines += 1
+            continue
+        if not isinstance(obj, dict):
+            metrics.skipped_lines += 1
+            continue
+        row = _numeric(obj)
+        if "eval_loss" in row or "eval_ppl" in row:
+            metrics.eval.append(row)
+        elif row:
+            metrics.train.append(row)
+    if not metrics.train and not metrics.eval:
+        raise ReportError(f"{path}: no metrics in it (empty file, or no line is a JSON object)")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------- summary
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _after_warmup(values: list[float]) -> list[float]:
+    skip = max(1, int(len(values) * WARMUP_FRACTION)) if len(values) >= 2 else 0
+    return values[skip:]
+
+
+def _total_time(m: Metrics) -> float | None:
+    """Wall time: span of the "time" stamps when there are two, else the sum of step times."""
+    _, times = m.series("time")
+    times = _finite(times)
+    if len(times) >= 2:
+        return max(times) - min(times)
+    _, step_times = m.series("step_time_s")
+    return sum(_finite(step_times)) if step_times else None
+
+
+def summarize(m: Metrics) -> dict[str, float | int | None]:
+    _, losses = m.series("loss")
+    losses = _finite(losses)
+    all_steps = [row["step"] for row in m.train if "step" in row]
+    _, tps = m.series("tokens_per_s")
+    _, mem = m.series("mem_gb")
+    _, trained = m.series("trained_tokens")
+    _, eval_losses = m.series("eval_loss", "eval")
+    eval_losses = _finite(eval_losses)
+    tps_steady = _finite(_after_warmup(tps))
+    return {
+        "logged_steps": len(m.train),
+        "last_step": int(max(all_steps)) if all_steps else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "mean_tokens_per_s": fmean(tps_steady) if tps_steady else None,
+        "peak_mem_gb": max(_finite(mem)) if _finite(mem) else None,
+        "trained_tokens": int(max(trained)) if trained else None,
+        "total_time_s": _total_time(m),
+        "evals": len(m.eval),
+        "last_eval_loss": eval_losses[-1] if eval_losses else None,
+        "min_eval_loss": min(eval_losses) if eval_losses else None,
+    }
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    h, rest = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rest // 60:02d}m{rest % 60:02d}s ({seconds:.1f} s)"
+
+
+def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
+    lines = [
+        f"steps:            {_fmt(s['last_step'], 'd')} (last), {s['logged_steps']} logged",
+        f"loss:             first {_fmt(s['first_loss'], '.4f')}, last {_fmt(s['last_loss'], '.4f')}, "
+        f"min {_fmt(s['min_loss'], '.4f')}",
+        f"tokens/s:         {_fmt(s['mean_tokens_per_s'], ',.0f')} (mean after the first "
+        f"{WARMUP_FRACTION:.0%} of logged steps)",
+        f"peak memory:      {_fmt(s['peak_mem_gb'], '.1f')} GB (as logged in mem_gb)",
+        f"trained tokens:   {_fmt(s['trained_tokens'], ',d')}",
+        f"total time:       {_duration(s['total_time_s'])}",
+    ]
+    if s["evals"]:
+        lines.append(f"eval loss:        last {_fmt(s['last_eval_loss'], '.4f')}, min {_fmt(s['min_eval_loss'], '.4f')} "
+                     f"({s['evals']} evals)")
+    if skipped:
+        lines.append(f"skipped lines:    {skipped} (not JSON objects; a torn last line while the run writes is normal)")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- plots
+
+# file name -> (title, y label, [(metric key, rows, legend label)])
+PLOTS = {
+    "loss": ("Loss", "loss", [("loss", "train", "train"), ("eval_loss", "eval", "eval")]),
+    "lr": ("Learning rate", "lr", [("lr", "train", "lr")]),
+    "tokens_per_s": ("Throughput", "tokens/s", [("tokens_per_s", "train", "tokens/s")]),
+    "memory": ("GPU memory", "GB", [("mem_gb", "train", "mem_gb")]),
+}
+
+
+def write_plots(m: Metrics, out_dir: Path) -> list[Path]:
+    """One PNG per plot that has data; returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, (title, ylabel, curves) in PLOTS.items():
+        data = [(label, *m.series(key, rows)) for key, rows, label in curves]
+        data = [(label, xs, ys) for label, xs, ys in data if xs]
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for label, xs, ys in data:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(data) > 1:
+            ax.legend()
+        path = out_dir / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def make_report(run_dir: Path) -> tuple[str, list[Path]]:
+    metrics = read_metrics(run_dir)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(exist_ok=True)
+    text = summary_text(summarize(metrics), metrics.skipped_lines)
+    (out_dir / "summary.txt").write_text(text, encoding="utf-8")
+    return text, write_plots(metrics, out_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        text, plots = make_report(Path(args.run_dir))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    print("plots: " + (", ".join(str(p) for p in plots) if plots else "none (no plottable metrics)"))
+    return 0

@@ -1,0 +1,83 @@
+"""`clustertune report`: plots and summary from a synthetic metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clustertune.cli import main
+from clustertune.report import make_report, read_metrics, summarize
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir: Path, steps: int = 20) -> None:
+    lines = []
+    for step in range(1, steps + 1):
+        row = {"step": step, "loss": 3.0 - 0.1 * step, "lr": 1e-5 * min(1.0, step / 5), "grad_norm": 1.0,
+               "tokens_per_s": 100.0 if step <= 2 else 1000.0, "mfu": 0.4, "mem_gb": 40.0 + step % 3,
+               "step_time_s": 2.0, "trained_tokens": 4096 * step, "time": 1000.0 + 2.0 * step,
+               "unknown_key": "ignored"}
+        if step == 7:
+            del row["lr"], row["mem_gb"]  # missing keys are fine
+        lines.append(json.dumps(row))
+        if step % 10 == 0:
+            lines.append(json.dumps({"step": step, "eval_loss": 2.5 - 0.01 * step, "eval_ppl": 10.0}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # a torn last line, as while the run is still writing
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "lo', encoding="utf-8")
+
+
+def test_report_writes_valid_pngs_and_correct_summary(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run(run)
+    assert main(["report", str(run)]) == 0
+
+    out_dir = run / "report"
+    for name in ("loss", "lr", "tokens_per_s", "memory"):
+        data = (out_dir / f"{name}.png").read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), name
+    summary = (out_dir / "summary.txt").read_text()
+    assert summary in capsys.readouterr().out
+
+    s = summarize(read_metrics(run))
+    assert s["logged_steps"] == 20 and s["last_step"] == 20
+    assert s["first_loss"] == pytest.approx(2.9)
+    assert s["last_loss"] == pytest.approx(1.0) and s["min_loss"] == pytest.approx(1.0)
+    # warm-up: the first 10% of 20 logged steps (2) are left out -> only the 1000 tokens/s steps
+    assert s["mean_tokens_per_s"] == pytest.approx(1000.0)
+    assert s["peak_mem_gb"] == pytest.approx(42.0)
+    assert s["trained_tokens"] == 4096 * 20
+    assert s["total_time_s"] == pytest.approx(38.0)  # time stamps 1002 .. 1040
+    assert s["evals"] == 2 and s["last_eval_loss"] == pytest.approx(2.3) and s["min_eval_loss"] == pytest.approx(2.3)
+    assert "first 2.9000, last 1.0000, min 1.0000" in summary
+    assert "skipped lines:    1" in summary
+
+
+def test_total_time_falls_back_to_step_times(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "loss": 1.0, "step_time_s": 1.5})
+                                                 for i in range(4)))
+    s = summarize(read_metrics(run))
+    assert s["total_time_s"] == pytest.approx(6.0)
+    assert s["mean_tokens_per_s"] is None and s["peak_mem_gb"] is None
+    text, plots = make_report(run)
+    assert [p.name for p in plots] == ["loss.png"]  # nothing else to plot
+    assert "tokens/s:         n/a" in text
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "run directory not found"),
+    (lambda d: d.mkdir(), "no metrics file"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "no metrics in it"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("not json\n[1, 2]\n")), "no metrics in it"),
+])
+def test_clear_errors_without_traceback(tmp_path, capsys, setup, message):
+    run = tmp_path / "run"
+    setup(run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
