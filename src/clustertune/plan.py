@@ -401,7 +401,8 @@ class Plan:
                     f"(budget {self.gpu_budget_gib:.1f}) and {least.host.peak:.0f} GiB host/node "
                     f"(budget {self.host_budget_gib:.0f}); add GPUs, use LoRA or fewer tokens per micro-batch")
         faster = self.estimates[: self.estimates.index(best)]
-        text = f"fastest option that fits {self.gpu_budget_gib:.1f} GiB/GPU and {self.host_budget_gib:.0f} GiB host/node"
+        text = (f"fastest option that fits {self.gpu_budget_gib:.1f} GiB/GPU and "
+                f"{self.host_budget_gib:.0f} GiB host/node")
         if not faster:
             return text
         # Name the faster option that misses by the least, and what it misses.

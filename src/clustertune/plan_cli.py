@@ -186,7 +186,8 @@ def tokens_per_micro_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * recipe.data.max_length
 
 
-def plan_input(recipe: Recipe, shape: Shape, job: Job, checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB) -> PlanInput:
+def plan_input(recipe: Recipe, shape: Shape, job: Job,
+               checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB) -> PlanInput:
     zero = recipe.zero
     defaults = ZeroBuckets()
     buckets = ZeroBuckets(
@@ -276,9 +277,10 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         out.append(f"recommendation: none -- {result.why()}")
     else:
         o = best.option
-        out.append(f"recommended: {o.label}: zero.stage={o.stage} zero.offload_optimizer={str(o.offload_optimizer).lower()} "
-                   f"zero.offload_params={str(o.offload_params).lower()} "
-                   f"train.gradient_checkpointing={str(o.gradient_checkpointing).lower()}")
+        settings = (f"zero.stage={o.stage} zero.offload_optimizer={str(o.offload_optimizer).lower()} "
+                    f"zero.offload_params={str(o.offload_params).lower()} "
+                    f"train.gradient_checkpointing={str(o.gradient_checkpointing).lower()}")
+        out.append(f"recommended: {o.label}: {settings}")
         out.append(f"why: {result.why()}")
     return "\n".join(out)
 

@@ -146,8 +146,8 @@ def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
         f"total time:       {_duration(s['total_time_s'])}",
     ]
     if s["evals"]:
-        lines.append(f"eval loss:        last {_fmt(s['last_eval_loss'], '.4f')}, min {_fmt(s['min_eval_loss'], '.4f')} "
-                     f"({s['evals']} evals)")
+        lines.append(f"eval loss:        last {_fmt(s['last_eval_loss'], '.4f')}, "
+                     f"min {_fmt(s['min_eval_loss'], '.4f')} ({s['evals']} evals)")
     if skipped:
         lines.append(f"skipped lines:    {skipped} (not JSON objects; a torn last line while the run writes is normal)")
     return "\n".join(lines) + "\n"
