@@ -188,12 +188,13 @@ def tokens_per_micro_batch(recipe: Recipe) -> int:
 
 def plan_input(recipe: Recipe, shape: Shape, job: Job,
                checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB) -> PlanInput:
-    zero = recipe.zero
-    defaults = ZeroBuckets()
+    zero, h2 = recipe.zero, shape.hidden_size * shape.hidden_size
+    # The defaults engine.build_deepspeed_config resolves (DeepSpeed's HF-integration heuristics,
+    # hidden^2 based), mirrored here because the launcher side must not import the engine.
     buckets = ZeroBuckets(
-        reduce_bucket=zero.reduce_bucket_size or defaults.reduce_bucket,
-        allgather_bucket=zero.allgather_bucket_size or defaults.allgather_bucket,
-        prefetch_bucket=zero.prefetch_bucket_size or defaults.prefetch_bucket)
+        reduce_bucket=zero.reduce_bucket_size or h2,
+        allgather_bucket=zero.allgather_bucket_size or max(500_000_000, h2),
+        prefetch_bucket=zero.prefetch_bucket_size or int(0.9 * h2))
     return PlanInput(
         shape=shape, tokens_per_micro_batch=tokens_per_micro_batch(recipe), seq_len=recipe.data.max_length,
         world_size=job.world_size, gpus_per_node=job.gpus_per_node, gpu_mem_gib=job.gpu_mem_gib,
