@@ -14,7 +14,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # Qwen2.5's ChatML template (tool-calling branches removed): a default system turn when the
@@ -91,6 +91,30 @@ def chatml_tokenizer(template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast
     )
     tok.chat_template = template
     return tok
+
+
+# Qwen2's pre-tokenizer split, before its byte-level mapping.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def bpe_chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen-like byte-level BPE trained on a few strings: multi-character tokens and characters
+    split over several byte tokens, to check the mask against real token offsets."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    corpus = ["You are a helpful assistant.", "Hello there! How are you?", "The answer is 42.", "system user\n"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHATML_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 20, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                      additional_special_tokens=["<|im_start|>"])
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
 
 
 def r1_tokenizer() -> PreTrainedTokenizerFast:

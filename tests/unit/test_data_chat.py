@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import pytest
-from data_helpers import QWEN3_LIKE_TEMPLATE, chat, chatml_tokenizer, r1_tokenizer
+from data_helpers import QWEN3_LIKE_TEMPLATE, bpe_chatml_tokenizer, chat, chatml_tokenizer, r1_tokenizer
 
 from clustertune.data import IGNORE, DataError, Sample, tokenize_conversation
 from clustertune.data.chat import ChatEncoder, fit, shift_targets
@@ -49,6 +49,14 @@ def test_chatml_multi_turn_mask_token_by_token():
     assert sample.targets[-1] == IGNORE
     assert sample.num_trained == len("Hello!") + 1 + len("4") + 1
     assert trained_text(tok, sample) == "Hello!<|im_end|>4<|im_end|>"
+
+
+def test_byte_level_bpe_mask_follows_token_offsets():
+    tok = bpe_chatml_tokenizer()
+    messages = chat("Hello there", "The answer is 42.", "How are you?", "Hello! ☃")["messages"]
+    sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
+    assert tok.convert_ids_to_tokens(sample.input_ids).count("â") == 1  # ☃ is three byte tokens
+    assert tok.decode([t for t in sample.targets if t != IGNORE]) == "The answer is 42.<|im_end|>Hello! ☃<|im_end|>"
 
 
 def test_default_system_prompt_of_the_template_is_not_trained():
@@ -125,25 +133,28 @@ def test_tokenizer_without_chat_template_is_a_data_error():
 # ------------------------------------------------------------------------------ length policy
 
 IDS = list(range(10, 20))
+LATE = [(6, 10)]  # tokens 6..9 trained
 
 
-@pytest.mark.parametrize("mask,max_length,overlength,fate,kept", [
-    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 10, "truncate", "kept", 10),  # exactly max_length: untouched
-    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 8, "truncate", "truncated", 8),
-    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 6, "truncate", "dropped_overlength", 0),  # nothing trained left
-    ([0, 0, 0, 0, 0, 0, 1, 1, 1, 1], 9, "drop", "dropped_overlength", 0),
-    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 20, "truncate", "dropped_no_target", 0),  # token 0 is never a target
+@pytest.mark.parametrize("ranges,max_length,overlength,fate,kept", [
+    (LATE, 10, "truncate", "kept", 10),  # exactly max_length: untouched
+    (LATE, 8, "truncate", "truncated", 8),
+    (LATE, 6, "truncate", "dropped_overlength", 0),  # nothing trained left
+    (LATE, 9, "drop", "dropped_overlength", 0),
+    ([(0, 1)], 20, "truncate", "dropped_no_target", 0),  # token 0 is never a target
 ])
-def test_fit_length_policy(mask, max_length, overlength, fate, kept):
-    sample, got_fate = fit(IDS, [bool(m) for m in mask], max_length=max_length, overlength=overlength)
+def test_fit_length_policy(ranges, max_length, overlength, fate, kept):
+    sample, got_fate = fit(IDS, ranges, max_length=max_length, overlength=overlength)
     assert got_fate == fate
     assert (len(sample.input_ids) if sample else 0) == kept
     if sample is not None:
+        trained = [i for i in range(1, kept) if 6 <= i < 10]
         assert sample.input_ids == IDS[:kept]
-        assert sample.targets == shift_targets(IDS[:kept], [bool(m) for m in mask[:kept]])
+        assert sample.targets == [IDS[i + 1] if i + 1 in trained else IGNORE for i in range(kept)]
 
 
-def test_truncated_targets_end_with_ignore():
-    sample, _ = fit(IDS, [False] + [True] * 9, max_length=5, overlength="truncate")
+def test_shift_targets_with_several_ranges():
+    assert shift_targets(IDS[:6], [(0, 2), (4, 6)]) == [11, IGNORE, IGNORE, 14, 15, IGNORE]
+    sample, _ = fit(IDS, [(1, 10)], max_length=5, overlength="truncate")
     assert sample.targets == [11, 12, 13, 14, IGNORE]
     assert sample.num_trained == 4

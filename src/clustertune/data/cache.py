@@ -15,7 +15,8 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
+from itertools import chain
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,16 +117,14 @@ def load(path: Path, log: Callable[[str], None]) -> Tokenized | None:
         return None
 
 
-def _pack(split: str, samples: Iterable[Sample]) -> dict[str, np.ndarray]:
-    samples = list(samples)
-    lengths = [len(s.input_ids) for s in samples]
+def _pack(split: str, samples: list[Sample]) -> dict[str, np.ndarray]:
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1]))
+    np.cumsum([len(s.input_ids) for s in samples], out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(chain.from_iterable(s.input_ids for s in samples), dtype=np.int32, count=total)
+    targets = np.fromiter(chain.from_iterable(s.targets for s in samples), dtype=np.int64, count=total)
     # Only "has a target" is stored: the target itself is the next input id (see Sample).
-    has_target = np.fromiter((t != IGNORE for s in samples for t in s.targets), dtype=np.bool_,
-                             count=int(offsets[-1]))
-    return {f"{split}_ids": ids, f"{split}_has_target": has_target, f"{split}_offsets": offsets}
+    return {f"{split}_ids": ids, f"{split}_has_target": targets != IGNORE, f"{split}_offsets": offsets}
 
 
 def _unpack(z: Any, split: str) -> list[Sample]:

@@ -11,13 +11,16 @@ the last user message), so nothing here assumes what it prints. Instead:
    assistant turn: render with only that content replaced, and the span is where the two
    renderings differ (longest common prefix and suffix). Either way the span is located in the
    final rendering, never in a rendering of a prefix of the conversation.
-3. Tokenize the text with offsets; a token is trained if it overlaps a span. The end-of-turn
+3. Tokenize the text with offsets; a token is trained if it overlaps a span (so a token that
+   straddles the edge, e.g. Qwen's "\n\n" joining the header's newline to a content that starts
+   with one, is trained rather than losing content). The end-of-turn
    control token right after the span (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`) is
    trained too, so the model learns to stop; the role header before the span is not.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,8 @@ OVERLENGTH = ("truncate", "drop")
 # with, so the common prefix/suffix stop exactly at the content's edges.
 _MARK = "\x00"
 
-Span = tuple[int, int]
+Span = tuple[int, int]  # characters [start, end)
+Range = tuple[int, int]  # tokens [start, stop)
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,13 @@ class ChatEncoder:
         altered = sum(text[s:e] != c for (s, e), c in zip(spans, contents))
         return Rendered(text, spans, altered)
 
-    def encode(self, batch: list[Rendered]) -> list[tuple[list[int], list[bool]]]:
-        """Token ids and per-token trained flags; one tokenizer call for the batch (Rust-parallel)."""
+    def encode(self, batch: list[Rendered]) -> list[tuple[list[int], list[Range]]]:
+        """Token ids and trained token ranges; one tokenizer call for the batch (Rust-parallel)."""
         if not batch:
             return []
         enc = self.tokenizer([r.text for r in batch], add_special_tokens=False,
                              return_offsets_mapping=True, verbose=False)
-        return [(ids, self._mask(ids, offsets, r)) for ids, offsets, r in
+        return [(ids, self._trained_ranges(ids, offsets, r)) for ids, offsets, r in
                 zip(enc["input_ids"], enc["offset_mapping"], batch)]
 
     # ------------------------------------------------------------------------------ rendering
@@ -117,31 +121,25 @@ class ChatEncoder:
 
     # ------------------------------------------------------------------------------ masking
 
-    def _mask(self, ids: list[int], offsets: list[Span], rendered: Rendered) -> list[bool]:
-        mask = [False] * len(ids)
-        j = 0
+    def _trained_ranges(self, ids: list[int], offsets: list[Span], rendered: Rendered) -> list[Range]:
+        # Ranges, not per-token flags: bisection and slicing keep the per-token work in C.
+        starts, ends = zip(*offsets) if offsets else ((), ())
+        ranges: list[Range] = []
         for start, end in rendered.spans:
             if not rendered.text[start:end].strip():
                 continue  # the template printed nothing of this turn: do not teach an empty answer
-            while j < len(ids) and offsets[j][1] <= start:
-                j += 1
-            while j < len(ids) and offsets[j][0] < end:
-                mask[j] = True
-                j += 1
-            j = self._mark_end_of_turn(ids, offsets, rendered.text, mask, j)
-        return mask
+            first = bisect.bisect_right(ends, start)  # first token ending after the span starts
+            stop = bisect.bisect_left(starts, end)  # first token starting at or after its end
+            ranges.append((first, self._end_of_turn(ids, offsets, rendered.text, stop)))
+        return sorted(ranges)
 
-    def _mark_end_of_turn(self, ids: list[int], offsets: list[Span], text: str, mask: list[bool], j: int) -> int:
-        """Train the control token that closes the turn (and whitespace before it, which the model
-        must also produce). If real text comes first, the template has no end-of-turn token."""
-        k = j
+    def _end_of_turn(self, ids: list[int], offsets: list[Span], text: str, stop: int) -> int:
+        """Extend a turn over the control token that closes it (and whitespace before it, which
+        the model must produce too). If real text comes first, the template has no such token."""
+        k = stop
         while k < len(ids) and ids[k] not in self.control_ids and not text[offsets[k][0]:offsets[k][1]].strip():
             k += 1
-        if k == len(ids) or ids[k] not in self.control_ids:
-            return j
-        for t in range(j, k + 1):
-            mask[t] = True
-        return k + 1
+        return k + 1 if k < len(ids) and ids[k] in self.control_ids else stop
 
 
 def _control_tokens(tokenizer: Any) -> set[str]:
@@ -163,27 +161,37 @@ def _common_prefix(a: str, b: str) -> int:
 
 # ---------------------------------------------------------------------------------- samples
 
-def fit(ids: list[int], mask: list[bool], *, max_length: int, overlength: str) -> tuple[Sample | None, str]:
-    """Apply the length policy. Returns (sample or None, fate), fate one of "kept", "truncated",
-    "dropped_overlength" (too long: policy drop, or truncation left no trained token) and
-    "dropped_no_target" (no trained token even at full length)."""
+def fit(ids: list[int], ranges: list[Range], *, max_length: int, overlength: str) -> tuple[Sample | None, str]:
+    """Apply the length policy to ids with trained token ranges [start, stop). Returns (sample or
+    None, fate), fate one of "kept", "truncated", "dropped_overlength" (too long: policy drop, or
+    truncation left no trained token) and "dropped_no_target" (nothing trained at full length)."""
     if overlength not in OVERLENGTH:
         raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
-    # mask[0] can never be a target: nothing precedes the first token.
-    if not any(mask[1:]):
+    if not _has_target(ranges):
         return None, "dropped_no_target"
     if len(ids) <= max_length:
-        return Sample(ids, shift_targets(ids, mask)), "kept"
+        return Sample(ids, shift_targets(ids, ranges)), "kept"
     if overlength == "drop":
         return None, "dropped_overlength"
-    ids, mask = ids[:max_length], mask[:max_length]
-    if not any(mask[1:]):
+    ids = ids[:max_length]
+    ranges = [(a, min(b, max_length)) for a, b in ranges if a < max_length]
+    if not _has_target(ranges):
         return None, "dropped_overlength"
-    return Sample(ids, shift_targets(ids, mask)), "truncated"
+    return Sample(ids, shift_targets(ids, ranges)), "truncated"
 
 
-def shift_targets(ids: list[int], mask: list[bool]) -> list[int]:
-    return [nxt if trained else IGNORE for nxt, trained in zip(ids[1:], mask[1:])] + [IGNORE]
+def _has_target(ranges: list[Range]) -> bool:
+    # Token 0 can never be a target: nothing precedes it.
+    return any(b > max(a, 1) for a, b in ranges)
+
+
+def shift_targets(ids: list[int], ranges: list[Range]) -> list[int]:
+    """targets[i] = ids[i+1] where token i+1 is trained, else IGNORE (so targets[-1] = IGNORE)."""
+    targets = [IGNORE] * len(ids)
+    for a, b in ranges:
+        a = max(a, 1)
+        targets[a - 1:b - 1] = ids[a:b]
+    return targets
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict], *, max_length: int,
@@ -195,5 +203,5 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], *, max_length: i
         rendered = encoder.render(validate_messages(messages))
     except RecordError as err:
         raise DataError(str(err)) from None
-    ids, mask = encoder.encode([rendered])[0]
-    return fit(ids, mask, max_length=max_length, overlength=overlength)[0]
+    ids, ranges = encoder.encode([rendered])[0]
+    return fit(ids, ranges, max_length=max_length, overlength=overlength)[0]

@@ -107,8 +107,8 @@ def _tokenize_records(files: list[tuple[Path, list[Record]]], data: DataSection,
             chunk = records[start:start + _CHUNK]
             rendered = _render_chunk(chunk, encoder, path, problems)
             report.altered_turns += sum(r.altered for r in rendered)
-            for ids, mask in encoder.encode(rendered):
-                sample, fate = fit(ids, mask, max_length=data.max_length, overlength=data.overlength)
+            for ids, ranges in encoder.encode(rendered):
+                sample, fate = fit(ids, ranges, max_length=data.max_length, overlength=data.overlength)
                 fates[fate] += 1
                 if sample is not None:
                     samples.append(sample)

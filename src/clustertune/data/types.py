@@ -25,7 +25,7 @@ class Sample:
 
     @property
     def num_trained(self) -> int:
-        return sum(t != IGNORE for t in self.targets)
+        return len(self.targets) - self.targets.count(IGNORE)  # list.count runs in C
 
 
 @dataclass
