@@ -90,6 +90,8 @@ class ZeroSection(_Section):
     reduce_bucket_size: int | None = Field(default=None, ge=1)
     allgather_bucket_size: int | None = Field(default=None, ge=1)
     prefetch_bucket_size: int | None = Field(default=None, ge=1)
+    # ZeRO-3: parameters smaller than this stay whole on every rank (no gather per use).
+    param_persistence_threshold: int | None = Field(default=None, ge=0)
     overlap_comm: bool = True
 
     @model_validator(mode="after")

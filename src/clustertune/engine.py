@@ -73,7 +73,8 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
         zero_block["reduce_scatter"] = True
     if zero.stage == 3:
         zero_block["stage3_prefetch_bucket_size"] = zero.prefetch_bucket_size or int(0.9 * hidden_size * hidden_size)
-        zero_block["stage3_param_persistence_threshold"] = 10 * hidden_size
+        zero_block["stage3_param_persistence_threshold"] = (
+            10 * hidden_size if zero.param_persistence_threshold is None else zero.param_persistence_threshold)
         zero_block["stage3_max_live_parameters"] = int(1e9)
         zero_block["stage3_max_reuse_distance"] = int(1e9)
         # We gather weights ourselves, shard by shard, at export (checkpoint.export_hf_model).

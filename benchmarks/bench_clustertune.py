@@ -1,0 +1,104 @@
+"""clustertune's own training path on one GPU, on the benchmark workload (benchmarks/workload.py):
+the real engine builder, step plans, packing, kernels and loop step from src/clustertune.
+
+    PYTHONPATH=src python3 benchmarks/bench_clustertune.py --shape qwen2.5-1.5b --stage 2 \
+        --mode var --seq 4096 --batch 32 --budget 16384 --gc --steps 30
+"""
+import argparse, json, os, socket, statistics, sys, time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from workload import sample_lengths, sample_tokens  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--shape", default="qwen2.5-1.5b", help="built-in shape or an HF directory (--init)")
+p.add_argument("--layers", type=int, default=None, help="truncate the shape to this many layers")
+p.add_argument("--stage", type=int, default=2); p.add_argument("--mode", default="var")
+p.add_argument("--seq", type=int, default=4096); p.add_argument("--batch", type=int, default=32, help="samples per step")
+p.add_argument("--budget", type=int, default=16384, help="tokens per packed micro-batch")
+p.add_argument("--gc", action="store_true"); p.add_argument("--steps", type=int, default=30)
+p.add_argument("--no-liger", action="store_true"); p.add_argument("--attn", default="auto")
+p.add_argument("--no-pack", action="store_true", help="padded micro-batches of --mbs samples")
+p.add_argument("--mbs", type=int, default=4)
+p.add_argument("--persist", type=int, default=None, help="zero.param_persistence_threshold")
+p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
+p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
+p.add_argument("--profile", default=None, help="write a torch profiler trace summary here")
+a = p.parse_args()
+
+os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+if "MASTER_PORT" not in os.environ:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+import torch  # noqa: E402
+
+from clustertune import batching, engine, shapes, train  # noqa: E402
+from clustertune.config import recipe_from_dict  # noqa: E402
+from clustertune.data import Sample  # noqa: E402
+
+model_path = a.shape
+if a.layers:  # a truncated built-in shape, registered under a new name for this process
+    import dataclasses
+    base = shapes.lookup_shape(a.shape)
+    model_path = f"{a.shape}-{a.layers}l"
+    shapes.SHAPES[model_path] = dataclasses.replace(base, num_hidden_layers=a.layers)
+
+recipe = recipe_from_dict({
+    "run": {"output_dir": "/tmp/bench_run"},
+    "model": {"path": model_path, "liger": "off" if a.no_liger else "on", "attn_implementation": a.attn},
+    "data": {"packing": not a.no_pack, "max_length": a.seq},
+    "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
+              "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
+              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device},
+    "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {})},
+})
+rt = train.setup_runtime(recipe)
+parts = train.build_training_engine(recipe, rt)
+shape = parts.shape
+
+n_samples = a.steps * a.batch
+lengths = sample_lengths(a.mode, n_samples, a.seq)
+samples = []
+for i, n in enumerate(lengths):
+    ids = sample_tokens(i, n, vocab=shape.vocab_size).tolist()
+    samples.append(Sample(ids, ids[1:] + [-100]))
+trained = [s.num_trained for s in samples]
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+times, losses = [], []
+prof = None
+for step in range(a.steps):
+    indices = list(range(step * a.batch, (step + 1) * a.batch))
+    plan = batching.plan_step(step, indices, lengths=lengths, trained=trained, layout=parts.layout,
+                              packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
+    if a.profile and step == a.steps - 3:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
+    sync(); t0 = time.perf_counter()
+    engine.set_lr(parts.engine, a.lr)
+    losses.append(train.train_step(parts.engine, plan, samples, rt=rt, packing=recipe.data.packing, pad_id=0))
+    engine.optimizer_step(parts.engine)
+    sync(); times.append(time.perf_counter() - t0)
+    if prof is not None and step == a.steps - 2:
+        prof.__exit__(None, None, None)
+        with open(a.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        prof = None
+
+step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
+tok_step = sum(lengths) / a.steps
+from clustertune import metrics  # noqa: E402
+fpt = metrics.flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
+                              hidden=shape.hidden_size, t_eff=metrics.effective_context(lengths))
+tps = tok_step / step_s
+print("RESULT " + json.dumps({"impl": "clustertune", "tag": a.tag, "shape": model_path, "stage": a.stage, "mode": a.mode,
+      "seq": a.seq, "batch": a.batch, "budget": a.budget, "packed": not a.no_pack, "gc": a.gc,
+      "liger": not a.no_liger, "attn": parts.lm.config._attn_implementation,
+      "tokens_per_step": round(tok_step), "step_s": round(step_s, 4), "tok_per_s": round(tps),
+      "mfu": round(metrics.mfu(tokens_per_s=tps, flops_per_tok=fpt, peak_flops=989e12), 4),
+      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0, "losses": losses[:20]}), flush=True)
