@@ -15,9 +15,9 @@ import json
 import os
 import tempfile
 import zipfile
-from itertools import chain
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def _sha256(data: bytes) -> str:
 
 def save(path: Path, data: Tokenized, log: Callable[[str], None]) -> None:
     """Write atomically; a failure only costs re-tokenizing next time, so it is a warning."""
-    arrays = {**_pack("train", data.train), **_pack("eval", data.eval),
+    arrays: dict[str, Any] = {**_pack("train", data.train), **_pack("eval", data.eval),
               "report": np.array(json.dumps(dataclasses.asdict(data.report)))}
     tmp = None
     try:
@@ -134,4 +134,5 @@ def _unpack(z: Any, split: str) -> list[Sample]:
     next_ids = np.append(ids[1:], np.int32(IGNORE))
     targets = np.where(has_target, next_ids, IGNORE).astype(np.int64)
     ids_list, targets_list = ids.tolist(), targets.tolist()
-    return [Sample(ids_list[a:b], targets_list[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    bounds = offsets.tolist()
+    return [Sample(ids_list[a:b], targets_list[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -69,7 +69,7 @@ class ChatEncoder:
             return Rendered(text, spans, altered=0)
         spans = [self._span_by_diff(messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
         contents = [m["content"] for m in messages if m["role"] == "assistant"]
-        altered = sum(text[s:e] != c for (s, e), c in zip(spans, contents))
+        altered = sum(text[s:e] != c for (s, e), c in zip(spans, contents, strict=True))
         return Rendered(text, spans, altered)
 
     def encode(self, batch: list[Rendered]) -> list[tuple[list[int], list[Range]]]:
@@ -79,7 +79,7 @@ class ChatEncoder:
         enc = self.tokenizer([r.text for r in batch], add_special_tokens=False,
                              return_offsets_mapping=True, verbose=False)
         return [(ids, self._trained_ranges(ids, offsets, r)) for ids, offsets, r in
-                zip(enc["input_ids"], enc["offset_mapping"], batch)]
+                zip(enc["input_ids"], enc["offset_mapping"], batch, strict=True)]
 
     # ------------------------------------------------------------------------------ rendering
 

@@ -82,7 +82,7 @@ def _tokenize_files(data: DataSection, encoder: ChatEncoder, train_files: list[P
     with _progress(total) as bar:
         train = _tokenize_records(train_records, data, encoder, report, problems, bar)
         evals = _tokenize_records(eval_records, data, encoder, report, problems, bar)
-    _count_problems(problems, report, data.skip_invalid)
+    _skip_or_raise(problems, report, data.skip_invalid)
     report.valid -= len(problems)  # these were read fine, then the template or a control token failed them
     return cache.Tokenized(train, evals, report)
 
@@ -91,7 +91,7 @@ def _read_all(files: list[Path], data: DataSection, report: DataReport) -> list[
     """Read and validate every file; with skip_invalid off, fail here, before any tokenizing."""
     loaded = [(path, *load_file(path, data.format)) for path in files]
     problems = [(path, p) for path, _, file_problems in loaded for p in file_problems]
-    _count_problems(problems, report, data.skip_invalid)
+    _skip_or_raise(problems, report, data.skip_invalid)
     valid = sum(len(records) for _, records, _ in loaded)
     report.valid += valid
     report.total_lines += valid + len(problems)
@@ -130,7 +130,7 @@ def _render_chunk(chunk: list[Record], encoder: ChatEncoder, path: Path,
     return rendered
 
 
-def _count_problems(problems: list[FileProblem], report: DataReport, skip_invalid: bool) -> None:
+def _skip_or_raise(problems: list[FileProblem], report: DataReport, skip_invalid: bool) -> None:
     """Raise the one listing error, or (skip_invalid) count the skipped records by reason."""
     if not problems:
         return
