@@ -13,9 +13,9 @@ the last user message), so nothing here assumes what it prints. Instead:
    final rendering, never in a rendering of a prefix of the conversation.
 3. Tokenize the text with offsets; a token is trained if it overlaps a span (so a token that
    straddles the edge, e.g. Qwen's "\n\n" joining the header's newline to a content that starts
-   with one, is trained rather than losing content). The end-of-turn
-   control token right after the span (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`) is
-   trained too, so the model learns to stop; the role header before the span is not.
+   with one, is trained rather than losing content). The end-of-turn control token right after
+   the span (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`) is trained too, so the model
+   learns to stop; the role header before the span is not.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         controls = _control_tokens(tokenizer)
         self.control_ids = frozenset(tokenizer.convert_tokens_to_ids(sorted(controls)))
-        # Longest first, so that a control token is reported by its full name.
-        self._control_re = re.compile("|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True)))
+        # Longest first, so that a control token is reported by its full name. An empty pattern
+        # would match every text, hence None when the tokenizer has no control tokens.
+        pattern = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True) if t)
+        self._control_re = re.compile(pattern) if pattern else None
 
     def render(self, messages: list[Message]) -> Rendered:
         """Render a validated conversation and locate its assistant spans (RecordError if unusable)."""
@@ -91,6 +93,8 @@ class ChatEncoder:
 
     def _check_no_control_tokens(self, messages: list[Message]) -> None:
         # "<|im_end|>" typed inside a message would be tokenized as a real turn boundary.
+        if self._control_re is None:
+            return
         for i, message in enumerate(messages):
             found = self._control_re.search(message["content"])
             if found:
