@@ -1,0 +1,284 @@
+"""The cluster file: which nodes, how to reach them over ssh, how many ranks each runs.
+
+    name = "gpu"              # names the per-cluster ssh directory (~/.clustertune/clusters/gpu)
+    master = "node1"          # rank-0 node; default: the first node
+    master_port = 29500       # torch.distributed rendezvous port on the master
+    accelerator = "gpu"       # "gpu" (slots = GPUs per node) or "cpu" (gloo, DS_ACCELERATOR=cpu)
+
+    [[nodes]]
+    name = "node1"            # ssh Host alias, pdsh host and DeepSpeed hostfile name
+    address = "10.0.0.11"     # IP or DNS name, reachable from every node
+    user = "root"
+    port = 22
+    slots = 8
+    nic = "eth0"              # optional: interface for NCCL/gloo (default: the route to the master)
+
+Every string that ever reaches a command line or a remote shell (names, addresses, users,
+interfaces) is validated against a strict character set here, so a cluster file cannot make a
+remote shell run anything the user did not intend. The DeepSpeed hostfile is generated from this,
+never hand-edited. Launcher side: never imports torch.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ClusterError(ValueError):
+    """A cluster file (or flag) that cannot be used; the message is meant for the user as-is."""
+
+
+# A node name is an ssh Host alias, a pdsh host and a DeepSpeed hostfile key: letters, digits and
+# `._-`, starting with a letter or digit (no ssh pattern characters `*?!,`, no whitespace).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# RFC 1123 host name labels.
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+NIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,14}$")  # IFNAMSIZ = 16 incl. NUL
+SHELL_META = set("`$&|;<>()[]{}\\\"' \t\n*?!#~^%,=")
+
+
+def check_address(value: str) -> str:
+    """An IPv4/IPv6 address or a DNS host name; anything else (spaces, shell metacharacters,
+    `user@host`, `host:port`) is an error that names the offending character."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    bad = sorted(set(value) & (SHELL_META | {"@", "/"}))
+    if bad and ":" not in value:
+        raise ValueError(f"{value!r} contains {''.join(bad)!r}: an address is an IP or a host name, "
+                         "with no shell metacharacters, user@ or :port (use the user/port keys)")
+    try:
+        ip = ipaddress.ip_address(value)
+        return str(ip)
+    except ValueError:
+        pass
+    if ":" in value:
+        raise ValueError(f"{value!r} is not an IPv6 address; write the ssh port in `port`, not after a colon")
+    if not HOSTNAME_RE.match(value):
+        raise ValueError(f"{value!r} is not an IP address or a valid host name")
+    return value
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+
+class Node(_Strict):
+    name: str
+    address: str
+    user: str = Field(default_factory=getpass.getuser)
+    port: int = Field(default=22, ge=1, le=65535)
+    slots: int = Field(default=1, ge=1, le=1024)
+    nic: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid node name (letters, digits, '._-', starting with a "
+                             "letter or digit, at most 63 characters)")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return check_address(v)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not USER_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid user name")
+        return v
+
+    @field_validator("nic")
+    @classmethod
+    def _nic(cls, v: str | None) -> str | None:
+        if v is not None and not NIC_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid network interface name")
+        return v
+
+    @property
+    def ssh_target(self) -> str:
+        """How ssh-keyscan and known_hosts name this host: `addr` on port 22, `[addr]:port` else."""
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
+
+class Cluster(_Strict):
+    name: str = "cluster"
+    master: str | None = None
+    master_addr: str | None = None  # default: the master node's address
+    master_port: int = Field(default=29500, ge=1024, le=65535)
+    accelerator: Literal["gpu", "cpu"] = "gpu"
+    nodes: list[Node] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid cluster name (letters, digits, '._-')")
+        return v
+
+    @field_validator("master_addr")
+    @classmethod
+    def _master_addr(cls, v: str | None) -> str | None:
+        return None if v is None else check_address(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Cluster":
+        seen_names: dict[str, int] = {}
+        seen_addr: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            if node.name in seen_names:
+                raise ValueError(f"nodes[{i}].name: duplicate node name {node.name!r} "
+                                 f"(also nodes[{seen_names[node.name]}])")
+            seen_names[node.name] = i
+            if node.address in seen_addr:
+                raise ValueError(f"nodes[{i}].address: duplicate address {node.address!r} "
+                                 f"(also nodes[{seen_addr[node.address]}].address): each node must be "
+                                 "listed once")
+            seen_addr[node.address] = i
+        if self.master is not None and self.master not in seen_names:
+            raise ValueError(f"master: {self.master!r} is not one of the nodes "
+                             f"({', '.join(seen_names)})")
+        if len(self.nodes) > 1:
+            for i, node in enumerate(self.nodes):
+                if is_loopback(node.address):
+                    raise ValueError(f"nodes[{i}].address: {node.address!r} is a loopback address; in a "
+                                     "cluster of several nodes the others cannot reach it, use the "
+                                     "node's network address")
+        return self
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def master_node(self) -> Node:
+        name = self.master or self.nodes[0].name
+        return next(n for n in self.nodes if n.name == name)
+
+    @property
+    def rendezvous_addr(self) -> str:
+        return self.master_addr or self.master_node.address
+
+    def ordered_nodes(self) -> list[Node]:
+        """The master first (it holds rank 0), then the others in file order."""
+        master = self.master_node
+        return [master] + [n for n in self.nodes if n.name != master.name]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ClusterError(f"no node named {name!r} in cluster {self.name!r}")
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.slots for n in self.nodes)
+
+
+def hostfile_text(cluster: Cluster) -> str:
+    """DeepSpeed/MPI hostfile, master first so that it holds rank 0: `name slots=N` lines."""
+    return "".join(f"{n.name} slots={n.slots}\n" for n in cluster.ordered_nodes())
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid cluster file"]
+    for item in err.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        got = item.get("input")
+        show = item["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list))
+        if loc:
+            lines.append(f"  {loc}: {msg}" + (f" (got {got!r})" if show and repr(got) not in msg else ""))
+        else:
+            lines.append(f"  {msg}")
+    return "\n".join(lines)
+
+
+def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluster:
+    try:
+        return Cluster.model_validate(tree)
+    except ValidationError as err:
+        raise ClusterError(_format_error(err, source)) from None
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    path = Path(path)
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClusterError(f"{path}: cluster file not found (create one with `clustertune cluster init`)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ClusterError(f"{path}: not valid TOML: {err}") from None
+    return cluster_from_dict(tree, str(path))
+
+
+def localhost_cluster(slots: int, accelerator: Literal["gpu", "cpu"], master_port: int = 29500) -> Cluster:
+    """The implicit one-node cluster of `clustertune launch` without --cluster."""
+    return Cluster(name="localhost", master_port=master_port, accelerator=accelerator,
+                   nodes=[Node(name="localhost", address="127.0.0.1", slots=slots)])
+
+
+def cluster_to_toml(cluster: Cluster) -> str:
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    out = ["# clustertune cluster file (clustertune cluster init). Validated on load: unknown keys,",
+           "# duplicate nodes, slots < 1 and shell metacharacters are errors.",
+           f"name = {q(cluster.name)}"]
+    if cluster.master is not None:
+        out.append(f"master = {q(cluster.master)}")
+    if cluster.master_addr is not None:
+        out.append(f"master_addr = {q(cluster.master_addr)}")
+    out.append(f"master_port = {cluster.master_port}")
+    out.append(f"accelerator = {q(cluster.accelerator)}")
+    for n in cluster.nodes:
+        out += ["", "[[nodes]]", f"name = {q(n.name)}", f"address = {q(n.address)}", f"user = {q(n.user)}",
+                f"port = {n.port}", f"slots = {n.slots}"]
+        if n.nic is not None:
+            out.append(f"nic = {q(n.nic)}")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------- `cluster init` flags
+
+_NODE_SPEC_RE = re.compile(
+    r"^(?P<name>[^=]+)=(?:(?P<user>[^@]+)@)?(?P<addr>\[[^\]]+\]|[^:\[\]]+)"
+    r"(?::(?P<port>\d*))?(?::(?P<slots>\d*))?(?::(?P<nic>[^:]+))?$")
+
+
+def parse_node_spec(spec: str, default_user: str | None = None, default_slots: int = 1) -> dict[str, Any]:
+    """`NAME=[USER@]ADDRESS[:PORT[:SLOTS[:NIC]]]` -> node dict (validated later by Node).
+    IPv6 addresses go in brackets: `n1=root@[fd00::1]:22:8`. Empty fields take defaults:
+    `n1=10.0.0.1::8` is port 22, 8 slots."""
+    m = _NODE_SPEC_RE.match(spec)
+    if not m:
+        raise ClusterError(f"--node {spec!r}: expected NAME=[USER@]ADDRESS[:PORT[:SLOTS[:NIC]]], "
+                           "e.g. gpu1=root@10.0.0.11:22:8")
+    addr = m["addr"]
+    if addr.startswith("["):
+        addr = addr[1:-1]
+    node: dict[str, Any] = {"name": m["name"], "address": addr,
+                            "user": m["user"] or default_user or getpass.getuser(),
+                            "port": int(m["port"]) if m["port"] else 22,
+                            "slots": int(m["slots"]) if m["slots"] else default_slots}
+    if m["nic"]:
+        node["nic"] = m["nic"]
+    return node
