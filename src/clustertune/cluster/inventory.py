@@ -52,7 +52,7 @@ def check_address(value: str) -> str:
         raise ValueError("must be a non-empty string")
     bad = sorted(set(value) & (SHELL_META | {"@", "/"}))
     if bad and ":" not in value:
-        raise ValueError(f"{value!r} contains {''.join(bad)!r}: an address is an IP or a host name, "
+        raise ValueError(f"{value!r} contains {', '.join(repr(c) for c in bad)}: an address is an IP or a host name, "
                          "with no shell metacharacters, user@ or :port (use the user/port keys)")
     try:
         ip = ipaddress.ip_address(value)
