@@ -14,12 +14,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+STEPS = ["--steps", "20"]
+
+
 def baseline(*args):
+    args = args if "--steps" in args else (*args, *STEPS)
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29611",
             str(HERE / "baseline_hf_trainer.py"), *args]
 
 
 def ours(*args):
+    args = args if "--steps" in args else (*args, *STEPS)
     return [sys.executable, str(HERE / "bench_clustertune.py"), *args]
 
 
@@ -34,12 +39,18 @@ SUITES = {
     # W2: same shape, fixed 2048-token sequences, ZeRO-3.
     "w2": [
         ("W2 baseline ZeRO-3", baseline("--shape", "1.5b", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--mbs", "4", "--gc", "--tag", "w2")),
-        ("W2 clustertune ZeRO-3", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "16", "--budget", "16384", "--gc", "--persist", "100000000", "--tag", "w2")),
+        ("W2 clustertune ZeRO-3 gc", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "16", "--budget", "16384", "--gc", "--persist", "100000000", "--tag", "w2")),
+        ("W2 clustertune ZeRO-3 no-gc", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "16", "--budget", "8192", "--persist", "100000000", "--tag", "w2nogc")),
     ],
-    # W3: Qwen2.5-7B width truncated to 8 layers, ZeRO-3.
+    # W3: Qwen2.5-7B width truncated to 8 layers (what the baseline's shape table fits), ZeRO-3.
     "w3": [
         ("W3 baseline ZeRO-3", baseline("--shape", "7b-8l", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--mbs", "4", "--gc", "--tag", "w3")),
         ("W3 clustertune ZeRO-3", ours("--shape", "qwen2.5-7b", "--layers", "8", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "16", "--budget", "16384", "--gc", "--persist", "100000000", "--tag", "w3")),
+    ],
+    # Where W1's time goes (torch profiler over one step), and more tokens per step.
+    "w1prof": [
+        ("W1 clustertune ZeRO-2 profiled", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "32", "--budget", "16384", "--gc", "--tag", "w1z2prof", "--profile", "OUTDIR/profile_w1_zero2.txt")),
+        ("W1 clustertune ZeRO-2 64/step 32k", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "64", "--budget", "32768", "--gc", "--tag", "w1z2big")),
     ],
     # Memory at the same tokens per micro-batch as the baseline (4 x 2048 = 8192).
     "mem": [
@@ -104,6 +115,7 @@ def main():
         else:
             cases = SUITES[suite]
         for name, cmd in cases:
+            cmd = [c.replace("OUTDIR", str(out)) for c in cmd]
             results.append(run_case(name, cmd, a.timeout, out))
             (out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| case | tokens/s | MFU | peak GB | step s | tokens/step |")

@@ -84,10 +84,15 @@ for step in range(a.steps):
     losses.append(train.train_step(parts.engine, plan, samples, rt=rt, packing=recipe.data.packing, pad_id=0))
     engine.optimizer_step(parts.engine)
     sync(); times.append(time.perf_counter() - t0)
-    if prof is not None and step == a.steps - 2:
+    if prof is not None and step == a.steps - 3:
         prof.__exit__(None, None, None)
+        averages = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in averages)
+        wall_us = times[-1] * 1e6
         with open(a.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            f.write(f"profiled step wall {wall_us / 1e3:.1f} ms; GPU busy (sum of kernel self time) "
+                    f"{kernel_us / 1e3:.1f} ms = {100 * kernel_us / wall_us:.1f}% of wall; idle {100 - 100 * kernel_us / wall_us:.1f}%\n\n")
+            f.write(averages.table(sort_by="self_device_time_total", row_limit=45))
         prof = None
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
