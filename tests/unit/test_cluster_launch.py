@@ -176,6 +176,8 @@ def test_output_router_prefixes_masks_and_detects_failure(tmp_path):
     router = OutputRouter(["gpu1", "gpu2"], tmp_path, ["hf_secretvalue"], echo=shown.append)
     router.feed("[2025] [INFO] [runner.py] cmd = pdsh ...\n")
     router.feed("gpu1: [rank 0] step 1 loss 2.0 token hf_secretvalue\n")
+    router.feed("gpu1: [2025-11-25 15:07:42,669] [INFO] [launch.py:152:main] WORLD INFO DICT\n")
+    router.feed("gpu1: [rank 0] train:  10%\rtrain:  50%\rtrain: 100% loss 1.0\r\n")
     router.feed("gpu2: [rank 9] clustertune-rank-exit rank=9 node=1 code=0 seconds=3.0\n")
     assert router.failure is None
     router.feed("gpu2: [rank 8] clustertune-rank-exit rank=8 node=1 code=1 seconds=3.0\n")
@@ -184,7 +186,9 @@ def test_output_router_prefixes_masks_and_detects_failure(tmp_path):
     assert router.failure == "rank 8 on gpu2 exited with code 1" and router.event.is_set()
     assert router.rank_exit == {9: 0, 8: 1} and router.rank_node[0] == "gpu1"
     g1 = (tmp_path / "gpu1.log").read_text()
-    assert g1 == "[rank 0] step 1 loss 2.0 token ***\n"
+    assert g1 == ("[rank 0] step 1 loss 2.0 token ***\n[2025-11-25 15:07:42,669] [INFO] [launch.py:152:main] "
+                  "WORLD INFO DICT\n[rank 0] train: 100% loss 1.0\n")
+    assert not any("WORLD INFO" in s for s in shown)  # DeepSpeed's INFO lines: log only
     assert "hf_secretvalue" not in "".join(shown) and any(s.startswith("gpu1 r0") for s in shown)
     assert "runner.py" in (tmp_path / "launcher.log").read_text()
 

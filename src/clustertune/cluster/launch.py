@@ -313,6 +313,7 @@ def slurm_script(*, cluster: Cluster, python: str, workdir: str, run_name: str, 
 _PDSH_LINE = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]*): (?P<rest>.*)$")
 _PDSH_EXIT = re.compile(r"^pdsh@[^:]*: (?P<node>[^:]+): ssh exited with exit code (?P<code>\d+)")
 _RANK = re.compile(r"^\[rank (?P<rank>\d+)\] (?P<rest>.*)$")
+_DS_INFO = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[INFO\] ")
 _EXIT = re.compile(EXIT_TAG + r" rank=(?P<rank>\d+) node=\S+ code=(?P<code>-?\d+)")
 
 
@@ -365,13 +366,16 @@ class OutputRouter:
                 self.rank_exit[rank] = code
                 if code != 0:
                     self._fail(f"rank {rank} on {node} exited with code {code}", code)
+        if "\r" in body:  # progress bars redraw with \r: keep the latest state only
+            body = next((seg for seg in reversed(body.split("\r")) if seg.strip()), "")
         label = node if node is not None else "launcher"
         tag = f"{label} r{rank}" if rank is not None else label
         with self.lock:
             handle = self.files.get(label, self.files["launcher"])
             handle.write((f"[rank {rank}] {body}" if rank is not None else body) + "\n")
             handle.flush()
-            self.echo(f"{tag.ljust(self.width + 4)} | {body}")
+            if rank is not None or not _DS_INFO.match(body):  # DeepSpeed's INFO chatter: logs only
+                self.echo(f"{tag.ljust(self.width + 4)} | {body}")
 
     def _fail(self, why: str, code: int) -> None:
         if self.failure is None:
