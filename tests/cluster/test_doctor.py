@@ -21,7 +21,7 @@ def _table(stdout: str) -> dict[str, dict[str, str]]:
         if not line.strip():
             break
         cells = [c for c in line.split("  ") if c.strip()]
-        rows[cells[0].strip()] = dict(zip(head[1:], (c.strip() for c in cells[1:])))
+        rows[cells[0].strip()] = dict(zip(head[1:], (c.strip() for c in cells[1:]), strict=False))
     return rows
 
 

@@ -57,7 +57,8 @@ def test_sandbox_cli_up_down():
         assert "cluster file:" in up.stdout and (ROOT / name / "cluster.toml").exists()
         listed = subprocess.run(cli + ["list"], capture_output=True, text=True, timeout=30).stdout.split()
         assert name in listed
-        ex = subprocess.run(cli + ["exec", "node2", "--name", name, "--", "sh", "-c", "echo $HOME; ip -o -4 addr show eth0"],
+        show = "echo $HOME; ip -o -4 addr show eth0"
+        ex = subprocess.run(cli + ["exec", "node2", "--name", name, "--", "sh", "-c", show],
                             capture_output=True, text=True, timeout=30)
         assert ex.returncode == 0 and ex.stdout.splitlines()[0].endswith("/node2/home")
         assert state["nodes"][1]["address"] in ex.stdout

@@ -59,7 +59,8 @@ def test_run_env_never_holds_secrets():
     for secret in ("hf_secretvalue", "wandbsecret", "mytoken", "awssecret"):
         assert secret not in text
     assert env["CLUSTERTUNE_SECRETS_FILE"] == "/run/x/secrets.env" and env["CLUSTERTUNE_RUN_ID"] == "abc123"
-    assert env["DS_ACCELERATOR"] == "cpu" and env["GLOO_SOCKET_IFNAME"] == "eth0" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert env["GLOO_SOCKET_IFNAME"] == "eth0" and env["NCCL_SOCKET_IFNAME"] == "eth0"
     # DeepSpeed's .deepspeed_env parser: every line NAME=VALUE, no blanks/comments
     assert all("=" in line and not line.startswith("#") for line in text.splitlines())
     with pytest.raises(LaunchError):
@@ -140,7 +141,8 @@ def test_torchrun_per_node_command():
         assert part in cmd
     assert cmd[-5:] == ["-m", "clustertune.cluster.rankexec", "--env-file", "/r/run.env", "/r/recipe.toml"]
     script = torchrun_node_script(workdir="/work dir", run_id="run1", command=cmd)
-    assert script.startswith("cd '/work dir' && CLUSTERTUNE_RUN_ID=run1 exec /venv/bin/python -u -m torch.distributed.run")
+    assert script.startswith("cd '/work dir' && CLUSTERTUNE_RUN_ID=run1 exec /venv/bin/python -u -m "
+                             "torch.distributed.run")
     assert shlex.split(script)[5:] == cmd
     from torch.distributed.run import get_args_parser
     parsed = get_args_parser().parse_args(cmd[4:])
@@ -210,7 +212,8 @@ def test_rankexec_env(tmp_path):
     file_env = read_env_file(str(f))
     assert file_env == {"A": "1", "CLUSTERTUNE_NODE_NICS": "eth0,ens5", "B": "x y"}
     env = child_env({"LOCAL_SIZE": "8", "CROSS_RANK": "1", "RANK": "9"}, file_env)
-    assert env["LOCAL_WORLD_SIZE"] == "8" and env["GLOO_SOCKET_IFNAME"] == "ens5" and env["NCCL_SOCKET_IFNAME"] == "ens5"
+    assert env["LOCAL_WORLD_SIZE"] == "8"
+    assert env["GLOO_SOCKET_IFNAME"] == "ens5" and env["NCCL_SOCKET_IFNAME"] == "ens5"
     env = child_env({"LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}, file_env)  # torchrun names
     assert env["LOCAL_WORLD_SIZE"] == "2" and env["GLOO_SOCKET_IFNAME"] == "eth0"
 

@@ -115,7 +115,8 @@ def _interactive(a: argparse.Namespace, read: Callable[[str], str]) -> dict[str,
 
     tree: dict[str, Any] = {}
     tree["name"] = _ask("cluster name", a.name or Path(a.out).stem or "cluster",
-                        lambda s: Cluster.model_validate({"name": s, "nodes": [{"name": "n", "address": "127.0.0.1"}]}).name,
+                        lambda s: Cluster.model_validate(
+                            {"name": s, "nodes": [{"name": "n", "address": "127.0.0.1"}]}).name,
                         read)
     count = _ask("number of nodes", "2", positive, read)
     nodes = []

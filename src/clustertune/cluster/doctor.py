@@ -90,7 +90,7 @@ class Report:
         table += [[n, *(self.rows[n].get(k, SKIP).text() for k in self.checks)] for n in names]
         table.append(["verdict", *(self.verdict(k) for k in self.checks)])
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines = head + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+        lines = head + ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in table]
         if self.failures:
             lines.append("")
             lines.append(f"blocking problems ({len(self.failures)}):")
@@ -195,7 +195,7 @@ def run_doctor(cluster: Cluster, *, recipe: Any = None, mutual: bool = True, con
                 "output_dir": output_dir, "write_token": token if (n.name == master.name and not local) else None}
         return run_snippet(targets[n.name], "probe", args, timeout=connect_timeout + 60)
 
-    probes = dict(zip([n.name for n in nodes], parallel(probe, nodes)))
+    probes = dict(zip([n.name for n in nodes], parallel(probe, nodes), strict=True))
     reachable = [n for n in nodes if probes[n.name].ok]
 
     # Round 2: master listens, everyone connects (+ token, + mutual ssh).
@@ -264,7 +264,7 @@ def _port_round(cluster: Cluster, targets: dict, reachable: list[Node], nonce: s
                                     "name": n.name, "timeout": 5, "token_path": token_path,
                                     "cluster": cluster.name, "peers": peers, "ssh_timeout": connect_timeout},
                                    timeout=connect_timeout * 3 + 40)
-            connects = dict(zip([n.name for n in reachable], parallel(connect, reachable)))
+            connects = dict(zip([n.name for n in reachable], parallel(connect, reachable), strict=True))
         rest, err = listener.communicate(timeout=60 + connect_timeout)
         out_lines.append(rest.decode("utf-8", "replace"))
     except subprocess.TimeoutExpired:
@@ -316,7 +316,8 @@ def _row(cluster: Cluster, n: Node, res: RemoteResult, conn: RemoteResult | None
     if "pdsh" in checks:
         row["pdsh"] = (Cell("ok") if d.get("pdsh") else
                        Cell("fail", "missing", "pdsh not installed on the master (the DeepSpeed launcher runs it)",
-                            "apt-get install pdsh (or dnf install pdsh pdsh-rcmd-ssh)")) if is_master else Cell("info", "")
+                            "apt-get install pdsh (or dnf install pdsh pdsh-rcmd-ssh)")
+                       ) if is_master else Cell("info", "")
     row["python"] = Cell("ok") if d.get("python_exists") else Cell(
         "fail", "missing", f"{python} does not exist on this node",
         "create the same Python environment at the same path on every node (DeepSpeed starts this exact "
@@ -338,7 +339,8 @@ def _row(cluster: Cluster, n: Node, res: RemoteResult, conn: RemoteResult | None
                            "install the NVIDIA driver, or set accelerator = \"cpu\" in the cluster file")
     elif gpus < n.slots:
         row["gpus"] = Cell("fail", f"{gpus}<{n.slots}", f"{gpus} GPU(s) visible, slots = {n.slots}",
-                           f"set slots = {gpus} for {n.name} in the cluster file, or fix the driver/CUDA_VISIBLE_DEVICES")
+                           f"set slots = {gpus} for {n.name} in the cluster file, or fix the driver / "
+                           "CUDA_VISIBLE_DEVICES")
     else:
         row["gpus"] = Cell("ok", f"{gpus}")
     # master port
@@ -379,7 +381,8 @@ def _row(cluster: Cluster, n: Node, res: RemoteResult, conn: RemoteResult | None
     # shared filesystem
     if "shared-fs" in checks:
         if is_master:
-            row["shared-fs"] = Cell("info", "token") if token_path else Cell("warn", "no token", d.get("token_error", ""))
+            row["shared-fs"] = (Cell("info", "token") if token_path else
+                                Cell("warn", "no token", d.get("token_error", "")))
         elif conn is not None and conn.ok and token_path:
             row["shared-fs"] = Cell("info", "shared") if conn.get("token_seen") else Cell(
                 "warn", "not shared", "the output directory is not on a filesystem shared with the master",

@@ -95,7 +95,8 @@ def select_env(environ: Mapping[str, str], passthrough: list[str] | tuple[str, .
             if name.startswith(ALLOW_PREFIXES):
                 sel.skipped.append(f"{name} (secret-like name, not forwarded: list it in run.env_passthrough)")
             continue
-        allowed = name in listed or (name not in DENY_NAMES and (name in ALLOW_NAMES or name.startswith(ALLOW_PREFIXES)))
+        allowed = name in listed or (name not in DENY_NAMES
+                                     and (name in ALLOW_NAMES or name.startswith(ALLOW_PREFIXES)))
         if not allowed:
             continue
         if "\n" in value or not SAFE_VALUE_RE.match(value):
@@ -198,7 +199,8 @@ def resolve_recipe(recipe: Any, workdir: str, *, cpu: bool) -> Any:
         return full if os.path.exists(full) else p
 
     updates: dict[str, Any] = {
-        "run": recipe.run.model_copy(update={"output_dir": os.path.abspath(os.path.join(workdir, recipe.run.output_dir))}),
+        "run": recipe.run.model_copy(
+            update={"output_dir": os.path.abspath(os.path.join(workdir, recipe.run.output_dir))}),
         "model": recipe.model.model_copy(update={"path": absolute(recipe.model.path),
                                                  **({"tokenizer": absolute(recipe.model.tokenizer)}
                                                     if recipe.model.tokenizer else {})}),
@@ -418,7 +420,8 @@ class Launch:
         if self.local:
             targets = dict(list(targets.items())[:1])
         names = list(targets)
-        return dict(zip(names, parallel(lambda n: run_snippet(targets[n], command, args, timeout=timeout), names)))
+        answers = parallel(lambda n: run_snippet(targets[n], command, args, timeout=timeout), names)
+        return dict(zip(names, answers, strict=True))
 
     def stop(self, why: str) -> None:
         """Stop every process of this run on every node, and nothing else."""
@@ -601,7 +604,8 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
     _write(files.recipe, recipe_to_toml(recipe))
     _write(files.env, env_file_text(run_env))
     _write(files.hostfile, hostfile_text(cluster))
-    info = {"run_id": run_id, "launcher": launcher, "cluster": cluster.name, "nodes": [n.name for n in cluster.ordered_nodes()],
+    info = {"run_id": run_id, "launcher": launcher, "cluster": cluster.name,
+            "nodes": [n.name for n in cluster.ordered_nodes()],
             "world_size": cluster.world_size, "master": f"{cluster.rendezvous_addr}:{cluster.master_port}",
             "started": time.time(), "env_names": sorted(run_env), "secret_names": sorted(sel.secrets)}
     _write(files.info, json.dumps(info, indent=2) + "\n")
@@ -668,6 +672,7 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
     for name in names:
         ranks = sorted(r for r, n in router.rank_node.items() if n == name)
         ok = [r for r in ranks if router.rank_exit.get(r) == 0]
-        print(f"  {name}: ranks {ranks or '-'}: {len(ok)}/{len(ranks)} finished ok; log {files.logs_dir / (name + '.log')}")
+        print(f"  {name}: ranks {ranks or '-'}: {len(ok)}/{len(ranks)} finished ok; "
+              f"log {files.logs_dir / (name + '.log')}")
     print(f"clustertune: run {run_id} {'finished' if code == 0 else f'FAILED (exit code {code})'}", flush=True)
     return code

@@ -102,8 +102,8 @@ def _ssh_check(config, peer, timeout):
     except FileNotFoundError:
         return {"ok": False, "error": "ssh client not installed"}
     err = [line for line in p.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-    return {"ok": p.returncode == 0, "error": "" if p.returncode == 0 else (err[-1] if err else "exit %d" % p.returncode),
-            "stderr": "\n".join(err[-5:])}
+    error = "" if p.returncode == 0 else (err[-1] if err else "exit %d" % p.returncode)
+    return {"ok": p.returncode == 0, "error": error, "stderr": "\n".join(err[-5:])}
 
 
 def matrix(a):

@@ -367,7 +367,8 @@ def setup_ssh(cluster: Cluster, *, identity: Path | None = None, interactive: bo
     write_private(paths.state, json.dumps({"legacy_hosts": []}) + "\n")
     write_private(paths.ssh_config, render_ssh_config(cluster, str(paths.dir), legacy))
     status = {n.name: NodeStatus(n) for n in cluster.nodes}
-    for node, (kind, detail) in zip(cluster.nodes, parallel(lambda n: probe_access(paths, n), cluster.nodes)):
+    for node, (kind, detail) in zip(cluster.nodes, parallel(lambda n: probe_access(paths, n), cluster.nodes),
+                                       strict=True):
         status[node.name].state, status[node.name].detail = kind, detail
         if kind == "legacy-hostkey":
             legacy.add(node.name)
