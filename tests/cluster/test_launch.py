@@ -179,3 +179,50 @@ def test_localhost_launch_without_cluster_file(tmp_path):
     assert sorted(r["RANK"] for r in reports) == ["0", "1"]
     assert all(r["secrets_loaded"] == 1 and not r["secret_on_cmdline"] for r in reports)
     assert "localhost r1" in out.stdout
+
+
+def _pids_with_arg(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@needs_sandbox
+def test_cluster_stop_after_the_launcher_died(make_cluster, tmp_path):
+    """A launcher killed with SIGKILL cannot clean up; `clustertune cluster stop RUN_DIR` does."""
+    h = make_cluster(2)
+    h.setup_ssh()
+    (tmp_path / "r.toml").write_text(RECIPE)
+    run = tmp_path / "runs" / "fake"
+    argv = h.sb.exec_argv("node1", [sys.executable, "-m", "clustertune.cli", "launch", "r.toml", "--cluster",
+                                    str(h.sb.cluster_file), "--skip-doctor"])
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(os.environ, **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: all((run / "logs" / f"{n}.log").exists() and "FAKE sleeping" in
+                              (run / "logs" / f"{n}.log").read_text() for n in ("node1", "node2")), 120,
+                  "both ranks to run")
+        run_id = json.loads((run / "launch" / "run.json").read_text())["run_id"]
+        proc.kill()
+        proc.wait(10)
+        time.sleep(1)
+        assert len(run_pids(run_id)) >= 4  # the run outlives its launcher...
+        out = h.clustertune("cluster", "stop", str(run), "--cluster", str(h.sb.cluster_file), timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "stopped" in out.stdout
+        assert run_pids(run_id) == []  # ...until `cluster stop`
+        # the orphaned DeepSpeed runner and pdsh end by themselves once the remote side is gone
+        hostfile = str(run / "launch" / "hostfile")
+        _wait_for(lambda: not _pids_with_arg(hostfile), 30, "the orphaned runner to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in _pids_with_arg(str(run / "launch" / "hostfile")):  # only left if the test failed midway
+            os.kill(pid, signal.SIGKILL)

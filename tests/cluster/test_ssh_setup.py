@@ -3,8 +3,11 @@ matrix; the legacy ssh-rsa server; a changed host key refused."""
 
 from __future__ import annotations
 
+import os
 import re
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,34 @@ def test_legacy_ssh_rsa_node_three_nodes(make_cluster):
     check = h.clustertune("cluster", "ssh", "--cluster", str(h.sb.cluster_file), "--check")
     assert check.returncode == 0
     assert [line.split()[1:] for line in check.stdout.splitlines()[1:4]] == [["ok", "ok", "ok"]] * 3
+    # the doctor keeps reminding: a warning, not a failure
+    doc = h.clustertune("cluster", "doctor", "--cluster", str(h.sb.cluster_file), "--fast")
+    assert doc.returncode == 0 and "node3 / ssh: node3 offers only the legacy SHA-1 'ssh-rsa'" in doc.stdout
+
+
+def test_ssh_setup_through_the_users_agent(make_cluster, tmp_path):
+    """No --identity: the user's existing access is their ssh agent (here holding the bootstrap key)."""
+    h = make_cluster(2)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        env = {"SSH_AUTH_SOCK": str(sock)}
+        added = subprocess.run(["ssh-add", h.sb.state.bootstrap_key], env=dict(os.environ, **env),
+                               capture_output=True, text=True, timeout=30)
+        assert added.returncode == 0, added.stderr
+        out = h.clustertune("cluster", "ssh", "--cluster", str(h.sb.cluster_file), env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "using your ssh agent / default keys" in out.stdout
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    h.sb.revoke_bootstrap()
+    assert h.clustertune("cluster", "ssh", "--cluster", str(h.sb.cluster_file), "--check").returncode == 0
 
 
 def test_changed_host_key_is_refused(make_cluster):
@@ -134,5 +165,4 @@ def test_unreachable_node_stops_ssh_setup_before_installing(make_cluster, tmp_pa
 
 
 def _fingerprint_of(pub: Path) -> str:
-    import subprocess
     return subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, timeout=10).stdout.split()[1]

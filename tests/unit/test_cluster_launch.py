@@ -235,3 +235,29 @@ def test_no_insecure_ssh_options_in_sources():
         assert "StrictHostKeyChecking=no" not in text and "StrictHostKeyChecking no" not in text, path
         assert "UserKnownHostsFile=/dev/null" not in text and "UserKnownHostsFile /dev/null" not in text, path
         assert "172.16.80." not in text, path
+
+
+def test_cmd_launch_slurm_writes_job_and_private_secrets(tmp_path, monkeypatch, capsys):
+    """`--launcher slurm` writes the run files and the sbatch script; nothing runs here."""
+    import argparse
+    import json
+    import stat
+
+    from clustertune.cluster.launch import cmd_launch
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_slurmsecret")
+    (tmp_path / "r.toml").write_text('[run]\nname = "sft"\noutput_dir = "runs/sft"\n[train]\nmax_steps = 2\n')
+    args = argparse.Namespace(recipe="r.toml", overrides=["train.lr=1e-4"], launcher="slurm", resume=False,
+                              cluster=str(repo / "configs" / "cluster-example.toml"), skip_doctor=False)
+    assert cmd_launch(args) == 0
+    launch = tmp_path / "runs" / "sft" / "launch"
+    script = (launch / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
+    assert str(launch / "recipe.toml") in script and "hf_slurmsecret" not in script
+    assert "lr = 0.0001" in (launch / "recipe.toml").read_text()
+    assert stat.S_IMODE((launch / "secrets.env").stat().st_mode) == 0o600
+    env_text = (launch / "run.env").read_text()
+    assert f"CLUSTERTUNE_SECRETS_FILE={launch / 'secrets.env'}" in env_text and "hf_slurmsecret" not in env_text
+    assert json.loads((launch / "run.json").read_text())["secret_names"] == ["HF_TOKEN"]
+    assert "sbatch" in capsys.readouterr().out

@@ -4,6 +4,7 @@
     clustertune cluster init                       # on a terminal: asks, node by node
     clustertune cluster ssh [--cluster cluster.toml] [--identity ~/.ssh/id_ed25519] [--check]
     clustertune cluster doctor [--cluster cluster.toml] [--recipe RECIPE.toml] [--fast]
+    clustertune cluster stop RUN_DIR [--cluster cluster.toml]   # stop a run whose launcher died
 
 Node spec: NAME=[USER@]ADDRESS[:PORT[:SLOTS[:NIC]]]; IPv6 in brackets; empty fields take
 defaults (user: you, port 22, slots: --slots). The master is the first node unless --master.
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--set", dest="overrides", action="append", default=[])
     doc.add_argument("--fast", action="store_true", help="skip the mutual ssh matrix")
     doc.add_argument("--timeout", type=int, default=10, help="ssh connect timeout, seconds")
+
+    stop = sub.add_parser("stop", help="stop every process of a run on every node (e.g. after the launcher died)")
+    stop.add_argument("run_dir", help="the run's output directory (holds launch/run.json)")
+    stop.add_argument("--cluster", default="cluster.toml")
     return p
 
 
@@ -61,6 +66,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if a.action == "init":
             return cmd_init(a)
         cluster = load_cluster(a.cluster)
+        if a.action == "stop":
+            from clustertune.cluster.launch import LaunchError, stop_run
+            try:
+                return stop_run(cluster, Path(a.run_dir))
+            except LaunchError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         if a.action == "ssh":
             from clustertune.cluster import ssh
             try:

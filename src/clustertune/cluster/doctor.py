@@ -205,9 +205,15 @@ def run_doctor(cluster: Cluster, *, recipe: Any = None, mutual: bool = True, con
                                        connect_timeout)
 
     ref = probes[master.name].get("versions") if probes[master.name].ok else None
+    legacy = paths.legacy_hosts() if paths is not None else set()
     for n in nodes:
         report.rows[n.name] = _row(cluster, n, probes[n.name], connects.get(n.name), listen_res, ref, report,
                                    checks=checks, python=python, recipe=recipe, token_path=token_path, local=local)
+        if n.name in legacy and report.rows[n.name].get("ssh", SKIP).verdict == "ok":
+            report.rows[n.name]["ssh"] = Cell(
+                "warn", "ssh-rsa", f"{n.name} offers only the legacy SHA-1 'ssh-rsa' host key algorithm "
+                "(enabled for this host alone)",
+                "add an ed25519 host key to its sshd, then re-run `clustertune cluster ssh`")
         if probes[n.name].ok:
             report.versions[n.name] = probes[n.name].get("versions") or {}
     if "shared-fs" in checks and token_path:

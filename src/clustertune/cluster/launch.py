@@ -453,6 +453,29 @@ class Launch:
         return left
 
 
+def stop_run(cluster: Cluster, run_dir: Path) -> int:
+    """`clustertune cluster stop RUN_DIR`: stop the run recorded in RUN_DIR/launch/run.json on
+    every node of the cluster (the processes carrying its run id), e.g. after the launcher died."""
+    from clustertune.cluster.ssh import ClusterPaths
+    files = RunFiles(run_dir)
+    try:
+        info = json.loads(files.info.read_text())
+    except (OSError, ValueError) as err:
+        raise LaunchError(f"{files.info}: cannot read the run's id ({err})") from None
+    local = info.get("cluster") == "localhost"
+    launch = Launch(cluster, local, files, info["run_id"], os.getcwd(), sys.executable,
+                    None if local else ClusterPaths.for_cluster(cluster).ssh_config)
+    results = launch.on_every_node("kill_run", {"run_id": info["run_id"], "grace": 5}, timeout=40)
+    code = 0
+    for name, res in results.items():
+        if res.ok:
+            print(f"{name}: stopped {len(res.get('terminated', []))} process(es) of run {info['run_id']}")
+        else:
+            print(f"{name}: could not stop: {res.error}", file=sys.stderr)
+            code = 1
+    return code
+
+
 def _supervise(launch: Launch, router: OutputRouter, pumps: list[threading.Thread], expected_ranks: int) -> int:
     interrupted = False
     previous = signal.getsignal(signal.SIGTERM)
@@ -616,6 +639,9 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
                               logs_dir=str(files.logs_dir))
         _write(files.sbatch, script)
         print(f"wrote {files.sbatch}\nsubmit it with: sbatch {files.sbatch}")
+        if sel.secrets:
+            print(f"note: {files.secrets} (0600) holds {', '.join(sorted(sel.secrets))} for the job; delete it "
+                  "once the job has started")
         return 0
 
     launch = Launch(cluster, local, files, run_id, workdir, python, ssh_config)
