@@ -8,6 +8,12 @@
 
 Node spec: NAME=[USER@]ADDRESS[:PORT[:SLOTS[:NIC]]]; IPv6 in brackets; empty fields take
 defaults (user: you, port 22, slots: --slots). The master is the first node unless --master.
+
+`cluster ssh` keeps the cluster's key, known_hosts and ssh config in
+~/.clustertune/clusters/<cluster name>/ on every node (see clustertune.cluster.ssh). To install
+the key it uses the access you already have: --identity KEY, else your ssh agent / default
+keys, else (on a terminal) ssh itself asks for each node's password, once per node. Run it on
+the master node; every later step (doctor, launch) uses only the cluster key.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import os
 import secrets as _random
 import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,8 @@ def _port_round(cluster: Cluster, targets: dict, reachable: list[Node], nonce: s
     argv = targets[master.name].argv("python3 -")
     listener = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out_lines: list[str] = []
+    watchdog = threading.Timer(90 + 4 * connect_timeout, listener.kill)  # bounds the READY wait too
+    watchdog.start()
     try:
         assert listener.stdin is not None and listener.stdout is not None
         listener.stdin.write(program("listen", listen_args).encode())
@@ -277,6 +280,8 @@ def _port_round(cluster: Cluster, targets: dict, reachable: list[Node], nonce: s
         listener.kill()
         listener.wait()
         return {"bound": False, "error": "the master's listener did not finish"}, {}
+    finally:
+        watchdog.cancel()
     result = parse_result("\n".join(out_lines))
     if result is None:
         result = {"bound": False, "error": classify_ssh_error(err.decode("utf-8", "replace")).summary}
@@ -350,7 +355,11 @@ def _row(cluster: Cluster, n: Node, res: RemoteResult, conn: RemoteResult | None
     else:
         row["gpus"] = Cell("ok", f"{gpus}")
     # master port
-    if listen is not None and is_master and not listen.get("bound"):
+    if listen is not None and is_master and not listen.get("bound") and "errno 99" in str(listen.get("error")):
+        row["port"] = Cell("fail", "bad addr", f"{cluster.rendezvous_addr} is not an address of the master "
+                           f"{master.name}: {listen.get('error')}",
+                           "set master_addr to one of the master's own addresses (or remove it)")
+    elif listen is not None and is_master and not listen.get("bound"):
         row["port"] = Cell("fail", "busy", f"cannot listen on {cluster.rendezvous_addr}:{cluster.master_port}: "
                            f"{listen.get('error')}",
                            "another run (or program) holds the port: stop it, or choose another master_port")
