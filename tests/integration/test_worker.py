@@ -1,0 +1,103 @@
+"""The real worker, 2 CPU processes over gloo, tiny Qwen2 model: training, export, resume,
+and the token-normalized loss across accumulation and world sizes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import metrics, run_train, write_recipe
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 12},
+                          checkpoint={"every_steps": 6, "keep_last": 1})
+    proc = run_train(recipe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    losses = [m["loss"] for m in metrics(run_dir)]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+    # rotation kept only the newest complete checkpoint, with its marker
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000012"]
+    assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE.json").is_file()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in (run_dir / "final").iterdir()}
+    for name in ("recipe.toml", "ds_config.json", "logs/rank0.log", "logs/rank1.log"):
+        assert (run_dir / name).is_file(), name
+
+    # The export holds exactly the trained weights: DeepSpeed's own consolidation of the final
+    # checkpoint (fp32 master weights, fp32 run) equals what from_pretrained loads.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000012")
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+    for name, tensor in trained.items():
+        key = name.removeprefix("lm.")
+        torch.testing.assert_close(exported[key], tensor, msg=key)
+
+
+def test_resume_continues_exactly(tmp_path, task_dir):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = write_recipe(tmp_path / "full.toml", task_dir, full_dir, train={"max_steps": 6},
+                        checkpoint={"every_steps": 3, "keep_last": 3})
+    assert run_train(full).returncode == 0
+    reference = metrics(full_dir)
+
+    # A run that "crashed" after its step-3 checkpoint: later state removed, then --resume.
+    shutil.copytree(full_dir, cut_dir)
+    shutil.rmtree(cut_dir / "checkpoints" / "step_00000006")
+    shutil.rmtree(cut_dir / "final")
+    (cut_dir / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (full_dir / "metrics.jsonl").read_text().splitlines()[:3]))
+    resumed_recipe = write_recipe(tmp_path / "cut.toml", task_dir, cut_dir, train={"max_steps": 6},
+                                  checkpoint={"every_steps": 3, "keep_last": 3})
+    proc = run_train(resumed_recipe, "--resume")
+    assert proc.returncode == 0
+    assert "resumed from" in proc.stderr and "(step 3)" in proc.stderr
+    resumed = metrics(cut_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(reference[3:], resumed[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+
+
+@pytest.mark.parametrize("nproc, micro", [(1, 4), (2, 1)], ids=["1rank-micro4", "2ranks-accumulate2"])
+def test_accumulation_and_world_size_give_the_big_batch_gradient(tmp_path, task_dir, nproc, micro):
+    """8 samples per step of uneven length: 1 rank x 2 micro-batches of 4 (reference: 1 rank, one
+    micro-batch of 8) and 2 ranks x 4 micro-batches of 1 must give the same loss and the same
+    gradient norm at every step."""
+    ref_dir = tmp_path / "ref"
+    ref = write_recipe(tmp_path / "ref.toml", task_dir, ref_dir, train={"max_steps": 3, "micro_batch_size": 8})
+    assert run_train(ref, nproc=1).returncode == 0
+    run_dir = tmp_path / "run"
+    other = write_recipe(tmp_path / "o.toml", task_dir, run_dir, train={"max_steps": 3, "micro_batch_size": micro})
+    assert run_train(other, nproc=nproc).returncode == 0
+    for a, b in zip(metrics(ref_dir), metrics(run_dir)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_zero3_lora_trains_and_exports_merged(tmp_path, task_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 8, "lr": 1e-2},
+                          zero={"stage": 3}, lora={"enabled": True, "r": 8, "alpha": 16.0})
+    proc = run_train(recipe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [m["loss"] for m in metrics(run_dir)]
+    assert losses[-1] < losses[0]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert not any("lora" in name for name in model.state_dict())
+
+
+def test_bad_recipe_fails_before_any_process_starts(tmp_path, task_dir):
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, tmp_path / "run", train={"global_batch_size": 7})
+    proc = run_train(recipe)
+    assert proc.returncode != 0
+    assert "global_batch_size (7) must be a multiple" in proc.stderr
