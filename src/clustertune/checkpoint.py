@@ -139,6 +139,34 @@ def _write_safetensors_shards(named: Iterator[tuple[str, Any]], out: Path, *, dt
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_section, precision: str) -> int:
+    """Offline export of the newest complete checkpoint as a Hugging Face model (LoRA merged).
+    Returns the checkpoint's step."""
+    import torch
+
+    from clustertune import engine
+    from clustertune.model import hf_config, load_tokenizer
+
+    found = newest_complete(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (directories with {MARKER}) to export")
+    step, directory = found
+    config = hf_config(model_section)
+    # Parameter names are those of the trained module: TokenLossModel keeps the HF model as `lm`.
+    named = ((name.removeprefix("lm."), tensor) for name, tensor in
+             engine.consolidated_parameters(directory.parent, directory.name))
+    if lora_section.enabled:
+        named = _merge_lora(named, scaling=lora_section.alpha / lora_section.r)
+    if config.tie_word_embeddings:
+        named = ((n, t) for n, t in named if n != "lm_head.weight")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors_shards(named, out, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    config.use_cache = True
+    config.save_pretrained(str(out))
+    load_tokenizer(model_section).save_pretrained(str(out))
+    return step
+
+
 def export_hf_model(lm, tokenizer, out: Path, *, zero_stage: int, is_writer: bool, lora_merge: bool,
                     dtype) -> None:
     """Write `lm` (HF causal LM, maybe PEFT-wrapped, maybe ZeRO-3 partitioned) as a Hugging Face

@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     from clustertune.config import RecipeError
+    from clustertune.data.types import DataError
     try:
         return int(handler(args) or 0)
-    except RecipeError as err:
+    except (RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

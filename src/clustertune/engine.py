@@ -190,6 +190,15 @@ def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
     return client_state or {}
 
 
+def consolidated_parameters(checkpoint_root: Path, tag: str):
+    """(name, full fp32 tensor) of a ZeRO checkpoint, one tensor materialized at a time
+    (DeepSpeed's lazy mode), so exporting a 32B model never holds it whole in host memory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag, lazy_mode=True)
+    for name, tensor in lazy.items():
+        yield name, tensor.contiguous()
+
+
 def gathered(params, *, zero_stage: int):
     """Context giving full (un-partitioned) values of `params` on every rank under ZeRO-3."""
     import contextlib

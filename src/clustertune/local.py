@@ -182,12 +182,28 @@ def cmd_validate(args) -> int:
     import tempfile
     tokenizer = load_tokenizer(recipe.model)
     with tempfile.TemporaryDirectory() as cache:
-        data = prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=Path(cache))
-    print(data.report.summary())
+        # prepare_dataset prints its report (counts per reason) through `log`
+        prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=Path(cache))
     return 0
 
 
 def cmd_export(args) -> int:
-    print("error: offline export from a checkpoint directory is not implemented yet; "
-          "training writes RUN_DIR/final/ itself", file=sys.stderr)
-    return 2
+    """clustertune export RUN_DIR [--out DIR]: newest complete checkpoint -> HF safetensors."""
+    import json
+    run_dir = Path(args.run_dir)
+    recipe_file = run_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        print(f"error: {run_dir} is not a clustertune run directory (no recipe.toml)", file=sys.stderr)
+        return 2
+    recipe = load_recipe(recipe_file)
+    world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
+    out = Path(args.out) if args.out else run_dir / "export"
+    from clustertune.checkpoint import export_from_checkpoint
+    try:
+        step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
+                                      precision=world.get("precision", "bf16"))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported step {step} of {run_dir} to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0

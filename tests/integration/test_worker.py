@@ -101,3 +101,29 @@ def test_bad_recipe_fails_before_any_process_starts(tmp_path, task_dir):
     proc = run_train(recipe)
     assert proc.returncode != 0
     assert "global_batch_size (7) must be a multiple" in proc.stderr
+
+
+def test_offline_export_of_a_zero3_checkpoint_equals_the_run_export(tmp_path, task_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 4},
+                          zero={"stage": 3}, checkpoint={"every_steps": 2, "keep_last": 1})
+    assert run_train(recipe).returncode == 0
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(run_dir), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "exported step 4" in proc.stdout
+    a = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
+    probe = torch.tensor([[1, 5, 9, 12, 40, 41]])
+    torch.testing.assert_close(a(probe).logits, b(probe).logits)
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, task_dir):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "not a clustertune run directory" in proc.stderr
