@@ -52,6 +52,13 @@ SUITES = {
         ("W1 clustertune ZeRO-2 profiled", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "32", "--budget", "16384", "--gc", "--tag", "w1z2prof", "--profile", "OUTDIR/profile_w1_zero2.txt")),
         ("W1 clustertune ZeRO-2 64/step 32k", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "64", "--budget", "32768", "--gc", "--tag", "w1z2big")),
     ],
+    # Call 4: native GQA in varlen attention, twice the tokens per row and per step.
+    "big": [
+        ("W2 baseline ZeRO-3 (call 4)", baseline("--shape", "1.5b", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--mbs", "4", "--gc", "--tag", "w2")),
+        ("W2 clustertune ZeRO-3 gc 32/step 32k", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "32", "--budget", "32768", "--gc", "--persist", "100000000", "--tag", "w2big")),
+        ("W3 baseline ZeRO-3 (call 4)", baseline("--shape", "7b-8l", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--mbs", "4", "--gc", "--tag", "w3")),
+        ("W3 clustertune ZeRO-3 32/step 32k", ours("--shape", "qwen2.5-7b", "--layers", "8", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "32", "--budget", "32768", "--gc", "--persist", "100000000", "--tag", "w3big")),
+    ],
     # Memory at the same tokens per micro-batch as the baseline (4 x 2048 = 8192).
     "mem": [
         ("MEM clustertune ZeRO-3 8192 tok/micro", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "4", "--budget", "8192", "--gc", "--tag", "mem")),

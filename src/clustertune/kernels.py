@@ -48,7 +48,8 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.unsqueeze(0), None  # [1, T, heads, d], as the HF interface expects
 
 
-_VARLEN_GQA = False
+# torch 2.11 varlen_attn takes fewer k/v heads than q heads (probed on H100, benchmarks/NOTES.md)
+_VARLEN_GQA = True
 _VARLEN_EXTRA: dict[str, Any] = {}
 
 
