@@ -16,12 +16,19 @@ from pathlib import Path
 import pytest
 
 from clustertune.cluster.sandbox import Sandbox, unavailable_reason  # noqa: F401 (Sandbox: type)
+from clustertune.secrets import is_secret_name
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_WORKER_DIR = Path(__file__).resolve().parent / "fakeworker"
 _REASON = unavailable_reason()
 
 needs_sandbox = pytest.mark.skipif(_REASON is not None, reason=f"cluster sandbox unavailable: {_REASON}")
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without secret-looking variables, so that the developer's own
+    tokens never reach a test run (and counts of forwarded secrets are exact)."""
+    return {k: v for k, v in os.environ.items() if not is_secret_name(k)}
 
 
 def ns_exists(ns: str) -> bool:
@@ -62,7 +69,7 @@ class Harness:
             extra_env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
         """Run on a node. `env`: variables passed through the process environment (never argv:
         secrets go this way)."""
-        proc_env = dict(os.environ, **(env or {}))
+        proc_env = dict(base_env(), **(env or {}))
         return subprocess.run(self.sb.exec_argv(node, argv, extra_env), capture_output=True, text=True,
                               timeout=timeout, env=proc_env, cwd=cwd or self.tmp, stdin=subprocess.DEVNULL)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterlib import FAKE_WORKER_DIR, needs_sandbox, run_pids
+from clusterlib import FAKE_WORKER_DIR, base_env, needs_sandbox, run_pids
 from clustertune.cluster.inventory import cluster_to_toml, load_cluster
 
 pytestmark = [pytest.mark.cluster]
@@ -128,7 +128,7 @@ def test_ctrl_c_stops_every_node_and_nothing_else(make_cluster, tmp_path):
     argv = h.sb.exec_argv("node1", [sys.executable, "-m", "clustertune.cli", "launch", "r.toml", "--cluster",
                                     str(h.sb.cluster_file)])
     # `ip netns exec` and `env` exec into python: this PID is the launcher itself
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(os.environ, **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(base_env(), **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: all((run / "logs" / f"{n}.log").exists() and "FAKE sleeping" in
@@ -172,7 +172,7 @@ def test_localhost_launch_without_cluster_file(tmp_path):
     """No cluster file: the same launch path on this machine (loopback only, no ssh, no root)."""
     (tmp_path / "r.toml").write_text(RECIPE)
     out = subprocess.run([sys.executable, "-m", "clustertune.cli", "launch", "r.toml"], cwd=tmp_path,
-                         env=dict(os.environ, **FAKE_ENV, HF_TOKEN=HF_TOKEN), capture_output=True, text=True,
+                         env=dict(base_env(), **FAKE_ENV, HF_TOKEN=HF_TOKEN), capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     reports = _reports(tmp_path / "runs" / "fake", "localhost")
@@ -202,7 +202,7 @@ def test_cluster_stop_after_the_launcher_died(make_cluster, tmp_path):
     run = tmp_path / "runs" / "fake"
     argv = h.sb.exec_argv("node1", [sys.executable, "-m", "clustertune.cli", "launch", "r.toml", "--cluster",
                                     str(h.sb.cluster_file), "--skip-doctor"])
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(os.environ, **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(base_env(), **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: all((run / "logs" / f"{n}.log").exists() and "FAKE sleeping" in

@@ -38,8 +38,9 @@ def test_write_then_load_roundtrip(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("HF_TOKEN", "WANDB_API_KEY"):  # recorded, so the values loaded below are undone
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     assert load_secrets_file(path) == 2
     assert os.environ["HF_TOKEN"] == "hf_abc=def"
     assert os.environ["WANDB_API_KEY"] == "w a n"

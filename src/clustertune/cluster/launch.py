@@ -424,13 +424,21 @@ class Launch:
         return dict(zip(names, answers, strict=True))
 
     def stop(self, why: str) -> None:
-        """Stop every process of this run on every node, and nothing else."""
+        """Stop every process of this run on every node, and nothing else. A second Ctrl-C while
+        this runs (bounded: TERM, 5 s grace, KILL) is ignored, so the cleanup is not cut short."""
         print(f"clustertune: stopping run {self.run_id} on every node: {why}", file=sys.stderr, flush=True)
-        results = self.on_every_node("kill_run", {"run_id": self.run_id, "grace": 5}, timeout=40)
-        for name, res in results.items():
-            if not res.ok:
-                print(f"clustertune: could not stop processes on {name}: {res.error}", file=sys.stderr, flush=True)
-        self.kill_local()
+        main = threading.current_thread() is threading.main_thread()
+        saved = [(sig, signal.signal(sig, signal.SIG_IGN)) for sig in (signal.SIGINT, signal.SIGTERM)] if main else []
+        try:
+            results = self.on_every_node("kill_run", {"run_id": self.run_id, "grace": 5}, timeout=40)
+            for name, res in results.items():
+                if not res.ok:
+                    print(f"clustertune: could not stop processes on {name}: {res.error}", file=sys.stderr,
+                          flush=True)
+            self.kill_local()
+        finally:
+            for sig, handler in saved:
+                signal.signal(sig, handler)
 
     def kill_local(self) -> None:
         for proc in self.procs:
