@@ -14,49 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import string
-from pathlib import Path
 
 import pytest
 
 from clusterlib import needs_sandbox, run_pids
+from tinytask import make_task
 
 pytestmark = [pytest.mark.cluster, needs_sandbox]
-
-CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
-          "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
-
-def make_task(root: Path) -> tuple[Path, Path]:
-    """A character-level ChatML tokenizer that fits the tiny shape's 128-token vocabulary, and
-    128 conversations of one-digit additions (learnable in a few steps)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    chars = sorted(set(string.ascii_letters + string.digits + " \n+=?.,:"))
-    vocab = {t: i for i, t in enumerate(["<unk>", *chars, *specials])}
-    assert len(vocab) <= 128
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", additional_special_tokens=specials)
-    fast.chat_template = CHATML
-    fast.save_pretrained(root / "tokenizer")
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(128):
-            a, b = rng.randrange(10), rng.randrange(10)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
-                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
-    return root / "tokenizer", root / "train.jsonl"
 
 
 def test_init_ssh_doctor_launch_zero3_across_nodes(make_cluster, tmp_path):
     h = make_cluster(2)
     n1, n2 = h.sb.nodes
-    tokenizer, data = make_task(tmp_path)
+    tokenizer, _ = make_task(tmp_path)
     recipe = tmp_path / "sft.toml"
     recipe.write_text(f"""
 [run]

@@ -119,6 +119,14 @@ def _ask(prompt: str, default: str | None, check: Callable[[str], Any], read: Ca
 
 
 def _interactive(a: argparse.Namespace, read: Callable[[str], str]) -> dict[str, Any]:
+    def ranged(lo: int, hi: int) -> Callable[[str], int]:
+        def check(s: str) -> int:
+            v = int(s)
+            if not lo <= v <= hi:
+                raise ValueError(f"must be between {lo} and {hi}")
+            return v
+        return check
+
     def positive(s: str) -> int:
         v = int(s)
         if v < 1:
@@ -143,7 +151,7 @@ def _interactive(a: argparse.Namespace, read: Callable[[str], str]) -> dict[str,
         node = {"name": _ask("  name", f"node{i + 1}", field("name"), read),
                 "address": _ask("  address (IP or host name)", None, field("address"), read),
                 "user": _ask("  ssh user", a.user or getpass.getuser(), field("user"), read),
-                "port": _ask("  ssh port", "22", lambda s: int(s), read),
+                "port": _ask("  ssh port", "22", ranged(1, 65535), read),
                 "slots": _ask("  slots (GPUs)", str(a.slots), positive, read)}
         nic = _ask("  network interface (empty: the route to the master)", "", lambda s: s, read)
         if nic:
@@ -155,7 +163,7 @@ def _interactive(a: argparse.Namespace, read: Callable[[str], str]) -> dict[str,
         ValueError(f"one of {', '.join(names)}")), read)
     if master != names[0]:
         tree["master"] = master
-    tree["master_port"] = _ask("master port", str(a.master_port), lambda s: int(s), read)
+    tree["master_port"] = _ask("master port", str(a.master_port), ranged(1024, 65535), read)
     tree["accelerator"] = _ask("accelerator (gpu|cpu)", a.accelerator,
                                lambda s: s if s in ("gpu", "cpu") else (_ for _ in ()).throw(ValueError("gpu or cpu")),
                                read)

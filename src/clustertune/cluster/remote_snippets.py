@@ -135,6 +135,12 @@ for name in ("torch", "deepspeed", "transformers", "clustertune"):
         out[name] = metadata.version(name) if metadata else None
     except Exception:
         out[name] = None
+if out["clustertune"] is None:  # on PYTHONPATH without being installed: its own version (no torch import)
+    try:
+        import clustertune
+        out["clustertune"] = getattr(clustertune, "__version__", None)
+    except Exception:
+        pass
 print(json.dumps(out))
 """
 
