@@ -55,8 +55,9 @@ def write_marker(directory: Path, info: dict[str, Any]) -> None:
 
 
 def rotate(run_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> list[Path]:
-    """Delete complete checkpoints beyond the newest `keep_last` (never the newest one), and
-    incomplete ones older than the newest complete. Call from one process per filesystem."""
+    """Delete complete checkpoints beyond the newest `keep_last` (never the newest one, nor the
+    steps in `protect`, e.g. the best one), and incomplete ones older than the newest complete.
+    Call from one process per filesystem."""
     complete = complete_checkpoints(run_dir)
     removed = []
     for step, path in complete[:-max(1, keep_last)]:
@@ -72,6 +73,36 @@ def rotate(run_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> li
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
+
+
+# ------------------------------------------------------------------------------ best checkpoint
+
+BEST = "best.json"  # in the checkpoints directory: {"step", "eval_loss", "tag"} (checkpoint.keep_best)
+
+
+def write_best(run_dir: Path, *, step: int, eval_loss: float) -> None:
+    """Record the checkpoint with the best eval loss; written after that checkpoint's marker."""
+    root = checkpoint_root(run_dir)
+    tmp = root / (BEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "eval_loss": eval_loss, "tag": tag_for(step)}, indent=2))
+    os.replace(tmp, root / BEST)
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    path = checkpoint_root(run_dir) / BEST
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def best_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, dir) of the recorded best checkpoint, if it is still there and complete."""
+    best = read_best(run_dir)
+    if best is None:
+        return None
+    directory = checkpoint_root(run_dir) / tag_for(int(best["step"]))
+    return (int(best["step"]), directory) if (directory / MARKER).is_file() else None
 
 
 # ------------------------------------------------------------------------------ HF export
@@ -139,15 +170,22 @@ def _write_safetensors_shards(named: Iterator[tuple[str, Any]], out: Path, *, dt
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_section, precision: str) -> int:
-    """Offline export of the newest complete checkpoint as a Hugging Face model (LoRA merged).
-    Returns the checkpoint's step."""
+def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_section, precision: str,
+                           best: bool = False) -> int:
+    """Offline export of the newest complete checkpoint (best: the one with the best eval loss) as
+    a Hugging Face model (LoRA merged). Returns the checkpoint's step."""
     import torch
 
     from clustertune import engine
     from clustertune.model import hf_config, load_tokenizer
 
-    found = newest_complete(run_dir)
+    if best:
+        found = best_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir}: no best checkpoint recorded ({checkpoint_root(run_dir) / BEST} with "
+                                    "a complete checkpoint; the run needs checkpoint.keep_best = true and an eval set)")
+    else:
+        found = newest_complete(run_dir)
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint (directories with {MARKER}) to export")
     step, directory = found

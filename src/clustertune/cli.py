@@ -7,7 +7,7 @@
     clustertune launch RECIPE --cluster cluster.toml [--launcher deepspeed|torchrun|slurm]
     clustertune cluster init|ssh|doctor ...
     clustertune sandbox up|down ...
-    clustertune export RUN_DIR [--out DIR]
+    clustertune export RUN_DIR [--out DIR] [--best]
     clustertune report RUN_DIR
 
 The launcher side never imports torch: every handler imports its module lazily, and only the
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
+    p.add_argument("--best", action="store_true",
+                   help="the checkpoint with the best eval loss (checkpoint.keep_best) instead of the newest")
 
     p = sub.add_parser("plan", help="memory/feasibility per ZeRO option, with a recommendation")
     _add_recipe_args(p, required=True)

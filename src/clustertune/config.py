@@ -154,7 +154,20 @@ class Recipe(_Section):
                 f"({self.data.max_length}) when data.packing is on, or the longest sample cannot fit")
         if self.data.eval_files and self.data.eval_fraction:
             raise ValueError("set data.eval_files or data.eval_fraction, not both")
+        if self.checkpoint.keep_best:
+            self._check_keep_best()
         return self
+
+    def _check_keep_best(self) -> None:
+        every_ckpt, every_eval = self.checkpoint.every_steps, self.eval.every_steps
+        if not (self.data.eval_files or self.data.eval_fraction):
+            raise ValueError("checkpoint.keep_best needs an eval set: set data.eval_files or data.eval_fraction")
+        if not every_ckpt:
+            raise ValueError("checkpoint.keep_best needs checkpoints: set checkpoint.every_steps (got 0)")
+        if every_eval % every_ckpt:
+            # The best checkpoint is the one saved at the best eval step, so each eval step must save one.
+            raise ValueError(f"checkpoint.keep_best needs a checkpoint at every eval step: eval.every_steps "
+                             f"({every_eval}) must be a multiple of checkpoint.every_steps ({every_ckpt})")
 
     def to_toml_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(exclude_none=True))

@@ -188,7 +188,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """clustertune export RUN_DIR [--out DIR]: newest complete checkpoint -> HF safetensors."""
+    """clustertune export RUN_DIR [--out DIR] [--best]: newest complete checkpoint (or the best
+    one by eval loss) -> HF safetensors."""
     import json
     run_dir = Path(args.run_dir)
     recipe_file = run_dir / "recipe.toml"
@@ -201,9 +202,11 @@ def cmd_export(args) -> int:
     from clustertune.checkpoint import export_from_checkpoint
     try:
         step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
-                                      precision=world.get("precision", "bf16"))
+                                      precision=world.get("precision", "bf16"),
+                                      best=getattr(args, "best", False))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {run_dir} to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    which = "best " if getattr(args, "best", False) else ""
+    print(f"exported {which}step {step} of {run_dir} to {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clustertune import batching, checkpoint, engine, metrics
+from clustertune import batching, checkpoint, engine, evaluate, metrics
 from clustertune.config import Recipe, recipe_to_toml
 from clustertune.kernels import VARLEN_ATTENTION
 from clustertune.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
@@ -125,6 +125,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         sink.write(f"model: {model_info['parameters']:,} parameters ({model_info['trainable']:,} trainable); "
                    f"{len(samples)} samples; {steps} steps; world {rt.world_size}; ZeRO-{recipe.zero.stage}; "
                    f"{rt.precision}; micro-batches/rank/step {layout.gradient_accumulation_steps}")
+    evaluator = evaluate.Evaluator(recipe=recipe, samples=data.eval, tokenizer=tokenizer, ds_engine=ds_engine,
+                                   lm=lm, rt=rt, sink=sink)
+    if resume:
+        evaluator.restore_best(checkpoint.read_best(run_dir), start_step=start_step)
+    if not evaluator.enabled and (recipe.eval.every_steps or recipe.eval.generate_samples):
+        sink.write("warning: [eval] is set but there is no eval set (data.eval_files / data.eval_fraction)")
     losses: list[float] = []
     try:
         for step in range(start_step, steps):
@@ -154,10 +160,14 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                 if rt.on_gpu:
                     record["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 sink.log(record)
+            evaluator.maybe_run(step + 1, total_steps=steps)
             if recipe.checkpoint.every_steps and (step + 1) % recipe.checkpoint.every_steps == 0 and step + 1 < steps:
-                save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt)
+                save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt, best=evaluator.best_to_keep(step + 1))
         if recipe.checkpoint.every_steps:
-            save_checkpoint(ds_engine, run_dir, steps, recipe, rt)
+            save_checkpoint(ds_engine, run_dir, steps, recipe, rt, best=evaluator.best_to_keep(steps))
+        best = evaluator.best_to_keep(steps)
+        if best is not None:
+            sink.write(f"best eval loss {best[1]:.4f} at step {best[0]}: clustertune export {run_dir} --best")
     finally:
         sink.close()
 
@@ -218,7 +228,9 @@ def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, pack
     return float(loss_sum) / max(1, plan.trained_tokens)
 
 
-def save_checkpoint(ds_engine, run_dir: Path, step: int, recipe: Recipe, rt: Runtime) -> None:
+def save_checkpoint(ds_engine, run_dir: Path, step: int, recipe: Recipe, rt: Runtime,
+                    best: tuple[int, float] | None = None) -> None:
+    """`best`: (step, eval loss) of the best checkpoint so far (keep_best), recorded and kept."""
     tag = checkpoint.tag_for(step)
     root = checkpoint.checkpoint_root(run_dir)
     engine.save_checkpoint(ds_engine, root, tag, client_state={"step": step})
@@ -228,5 +240,7 @@ def save_checkpoint(ds_engine, run_dir: Path, step: int, recipe: Recipe, rt: Run
     if rt.local_rank == 0:
         checkpoint.write_marker(root / tag, {"step": step, "world_size": rt.world_size,
                                              "zero_stage": recipe.zero.stage})
-        checkpoint.rotate(run_dir, recipe.checkpoint.keep_last)
+        if best is not None:
+            checkpoint.write_best(run_dir, step=best[0], eval_loss=best[1])
+        checkpoint.rotate(run_dir, recipe.checkpoint.keep_last, protect={best[0]} if best else frozenset())
     engine.barrier()
