@@ -1,4 +1,4 @@
-"""Generate the embedded demo's assets: a character-level ChatML tokenizer and the task data.
+"""Generate the embedded demo's assets: a character-level Qwen2 tokenizer and the task data.
 
     python scripts/make_demo_assets.py                 # (re)write src/clustertune/demo_assets/
     python scripts/make_demo_assets.py --check         # exit 1 if the committed files are stale
@@ -8,13 +8,14 @@ Deterministic: the same script writes byte-identical files, so the generated fil
 and a re-run shows no diff. The task is string reversal ("reverse: qwxkz" -> "zkxwq", 3-8 random
 lowercase letters): see demo_assets/NOTES.md for why and for the measurements.
 
-The tokenizer has exactly 128 ids (= shapes.SHAPES["tiny"].vocab_size):
-    0-94    printable ASCII (space .. ~), one token per character
-    95, 96  "\\n", "\\t"
-    97-100  <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos, ends each turn), <|unk|>
-    101-127 <|reserved_N|>, so the vocabulary fills the model's embedding exactly
-Special tokens sit after the characters, as in Qwen; the chat template is Qwen's ChatML without
-the default system prompt.
+The tokenizer has exactly 128 ids (= shapes.SHAPES["tiny"].vocab_size), one token per character:
+    0-94    printable ASCII (space .. ~; space spelled "Ġ" as in every byte-level BPE)
+    95, 96  "\\n", "\\t" (spelled "Ċ", "ĉ")
+    97-99   <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos: ends each turn), Qwen's ids order
+    100-127 <|reserved_N|>, so the vocabulary fills the model's embedding exactly
+It is a Qwen2Tokenizer in all but vocabulary size (byte-level BPE, no merges, Qwen's pre-tokenizer),
+so it loads the same from this directory and from an exported model directory. The chat template
+is Qwen's ChatML without the default system prompt.
 """
 
 from __future__ import annotations
@@ -32,8 +33,22 @@ ASSETS = ROOT / "src" / "clustertune" / "demo_assets"
 
 VOCAB_SIZE = 128
 CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 RESERVED = [f"<|reserved_{i}|>" for i in range(VOCAB_SIZE - len(CHARS) - len(SPECIALS))]
+# Qwen's pre-tokenizer regex (transformers' Qwen2Tokenizer); with no merges it only decides where
+# words split, every byte still becomes its own token.
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                          r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _byte_level(char: str) -> str:
+    """GPT-2/Qwen byte-level spelling of an ASCII character: printable ones stand for themselves,
+    the others (space, newline, tab) are shifted to 256 + their rank among the non-printable
+    bytes ("Ġ", "Ċ", "ĉ")."""
+    b = ord(char)
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    return char if b in keep else chr(256 + [x for x in range(256) if x not in keep].index(b))
+
 
 # Qwen2.5-Instruct's ChatML, minus its default system message: a system turn is rendered only
 # when the conversation has one. add_generation_prompt opens the assistant turn.
@@ -52,25 +67,38 @@ MIN_LETTERS, MAX_LETTERS = 3, 8
 
 
 def build_tokenizer_files() -> dict[str, str]:
-    """{filename: text} of the tokenizer directory."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    """{filename: text} of the tokenizer directory.
 
-    tokens = CHARS + SPECIALS + RESERVED
+    A byte-level BPE with no merges, built exactly like transformers' Qwen2Tokenizer (same
+    normalizer, pre-tokenizer, decoder), only with a 97-byte alphabet. That matters: for a
+    directory whose config.json says model_type "qwen2" (every HF export of the tiny model),
+    transformers 5 ignores tokenizer_config's tokenizer_class and rebuilds the tokenizer as
+    Qwen2Tokenizer from the vocab; a tokenizer of any other kind would silently change there.
+    Characters outside the alphabet are dropped, as Qwen2Tokenizer (unk_token None) does."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = [_byte_level(c) for c in CHARS] + SPECIALS + RESERVED
     assert len(tokens) == VOCAB_SIZE and len(set(tokens)) == VOCAB_SIZE
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<|unk|>"))
-    # Every character is its own pre-token (\s\S: newlines too); WordLevel maps it to its id.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # concatenate, no spaces between characters
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], dropout=None,
+                               unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS + RESERVED])
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": "Qwen2Tokenizer",
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "unk_token": "<|unk|>",
+        "unk_token": None,
         "model_max_length": 2048,
         "padding_side": "right",
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
         "chat_template": CHAT_TEMPLATE,
     }
     return {

@@ -11,8 +11,12 @@ measures generalisation, not memory: ~0% before training, ~100% after (demo_asse
 
 Model path "tiny" and the tokenizer: a built-in shape has no tokenizer of its own. For shape
 "tiny" the model loader uses the demo tokenizer, `demo_tokenizer_dir()`: a character-level
-tokenizer whose 128 ids equal SHAPES["tiny"].vocab_size, with Qwen's ChatML template and
-special tokens (<|im_end|> is eos, <|endoftext|> is pad).
+Qwen2Tokenizer (byte-level BPE without merges over printable ASCII + newline + tab) whose 128 ids
+equal SHAPES["tiny"].vocab_size, with Qwen's ChatML template and special tokens (<|im_end|> is
+eos, <|endoftext|> is pad). Being a real Qwen2Tokenizer matters: transformers 5 loads any
+tokenizer next to a qwen2 config.json (an HF export) as Qwen2Tokenizer, whatever its
+tokenizer_config says, and a tokenizer of another kind comes back changed (spaces and newlines
+lost: a trained model then scores 0%).
 
 Imported by the launcher side (config.load_recipe), so torch and transformers are imported only
 inside the functions that need a model.

@@ -66,8 +66,25 @@ def test_tokenizer_round_trips_one_token_per_character(tokenizer):
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) == len(text)
     assert tokenizer.decode(ids) == text
-    assert tokenizer.unk_token_id not in ids
-    assert tokenizer("é", add_special_tokens=False).input_ids == [tokenizer.unk_token_id]
+    # Outside the ASCII alphabet: dropped, as Qwen2Tokenizer does for bytes missing from its vocab.
+    assert tokenizer.decode(tokenizer("héllo", add_special_tokens=False).input_ids) == "hllo"
+
+
+def test_tokenizer_survives_save_and_reload_next_to_a_qwen2_config(tokenizer, tmp_path):
+    """An HF export holds config.json (model_type qwen2) next to the saved tokenizer; transformers 5
+    then loads it as Qwen2Tokenizer whatever tokenizer_config says. It must still tokenize alike."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(SHAPES["tiny"].hf_config_dict()))
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    msgs = [{"role": "user", "content": "reverse: abc def"}, {"role": "assistant", "content": "fed cba"}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False) + "\tit's 1+2=3!\n\n"
+    assert reloaded(text).input_ids == tokenizer(text).input_ids
+    assert reloaded.decode(reloaded(text).input_ids) == text
+    assert (len(reloaded), reloaded.eos_token_id, reloaded.pad_token_id) == (
+        len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert reloaded.apply_chat_template(msgs, tokenize=False) == tokenizer.apply_chat_template(msgs, tokenize=False)
 
 
 def test_special_tokens_are_single_ids_and_skipped_on_decode(tokenizer):
