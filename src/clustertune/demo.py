@@ -5,7 +5,7 @@ parameters, random init) learns to reverse strings of 3-8 random lowercase lette
 
     user: "reverse: qwxkz"   ->   assistant: "zkxwq"
 
-on the local CPU with 2 processes (ZeRO-2 over gloo) in well under a minute of training. The
+on the local CPU with 2 processes (ZeRO-2 over gloo) in 30-90 s of training (800 steps). The
 held-out prompts (demo_assets/heldout.jsonl) never occur in train.jsonl, so exact match on them
 measures generalisation, not memory: ~0% before training, ~100% after (demo_assets/NOTES.md).
 
