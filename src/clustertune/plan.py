@@ -10,14 +10,28 @@ Pure arithmetic (no torch, no I/O); `clustertune plan` (plan_cli.py) feeds it a 
 Units: bytes inside, GiB (2**30 bytes) in every result field (`*_gib`) -- the unit of
 torch.cuda.max_memory_allocated() / 2**30 and of nvidia-smi's MiB / 1024.
 
-The model of DeepSpeed ZeRO follows deepspeed 0.19 (runtime/zero/stage_1_and_2.py, stage3.py):
+The model of DeepSpeed ZeRO follows deepspeed 0.19 (runtime/zero/stage_1_and_2.py, stage3.py)
+and was checked against the peak torch.cuda.max_memory_allocated() of the GPU benchmark's runs
+on one H100 (benchmarks/plan_validation.py, benchmarks/RESULTS.md "Planner validation (issue 6)"):
   * bf16 mixed precision keeps bf16 params (2 B/param), bf16 gradients (2 B: DeepSpeed's
     gradient accumulation dtype defaults to the model dtype) and an fp32 master copy plus Adam
     m and v (4+4+4 = 12 B) -- 16 B/param in all; fp32 training 4+4+4+4.
   * stage 1 partitions the optimizer states, stage 2 also the gradients, stage 3 also the params.
-  * at the optimizer step the bf16 gradient partition is copied to fp32 (4 B/param of the
-    partition; stage 3 does it per sub-group of `sub_group_size` elements). Activations are
-    gone by then, so the step and the backward pass are two separate peaks.
+  * no fp32 gradient partition is kept between steps: at the optimizer step DeepSpeed flattens
+    the bf16 gradient partition into a new buffer and converts that to fp32 (`flatten(...).to(
+    fp32)`), so for a moment both copies exist: 2 + 4 = 6 B per element of the partition
+    (stage 1/2) or of the largest optimizer sub-group (stage 3, `sub_group_size` elements,
+    grown param by param until reached). This step is the peak of the packed clustertune runs
+    with rows of up to 16k tokens (22 B/param at ZeRO-2 and 16 B/param + 6 B x 1.0e9 at ZeRO-3
+    on one GPU, the same for 8k, 16k and, at ZeRO-2, 32k-token rows).
+  * stage 1/2 allocate the gradient partition and the reduce buckets at the first gradient
+    hook of a backward pass and drop the buckets at its end; stage 3 holds both from start-up.
+  * stage 3 on one rank gathers nothing: a "gathered" parameter is a view of its partition.
+    On more ranks, parameters of at most `param_persistence_threshold` elements stay whole on
+    every rank besides their partition.
+  * three moments compete for the peak, each with what is alive then: the loss (saved
+    activations + logits), the backward through the layers (saved activations + one recomputed
+    layer with checkpointing + the gradient working set) and the optimizer step.
   * optimizer offload moves master + Adam states + fp32 gradient buffers into pinned host RAM;
     stage 2/3 then keep no gradient partition on the GPU. Param offload (stage 3) moves the bf16
     partition to host RAM too; the GPU only holds the parameters being used.
@@ -68,6 +82,9 @@ class ZeroBuckets:
     prefetch_bucket: int = 50_000_000  # stage3_prefetch_bucket_size
     max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters
     sub_group_size: int = 1_000_000_000  # stage 3: optimizer step granularity
+    # stage 3: params of at most this many elements stay whole on every rank (clustertune's
+    # engine resolves 10 * hidden unless the recipe sets zero.param_persistence_threshold)
+    param_persistence_threshold: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,10 @@ class PlanInput:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     buckets: ZeroBuckets = field(default_factory=ZeroBuckets)
     overlap_comm: bool = True
+    # More than one micro-batch per optimizer step on a rank (always assumed with packing: the
+    # rows per step depend on the data). Stage 1/2 gradients then exist during the forward and
+    # loss of every micro-batch after the first; without accumulation they appear in backward.
+    grad_accumulation: bool = True
     safety_margin: float = DEFAULT_SAFETY_MARGIN
     checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB
 
@@ -220,6 +241,64 @@ def _largest_module(shape: Shape) -> int:
     return max(shape.vocab_size * shape.hidden_size, _largest_layer_module(shape))
 
 
+@dataclass(frozen=True)
+class Param:
+    numel: int
+    matrix: bool  # ndim >= 2: the weight-decay group (engine.initialize and HF Trainer alike)
+    trainable: bool
+
+
+def parameter_list(shape: Shape, lora_rank: int | None = None,
+                   targets: tuple[str, ...] = LORA_TARGETS) -> list[Param]:
+    """Every parameter of Qwen2ForCausalLM (+ LoRA adapters) in module order -- the order in
+    which DeepSpeed fills its flat buffers and cuts optimizer sub-groups."""
+    h, kv = shape.hidden_size, _kv_dim(shape)
+    dims = _module_dims(shape)
+    lora = set(_lora_targets(targets)) if lora_rank is not None else set()
+    full = lora_rank is None
+    biases = {"q_proj": h, "k_proj": kv, "v_proj": kv}
+    params = [Param(shape.vocab_size * h, True, full)]
+    for _ in range(shape.num_hidden_layers):
+        for name in LORA_TARGETS:  # q, k, v, o, gate, up, down: module order
+            fan_in, fan_out = dims[name]
+            params.append(Param(fan_in * fan_out, True, full))
+            if name in biases:
+                params.append(Param(biases[name], False, full))
+            if name in lora:  # PEFT: lora_A (r x in), then lora_B (out x r)
+                params += [Param(lora_rank * fan_in, True, True), Param(fan_out * lora_rank, True, True)]
+        params += [Param(h, False, full), Param(h, False, full)]  # input / post-attention norms
+    params.append(Param(h, False, full))  # final norm
+    if not shape.tie_word_embeddings:
+        params.append(Param(shape.vocab_size * h, True, full))
+    return params
+
+
+def largest_sub_group(inp: PlanInput) -> int:
+    """Elements of the largest ZeRO-3 optimizer sub-group on one rank.
+
+    stage3.py `_create_fp16_sub_groups`: per param group (decay / no decay), parameters' partitions
+    (numel / world) are appended in order until the sub-group reaches sub_group_size, so a
+    sub-group overshoots by up to one parameter: for qwen2.5-1.5b on one GPU 1.001e9 elements
+    (embedding + 16 layers + a gate_proj)."""
+    n, limit = inp.world_size, inp.buckets.sub_group_size
+    largest = 0
+    for matrix in (True, False):
+        size = 0
+        group = [p for p in parameter_list(inp.shape, inp.lora_rank, inp.lora_targets)
+                 if p.trainable and p.matrix == matrix]
+        for index, param in enumerate(group):
+            size += -(-param.numel // n)
+            if size >= limit or index == len(group) - 1:
+                largest, size = max(largest, size), 0
+    return largest
+
+
+def persistent_parameters(inp: PlanInput) -> int:
+    """Elements of the ZeRO-3 params that stay whole on every rank (numel <= the threshold)."""
+    threshold = inp.buckets.param_persistence_threshold
+    return sum(p.numel for p in parameter_list(inp.shape, inp.lora_rank, inp.lora_targets) if p.numel <= threshold)
+
+
 # -------------------------------------------------------------------------------- activations
 
 def layer_activation_bytes_per_token(inp: PlanInput) -> float:
@@ -260,25 +339,36 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     return total
 
 
-def activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
-    """Activation memory at the backward peak, per rank.
+def saved_activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
+    """What the forward leaves for the backward, per rank: alive at the loss and, shrinking layer
+    by layer, through the backward.
 
     With checkpointing (HF, non-reentrant, per decoder layer) each layer keeps only its input
-    (a*h per token) and one layer at a time is recomputed in full. Both ways, the backward of a
-    layer holds a working set of gradients: incoming and outgoing hidden grads and the two MLP
-    branch grads, a*(2h + 2i) per token. The head adds the final norm (and, without Liger's
-    fused loss, lm_head's saved input a*h).
+    (a*h per token); without, everything `layer_activation_bytes_per_token` counts. The head adds
+    the final norm (and, without Liger's fused loss, lm_head's saved input a*h).
     """
     s, a = inp.shape, inp.bytes.activation
-    h, i, layers = s.hidden_size, s.intermediate_size, s.num_hidden_layers
-    layer = layer_activation_bytes_per_token(inp)
-    if gradient_checkpointing:
-        body = layers * a * h + layer
-    else:
-        body = layers * layer
-    working = a * (2 * h + 2 * i)
+    h, layers = s.hidden_size, s.num_hidden_layers
+    body = layers * (a * h if gradient_checkpointing else layer_activation_bytes_per_token(inp))
     head = a * h + 4 if inp.liger else (4 * h + a * h) + a * h
-    return tokens * (body + working + head)
+    return tokens * (body + head)
+
+
+def backward_extra_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
+    """What the backward through the layers adds on top of the saved activations, per rank:
+    with checkpointing the one layer being recomputed in full; both ways a working set of
+    gradients -- incoming and outgoing hidden grads and the two MLP branch grads, a*(2h + 2i)
+    per token."""
+    s, a = inp.shape, inp.bytes.activation
+    working = a * (2 * s.hidden_size + 2 * s.intermediate_size)
+    recompute = layer_activation_bytes_per_token(inp) if gradient_checkpointing else 0.0
+    return tokens * (recompute + working)
+
+
+def activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
+    """Activation memory at the backward peak, per rank: saved + recomputed layer + working set."""
+    return (saved_activation_bytes(inp, gradient_checkpointing, tokens)
+            + backward_extra_bytes(inp, gradient_checkpointing, tokens))
 
 
 def logits_bytes(inp: PlanInput, tokens: int) -> float:
@@ -288,8 +378,12 @@ def logits_bytes(inp: PlanInput, tokens: int) -> float:
     materializes all logits: chunks of next_pow2(ceil(T / ceil(V/h))) tokens x V, plus the
     lm_head weight gradient (V x h, weight dtype) and the input gradient (T x h) that it computes
     in the forward. gpu/README.md measured 0.53 GB at 8192 x 151936 x 1536; this gives 0.49 GiB.
-    Plain HF loss: bf16 logits (a) + their fp32 upcast (4) + fp32 log-softmax / its grad (4)
-    per token per vocab entry (brief's 2+4+4 = 10 B).
+    Plain loss (HF's ForCausalLMLoss and TokenLossModel alike: logits.float(), cross_entropy):
+    the peak is in the backward of log_softmax, which holds its saved fp32 output, the fp32
+    gradient from nll_loss and the fp32 gradient it returns -- 4+4+4 = 12 B per token per vocab
+    entry (the forward's bf16 logits + fp32 upcast + log-softmax, 2+4+4, are fewer). Measured:
+    the HF Trainer baselines at 8192 and 16384 tokens are within 0.3% with 12 B, 5-9% under
+    with 10 B (benchmarks/plan_validation.py).
     """
     s, a = inp.shape, inp.bytes.activation
     v, h = s.vocab_size, s.hidden_size
@@ -297,25 +391,29 @@ def logits_bytes(inp: PlanInput, tokens: int) -> float:
         inc = math.ceil(v / h)
         chunk = min(tokens, 1 << max(0, math.ceil(math.log2(math.ceil(tokens / inc)))))
         return a * (chunk * v + v * h + tokens * h)
-    return tokens * v * (a + 4 + 4)
+    return tokens * v * 12
 
 
 # ------------------------------------------------------------------------------------ results
 
 @dataclass(frozen=True)
 class GpuMemory:
-    """Per-rank GPU memory in GiB at the worse of the two peaks (backward, optimizer step)."""
+    """Per-rank GPU memory in GiB: the components, and the peaks of the three moments that
+    compete (the loss, the backward through the layers, the optimizer step)."""
 
     params: float
     grads: float
     optimizer: float
-    activations: float
-    logits: float
-    comm_buckets: float  # persistent: ZeRO reduce buckets
-    live_params: float  # ZeRO-3: gathered params + the gathered module's gradient (transient)
-    step_transient: float  # fp32 copy of the gradient partition at the optimizer step
+    activations: float  # at the backward peak: saved + recomputed layer + gradient working set
+    logits: float  # the loss at its peak
+    comm_buckets: float  # ZeRO reduce buckets
+    live_params: float  # ZeRO-3 on >1 rank: gathered params + the gathered module's gradient
+    step_transient: float  # flattened bf16 + fp32 copies of the gradients being stepped
     runtime: float  # CUDA context + NCCL: outside torch's allocator
     fragmentation: float
+    saved_activations: float = 0.0  # the part of `activations` alive at the loss
+    buckets_in_backward_only: bool = False  # stage 1/2: reduce buckets exist during backward only
+    grads_in_backward_only: bool = False  # stage 1/2 without accumulation: gradients too
 
     @property
     def model_states(self) -> float:
@@ -327,10 +425,36 @@ class GpuMemory:
         return self.comm_buckets + self.live_params + self.runtime + self.fragmentation
 
     @property
+    def _persistent_buckets(self) -> float:
+        return 0.0 if self.buckets_in_backward_only else self.comm_buckets
+
+    @property
+    def loss_peak(self) -> float:
+        """End of the forward / backward of the loss: saved activations + logits. Stage 1/2
+        gradients count unless there is one micro-batch per step (they are allocated at the
+        first gradient hook, after the loss)."""
+        grads = 0.0 if self.grads_in_backward_only else self.grads
+        return (self.params + self.optimizer + grads + self._persistent_buckets + self.saved_activations
+                + self.logits + self.live_params)
+
+    @property
+    def backward_peak(self) -> float:
+        return self.model_states + self.comm_buckets + self.activations + self.live_params
+
+    @property
+    def step_peak(self) -> float:
+        return self.model_states + self._persistent_buckets + self.step_transient
+
+    @property
+    def peak_phase(self) -> str:
+        """Which moment the peak is at: "loss", "backward" or "step"."""
+        phases = {"loss": self.loss_peak, "backward": self.backward_peak, "step": self.step_peak}
+        return max(phases, key=phases.__getitem__)
+
+    @property
     def allocated_peak(self) -> float:
         """Comparable to torch.cuda.max_memory_allocated() / 2**30."""
-        backward = self.activations + self.logits + self.live_params
-        return self.model_states + self.comm_buckets + max(backward, self.step_transient)
+        return max(self.loss_peak, self.backward_peak, self.step_peak)
 
     @property
     def total(self) -> float:
@@ -424,12 +548,23 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     b, n, buckets = inp.bytes, inp.world_size, inp.buckets
     total = inp.shape.parameter_count()
     trainable = trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets)
+    stage3 = option.stage == 3
 
     # Model states. Frozen params (LoRA base) are in no optimizer group: stage 1/2 keep them
-    # whole on every rank, stage 3 (zero.Init) partitions them like the rest.
-    params = b.param * total / (n if option.stage == 3 else 1)
-    if option.offload_params:
-        params = 0.0
+    # whole on every rank, stage 3 (zero.Init) partitions them like the rest. Stage 3 on more
+    # than one rank also keeps the persistent (small) params whole next to their partitions;
+    # their partitions stay on the GPU even with param offload.
+    if stage3:
+        persistent = b.param * persistent_parameters(inp)
+        if option.offload_params:
+            params = persistent
+        else:
+            params = b.param * total / n + (persistent if n > 1 else 0.0)
+    else:
+        params = b.param * total
+    # The step converts the gradients it updates: a flattened copy in the gradient dtype, then
+    # its fp32 conversion (none when the gradients are fp32 already); both exist for a moment.
+    step_bytes = b.grad + (4 if b.grad != 4 else 0)
     if option.offload_optimizer:
         # Stage 1 does not partition gradients, so the full gradients stay on the GPU; stage 2/3
         # send each reduced bucket to the host's fp32 buffers.
@@ -439,33 +574,37 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     else:
         grads = b.grad * trainable / (1 if option.stage == 1 else n)
         optimizer = b.optimizer * trainable / n
-        partition = trainable / n
-        if option.stage == 3:
-            partition = min(partition, buckets.sub_group_size)
-        step_transient = 4 * partition
+        stepped = largest_sub_group(inp) if stage3 else trainable / n
+        step_transient = step_bytes * stepped
 
     # Communication buffers. Stage 1/2 double-buffer the reduce bucket when overlap_comm is on;
     # stage 3 has one bucket per dtype, and gathers params module by module: the module in use
     # (the embedding/lm_head is the largest) plus the prefetch, capped by max_live_parameters,
-    # and the gathered module's full gradient before it is reduce-scattered.
-    if option.stage == 3:
+    # and the module's full gradient before it is reduce-scattered into the partition. On one
+    # rank without param offload a gathered param is a view of its partition: no memory.
+    if stage3:
         comm = b.grad * buckets.reduce_bucket
         largest = _largest_module(inp.shape)
         gathered = min(largest + buckets.prefetch_bucket, max(buckets.max_live_parameters, largest))
+        if n == 1 and not option.offload_params:
+            gathered = 0
         gathered_grad = _largest_layer_module(inp.shape) if inp.lora_rank is None else 0
         live = b.param * gathered + b.grad * gathered_grad
     else:
         comm = b.grad * buckets.reduce_bucket * (2 if inp.overlap_comm else 1)
         live = 0.0
 
-    acts = activation_bytes(inp, option.gradient_checkpointing, tokens)
+    saved = saved_activation_bytes(inp, option.gradient_checkpointing, tokens)
+    acts = saved + backward_extra_bytes(inp, option.gradient_checkpointing, tokens)
     logits = logits_bytes(inp, tokens)
     runtime = CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if n > 1 else 0.0)
     frag = FRAGMENTATION * (acts + logits + live)
     return GpuMemory(params=params / GIB, grads=grads / GIB, optimizer=optimizer / GIB,
                      activations=acts / GIB, logits=logits / GIB, comm_buckets=comm / GIB,
                      live_params=live / GIB, step_transient=step_transient / GIB,
-                     runtime=runtime, fragmentation=frag / GIB)
+                     runtime=runtime, fragmentation=frag / GIB, saved_activations=saved / GIB,
+                     buckets_in_backward_only=not stage3,
+                     grads_in_backward_only=not stage3 and not inp.grad_accumulation)
 
 
 def host_memory(inp: PlanInput, option: Option) -> HostMemory:

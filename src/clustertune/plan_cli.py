@@ -70,11 +70,14 @@ def resolve_shape(model_path: str) -> tuple[Shape, str]:
     try:
         return shape_from_model_path(model_path), ""
     except FileNotFoundError as err:
-        fallback = lookup_shape(Path(model_path).name)
-        if fallback is None:
-            raise RecipeError(f"{err}; plan it with --set model.path=<built-in shape>") from None
-        return fallback, (f"{model_path} is not on this machine: planned with the built-in shape "
-                          f"{Path(model_path).name.lower()} (same config.json values)")
+        name = Path(model_path).name.lower()
+        # An -Instruct model has its base model's shape (same config.json dimensions).
+        for candidate in dict.fromkeys((name, name.removesuffix("-instruct"))):
+            fallback = lookup_shape(candidate)
+            if fallback is not None:
+                return fallback, (f"{model_path} is not on this machine: planned with the built-in shape "
+                                  f"{candidate} (same config.json values)")
+        raise RecipeError(f"{err}; plan it with --set model.path=<built-in shape>") from None
     except (OSError, ValueError, TypeError) as err:
         raise RecipeError(f"model.path {model_path!r}: cannot read its config.json: {err}") from None
 
@@ -194,7 +197,12 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
     buckets = ZeroBuckets(
         reduce_bucket=zero.reduce_bucket_size or h2,
         allgather_bucket=zero.allgather_bucket_size or max(500_000_000, h2),
-        prefetch_bucket=zero.prefetch_bucket_size or int(0.9 * h2))
+        prefetch_bucket=zero.prefetch_bucket_size or int(0.9 * h2),
+        param_persistence_threshold=(10 * shape.hidden_size if zero.param_persistence_threshold is None
+                                     else zero.param_persistence_threshold))
+    # Packed: the rows per step depend on the data, assume several; padded: global / (micro x world).
+    accumulation = recipe.data.packing or (
+        recipe.train.global_batch_size > recipe.train.micro_batch_size * job.world_size)
     return PlanInput(
         shape=shape, tokens_per_micro_batch=tokens_per_micro_batch(recipe), seq_len=recipe.data.max_length,
         world_size=job.world_size, gpus_per_node=job.gpus_per_node, gpu_mem_gib=job.gpu_mem_gib,
@@ -203,7 +211,8 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         liger=recipe.model.liger != "off",  # auto = on with a GPU
         attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
-        buckets=buckets, overlap_comm=zero.overlap_comm, checkpoint_shard_gib=checkpoint_shard_gib)
+        buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
+        checkpoint_shard_gib=checkpoint_shard_gib)
 
 
 # ------------------------------------------------------------------------------------- output
@@ -223,8 +232,8 @@ def _fit_text(e: Estimate) -> str:
 
 def render_table(result: Plan, current: Option | None) -> str:
     head = (f"{'#':>2}  {'stage':>5} {'offload':>9} {'ckpt':>4} | {'params':>6} {'grads':>6} {'optim':>6} "
-            f"{'activ':>6} {'logits':>6} {'buffers':>7} | {'GPU':>6} | {'host load':>9} {'train':>6} | "
-            f"{'fits':<11} {'max tok':>7}")
+            f"{'activ':>6} {'logits':>6} {'step':>5} {'buffers':>7} | {'GPU':>6} {'peak at':<8} | "
+            f"{'host load':>9} {'train':>6} | {'fits':<11} {'max tok':>7}")
     lines = [head, "-" * len(head)]
     best = result.recommended
     for rank, e in enumerate(result.estimates, 1):
@@ -234,7 +243,8 @@ def render_table(result: Plan, current: Option | None) -> str:
         lines.append(
             f"{rank:>2}  {o.stage:>5} {o.offload_label:>9} {'on' if o.gradient_checkpointing else 'off':>4} | "
             f"{g.params:6.1f} {g.grads:6.1f} {g.optimizer:6.1f} {g.activations:6.1f} {g.logits:6.1f} "
-            f"{g.buffers:7.1f} | {g.total:6.1f} | {e.host.load:9.0f} {e.host.train:6.0f} | "
+            f"{g.step_transient:5.1f} {g.buffers:7.1f} | {g.total:6.1f} {g.peak_phase:<8} | "
+            f"{e.host.load:9.0f} {e.host.train:6.0f} | "
             f"{_fit_text(e):<11} {e.max_tokens or '-':>7}{mark}")
     return "\n".join(lines)
 
@@ -259,8 +269,10 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         f"after the {inp.safety_margin:.0%} margin; host: {job.host_mem_gib:.0f} GiB/node [{job.host_source}], "
         f"budget {result.host_budget_gib:.0f} GiB",
         "",
-        "GiB per GPU (rank) and per node (host), fastest option first. buffers = ZeRO buckets + gathered params",
-        "+ CUDA/NCCL runtime + allocator slack; max tok = largest micro-batch (tokens) that fits the GPU.",
+        "GiB per GPU (rank) and per node (host), fastest option first. GPU = params + grads + optim + the",
+        "worst moment (peak at): the loss (saved activations + logits), the backward (activ) or the optimizer",
+        "step (step: gradient copies being stepped) -- plus buffers = ZeRO buckets + gathered params + CUDA/NCCL",
+        "runtime + allocator slack. max tok = largest micro-batch (tokens) that fits the GPU.",
         render_table(result, recipe_option(recipe)),
         "",
     ]
