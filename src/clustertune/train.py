@@ -69,6 +69,9 @@ def write_run_files(run_dir: Path, recipe: Recipe, ds_config: dict[str, Any], rt
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     (run_dir / "world.json").write_text(json.dumps(
         {"world_size": rt.world_size, "device": str(rt.device.type), "precision": rt.precision}, indent=2))
+    from clustertune.manifest import write_manifest  # versions, git commit, environment (no secrets)
+    write_manifest(run_dir, world_size=rt.world_size,
+                   extra={"device": str(rt.device.type), "precision": rt.precision})
 
 
 def prepare_data(recipe: Recipe, tokenizer, rt: Runtime, run_dir: Path):
