@@ -2,10 +2,14 @@
 
     clustertune report runs/r1-distill-32b-sft   # -> runs/.../report/{loss,lr,tokens_per_s,memory}.png, summary.txt
 
-metrics.jsonl has one JSON object per line. Training lines carry some of "step", "loss", "lr",
-"grad_norm", "tokens_per_s", "mfu", "mem_gb", "step_time_s", "trained_tokens", "time"; eval
-lines carry "eval_loss" (and maybe "eval_ppl"). Missing and unknown keys are fine, and so is a
-torn last line (the run may still be writing). Launcher side: never imports torch.
+metrics.jsonl has one JSON object per line (metrics.MetricsSink, written by the worker every
+train.log_every steps). Training lines carry "step", "loss", "lr", "grad_norm", "tokens" and
+"trained_tokens" (of that step: all and loss-bearing tokens), "tokens_per_s", "step_time_s",
+"mfu", "mem_gb" (GPU only; max_memory_allocated / 1e9) and "time"; eval lines carry "eval_loss"
+(and maybe "eval_ppl", "eval_tokens"); lines of generated samples carry no metric and are left
+out. Missing and unknown keys are fine, and so is a torn last line (the run may still be
+writing). A resumed run appends to the file, so a step can appear twice: the later line wins.
+Launcher side: never imports torch.
 """
 
 from __future__ import annotations
@@ -48,6 +52,24 @@ def _numeric(obj: dict) -> dict[str, float]:
     return {k: float(v) for k, v in obj.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+# Keys every line has; a line with nothing else (e.g. generated samples) is no metric row.
+_BOOKKEEPING = frozenset({"step", "time"})
+
+
+def _latest_per_step(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """One row per step (the last logged: after a resume the run redid the steps past its
+    checkpoint), in step order; rows without a step keep their place at the end."""
+    by_step: dict[float, dict[str, float]] = {}
+    loose = []
+    for row in rows:
+        if "step" in row:
+            by_step.pop(row["step"], None)
+            by_step[row["step"]] = row
+        else:
+            loose.append(row)
+    return sorted(by_step.values(), key=lambda r: r["step"]) + loose
+
+
 def read_metrics(run_dir: Path) -> Metrics:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: run directory not found")
@@ -69,8 +91,10 @@ def read_metrics(run_dir: Path) -> Metrics:
         row = _numeric(obj)
         if "eval_loss" in row or "eval_ppl" in row:
             metrics.eval.append(row)
-        elif row:
+        elif set(row) - _BOOKKEEPING:
             metrics.train.append(row)
+    metrics.train = _latest_per_step(metrics.train)
+    metrics.eval = _latest_per_step(metrics.eval)
     if not metrics.train and not metrics.eval:
         raise ReportError(f"{path}: no metrics in it (empty file, or no line is a JSON object)")
     return metrics
@@ -104,6 +128,8 @@ def summarize(m: Metrics) -> dict[str, float | int | None]:
     _, tps = m.series("tokens_per_s")
     _, mem = m.series("mem_gb")
     _, trained = m.series("trained_tokens")
+    _, mfu = m.series("mfu")
+    mfu_steady = [v for v in _finite(_after_warmup(mfu)) if v > 0]  # 0: peak FLOPs unknown (CPU)
     _, eval_losses = m.series("eval_loss", "eval")
     eval_losses = _finite(eval_losses)
     tps_steady = _finite(_after_warmup(tps))
@@ -114,8 +140,11 @@ def summarize(m: Metrics) -> dict[str, float | int | None]:
         "last_loss": losses[-1] if losses else None,
         "min_loss": min(losses) if losses else None,
         "mean_tokens_per_s": fmean(tps_steady) if tps_steady else None,
+        "mean_mfu": fmean(mfu_steady) if mfu_steady else None,
         "peak_mem_gb": max(_finite(mem)) if _finite(mem) else None,
-        "trained_tokens": int(max(trained)) if trained else None,
+        # per-step counts, summed over the logged steps (all steps when train.log_every = 1)
+        "trained_tokens": int(sum(_finite(trained))) if trained else None,
+        "trained_tokens_steps": len(trained),
         "total_time_s": _total_time(m),
         "evals": len(m.eval),
         "last_eval_loss": eval_losses[-1] if eval_losses else None,
@@ -134,6 +163,16 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{rest // 60:02d}m{rest % 60:02d}s ({seconds:.1f} s)"
 
 
+def _trained_text(s: dict[str, float | int | None]) -> str:
+    if s["trained_tokens"] is None:
+        return "n/a"
+    text = f"{s['trained_tokens']:,d} (loss-bearing, summed over {s['trained_tokens_steps']} logged steps"
+    last = s["last_step"]
+    if last is not None and s["trained_tokens_steps"] < last:
+        text += "; steps not logged (train.log_every > 1) are not in it"
+    return text + ")"
+
+
 def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
     lines = [
         f"steps:            {_fmt(s['last_step'], 'd')} (last), {s['logged_steps']} logged",
@@ -141,10 +180,14 @@ def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
         f"min {_fmt(s['min_loss'], '.4f')}",
         f"tokens/s:         {_fmt(s['mean_tokens_per_s'], ',.0f')} (mean after the first "
         f"{WARMUP_FRACTION:.0%} of logged steps)",
-        f"peak memory:      {_fmt(s['peak_mem_gb'], '.1f')} GB (as logged in mem_gb)",
-        f"trained tokens:   {_fmt(s['trained_tokens'], ',d')}",
+        "peak memory:      " + (f"{s['peak_mem_gb']:.1f} GB (max_memory_allocated / 1e9, as logged in mem_gb)"
+                                 if s["peak_mem_gb"] is not None else "n/a (mem_gb is logged on GPU only)"),
+        f"trained tokens:   {_trained_text(s)}",
         f"total time:       {_duration(s['total_time_s'])}",
     ]
+    if s["mean_mfu"] is not None:
+        lines.insert(3, f"MFU:              {100 * s['mean_mfu']:.1f}% (mean after the first "
+                        f"{WARMUP_FRACTION:.0%} of logged steps)")
     if s["evals"]:
         lines.append(f"eval loss:        last {_fmt(s['last_eval_loss'], '.4f')}, "
                      f"min {_fmt(s['min_eval_loss'], '.4f')} ({s['evals']} evals)")

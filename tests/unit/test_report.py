@@ -18,7 +18,7 @@ def write_run(run_dir: Path, steps: int = 20) -> None:
     for step in range(1, steps + 1):
         row = {"step": step, "loss": 3.0 - 0.1 * step, "lr": 1e-5 * min(1.0, step / 5), "grad_norm": 1.0,
                "tokens_per_s": 100.0 if step <= 2 else 1000.0, "mfu": 0.4, "mem_gb": 40.0 + step % 3,
-               "step_time_s": 2.0, "trained_tokens": 4096 * step, "time": 1000.0 + 2.0 * step,
+               "step_time_s": 2.0, "trained_tokens": 4096, "time": 1000.0 + 2.0 * step,
                "unknown_key": "ignored"}
         if step == 7:
             del row["lr"], row["mem_gb"]  # missing keys are fine
@@ -49,7 +49,7 @@ def test_report_writes_valid_pngs_and_correct_summary(tmp_path, capsys):
     # warm-up: the first 10% of 20 logged steps (2) are left out -> only the 1000 tokens/s steps
     assert s["mean_tokens_per_s"] == pytest.approx(1000.0)
     assert s["peak_mem_gb"] == pytest.approx(42.0)
-    assert s["trained_tokens"] == 4096 * 20
+    assert s["trained_tokens"] == 4096 * 20  # per-step counts (the worker's format), summed
     assert s["total_time_s"] == pytest.approx(38.0)  # time stamps 1002 .. 1040
     assert s["evals"] == 2 and s["last_eval_loss"] == pytest.approx(2.3) and s["min_eval_loss"] == pytest.approx(2.3)
     assert "first 2.9000, last 1.0000, min 1.0000" in summary
@@ -81,3 +81,48 @@ def test_clear_errors_without_traceback(tmp_path, capsys, setup, message):
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def worker_record(step: int, *, loss: float, grad_norm: float = 1.5) -> dict:
+    """One training line exactly as train.run builds it (keys and meaning; MetricsSink adds "time")."""
+    return {"step": step, "loss": loss, "lr": 2e-5, "grad_norm": grad_norm, "tokens": 6000,
+            "trained_tokens": 4000, "tokens_per_s": 12000.0, "step_time_s": 0.5, "mfu": 0.3,
+            "mem_gb": 30.0 + step / 10}
+
+
+def test_report_on_a_run_dir_written_by_the_worker_sink(tmp_path, capsys):
+    """metrics.jsonl written by metrics.MetricsSink, the worker's writer, in its real format:
+    log_every 2, a NaN grad norm (DeepSpeed returned none), eval lines, a line of generated
+    samples, and a resume from step 4 that redid steps 5-6 (the later lines win)."""
+    from clustertune.metrics import MetricsSink
+
+    run = tmp_path / "run"
+    sink = MetricsSink(run, enabled=True, total_steps=8)
+    for step in (2, 4, 6):
+        sink.log(worker_record(step, loss=5.0 - step / 2, grad_norm=float("nan") if step == 2 else 1.5))
+    sink.log({"step": 4, "eval_loss": 3.5, "eval_ppl": 33.1, "eval_tokens": 900, "eval_time_s": 1.0})
+    sink.log({"step": 4, "samples": [{"prompt": "hi", "output": "ho"}]})
+    sink.close()
+    resumed = MetricsSink(run, enabled=True, total_steps=8, start_step=4)  # appends
+    for step in (6, 8):
+        resumed.log(worker_record(step, loss=9.0 if step == 6 else 1.0))
+    resumed.log({"step": 8, "eval_loss": 2.0, "eval_ppl": 7.4, "eval_tokens": 900, "eval_time_s": 1.0})
+    resumed.close()
+    assert (run / "tensorboard").is_dir()
+
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    for name in ("loss", "lr", "tokens_per_s", "memory"):
+        assert (run / "report" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE), name
+
+    m = read_metrics(run)
+    assert [r["step"] for r in m.train] == [2, 4, 6, 8]  # one row per step, samples line left out
+    assert m.series("loss")[1] == [4.0, 3.0, 9.0, 1.0]  # step 6 from the resumed run
+    s = summarize(m)
+    assert s["last_step"] == 8 and s["last_loss"] == 1.0
+    assert s["trained_tokens"] == 4 * 4000 and s["trained_tokens_steps"] == 4
+    assert s["mean_mfu"] == pytest.approx(0.3)
+    assert s["peak_mem_gb"] == pytest.approx(30.8)
+    assert s["evals"] == 2 and s["last_eval_loss"] == 2.0
+    assert "16,000 (loss-bearing, summed over 4 logged steps; steps not logged" in out
+    assert "MFU:              30.0%" in out
