@@ -18,6 +18,7 @@ Worker side: imported by train.py only; torch is imported inside the functions t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def best_step(history: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
 
 
 def resumed_best(record: dict[str, Any] | None, *, start_step: int) -> tuple[int, float] | None:
-    """The recorded best (checkpoint.best.json) when resuming from `start_step`, unless it belongs
+    """The recorded best (checkpoints/best.json) when resuming from `start_step`, unless it belongs
     to steps after it, which the resumed run redoes (a checkpoint removed by hand)."""
     if not record or int(record["step"]) > start_step:
         return None
@@ -208,7 +209,7 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
     mine = list(range(rank, len(prompts), world_size))
     calls = -(-len(prompts) // world_size) if zero3 and world_size > 1 else len(mine)
     done: dict[int, str] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _dense_attention(lm):
         for c in range(calls):
             index = mine[c] if c < len(mine) else None
             prompt = prompts[index if index is not None else 0]
@@ -224,6 +225,25 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
         dist.all_gather_object(gathered, done)
     completions = {i: text for part in gathered for i, text in part.items()}
     return [{"prompt": p.text, "completion": completions[i], "reference": p.reference} for i, p in enumerate(prompts)]
+
+
+@contextlib.contextmanager
+def _dense_attention(lm):
+    """The varlen kernel (packed training on GPU) needs the cu_seqlens of a packed row, which
+    generate does not pass: generate with sdpa (the same weights, the same math)."""
+    from clustertune.kernels import VARLEN_ATTENTION
+    from clustertune.model import base_causal_lm
+
+    config = base_causal_lm(lm).config
+    old = config._attn_implementation
+    if old != VARLEN_ATTENTION:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 class Evaluator:
