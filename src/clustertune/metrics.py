@@ -79,8 +79,9 @@ class MetricsSink:
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         if "loss" in record and self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            # postfix first: update() redraws, so the bar shows this step's numbers, not the last.
             self._bar.set_postfix_str(_postfix(record), refresh=False)
+            self._bar.update(step - self._bar.n)
 
     def write(self, text: str) -> None:
         """A line of text that does not break the progress bar."""
