@@ -3,6 +3,7 @@ runner command and environment, torchrun/slurm text, output routing, the rank wr
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -261,3 +262,32 @@ def test_cmd_launch_slurm_writes_job_and_private_secrets(tmp_path, monkeypatch, 
     assert f"CLUSTERTUNE_SECRETS_FILE={launch / 'secrets.env'}" in env_text and "hf_slurmsecret" not in env_text
     assert json.loads((launch / "run.json").read_text())["secret_names"] == ["HF_TOKEN"]
     assert "sbatch" in capsys.readouterr().out
+
+
+def test_rankexec_prefixes_lines_and_reports_exit(tmp_path):
+    """Two ranks sharing one pipe (as on a node): every line intact and prefixed, exit codes kept."""
+    import os
+    import sys
+    (tmp_path / "chatty_worker.py").write_text(
+        "import os, sys\n"
+        "for i in range(300):\n"
+        "    print(f'line {i} ' + 'x' * 200)\n"
+        "sys.stdout.write('no newline at the end')\n"
+        "sys.exit(int(os.environ['RANK']) + 3)\n")
+    env_file = tmp_path / "run.env"
+    env_file.write_text("CLUSTERTUNE_WORKER_MODULE=chatty_worker\n")
+    base = dict(os.environ, PYTHONPATH=str(tmp_path), CROSS_RANK="0")
+    read_fd, write_fd = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-m", "clustertune.cluster.rankexec", "--env-file", str(env_file),
+                               "recipe.toml"], env=dict(base, RANK=str(r)), stdout=write_fd, stderr=subprocess.STDOUT)
+             for r in (0, 1)]
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        text = pipe.read().decode()
+    codes = [p.wait(60) for p in procs]
+    assert codes == [3, 4]
+    lines = text.splitlines()
+    assert len(lines) == 2 * 302
+    for line in lines:
+        assert re.match(r"^\[rank [01]\] (line \d+ x{200}|no newline at the end|clustertune-rank-exit .*)$", line), line
+    assert "[rank 1] clustertune-rank-exit rank=1 node=0 code=4" in text

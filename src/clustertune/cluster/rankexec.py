@@ -96,22 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
-    out = sys.stdout
     assert proc.stdout is not None
     prefix = f"[rank {rank}] ".encode()
     for raw in iter(proc.stdout.readline, b""):
-        try:
-            out.buffer.write(prefix + raw if raw.endswith(b"\n") else prefix + raw + b"\n")
-            out.flush()
-        except BrokenPipeError:  # the launcher's stream is gone; keep draining, the worker decides
-            pass
+        _write_line(prefix + raw.rstrip(b"\n"))
     code = proc.wait()
-    try:
-        print(f"[rank {rank}] {EXIT_TAG} rank={rank} node={node} code={code} "
-              f"seconds={time.monotonic() - started:.1f}", flush=True)
-    except BrokenPipeError:
-        pass
+    _write_line(f"[rank {rank}] {EXIT_TAG} rank={rank} node={node} code={code} "
+                f"seconds={time.monotonic() - started:.1f}".encode())
     return code if code >= 0 else 128 - code
+
+
+def _write_line(line: bytes) -> None:
+    """One write(2) per line: the ranks of a node share one pipe to the launcher, and writes of up
+    to PIPE_BUF bytes are atomic, so lines of different ranks never interleave."""
+    data = line + b"\n"
+    try:
+        while data:
+            data = data[os.write(1, data):]
+    except BrokenPipeError:  # the launcher's stream is gone; keep draining, the worker decides
+        pass
 
 
 if __name__ == "__main__":
