@@ -108,7 +108,7 @@ def test_failed_rank_stops_every_node_and_nothing_else(make_cluster, tmp_path):
         took = time.monotonic() - started
         assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
         assert "rank 1 on node2 exited with code 3" in out.stderr and "stopping run" in out.stderr
-        assert took < 60
+        assert took < 120  # generous: the CI box may be busy
         info = json.loads((tmp_path / "runs" / "fake" / "launch" / "run.json").read_text())
         assert run_pids(info["run_id"]) == []  # rank 0 on node1 (sleeping) was stopped too
         assert "clustertune-rank-exit rank=0 node=0 code=-15" in (tmp_path / "runs/fake/logs/node1.log").read_text()

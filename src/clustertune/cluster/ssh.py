@@ -221,6 +221,7 @@ def render_ssh_config(cluster: Cluster, cluster_dir: str, legacy: set[str] | fro
         if node.name in legacy:
             out += ["    # LEGACY: this server offers only 'ssh-rsa' (SHA-1 signatures). Enabled for this host",
                     "    # alone; fix the server by adding an ed25519 host key, then re-run `clustertune cluster ssh`.",
+                    "    # (PubkeyAcceptedAlgorithms stays default: the cluster's own key is ed25519.)",
                     "    HostKeyAlgorithms +ssh-rsa"]
         out.append("")
     return "\n".join(out)
