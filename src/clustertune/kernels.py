@@ -33,6 +33,11 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     """transformers attention-interface function: q/k/v [1, heads, T, d] of one packed row."""
     from torch.nn.attention.varlen import varlen_attn
 
+    if "cu_seq_lens_q" not in kwargs:
+        # A call that is not one of our packed rows (e.g. generate): plain causal sdpa.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
     cu = kwargs["cu_seq_lens_q"]
     max_len = kwargs["max_length_q"]
     q = query.squeeze(0).transpose(0, 1)  # [T, heads, d]

@@ -39,7 +39,7 @@ def write_recipe(path: Path, task_dir: Path, run_dir: Path, **sections) -> Path:
     base = {
         "run": {"output_dir": str(run_dir)},
         "model": {"path": "tiny", "tokenizer": str(task_dir / "tokenizer")},
-        "data": {"train_files": [str(task_dir / "train.jsonl")], "max_length": 64,
+        "data": {"train_files": [str(task_dir / "train.jsonl")], "max_length": 128,
                  "cache_dir": str(task_dir / "cache")},
         "train": {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2, "lr": 3e-3,
                   "warmup_steps": 2, "seed": 7},
