@@ -204,17 +204,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe"]
+def format_validation_error(err: ValidationError, source: str, what: str = "recipe") -> str:
+    """One user-facing message for all of a pydantic error's items: `file: invalid what` and a
+    line per key path (`nodes[1].slots: ...`), with the offending value where it helps."""
+    lines = [f"{source}: invalid {what}"]
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"] if p != "__root__")
-        msg = item["msg"]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
-        msg = msg.removeprefix("Value error, ")
         got = item.get("input")
-        got_text = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc or '<recipe>'}: {msg}{got_text}")
+        show = item["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list))
+        suffix = f" (got {got!r})" if show and repr(got) not in msg else ""
+        lines.append(f"  {loc}: {msg}{suffix}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -222,7 +224,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err, source)) from None
+        raise RecipeError(format_validation_error(err, source)) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

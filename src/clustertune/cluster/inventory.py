@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clustertune.config import format_validation_error
+
 
 class ClusterError(ValueError):
     """A cluster file (or flag) that cannot be used; the message is meant for the user as-is."""
@@ -197,27 +199,11 @@ def hostfile_text(cluster: Cluster) -> str:
     return "".join(f"{n.name} slots={n.slots}\n" for n in cluster.ordered_nodes())
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid cluster file"]
-    for item in err.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
-        got = item.get("input")
-        show = item["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list))
-        if loc:
-            lines.append(f"  {loc}: {msg}" + (f" (got {got!r})" if show and repr(got) not in msg else ""))
-        else:
-            lines.append(f"  {msg}")
-    return "\n".join(lines)
-
-
 def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluster:
     try:
         return Cluster.model_validate(tree)
     except ValidationError as err:
-        raise ClusterError(_format_error(err, source)) from None
+        raise ClusterError(format_validation_error(err, source, "cluster file")) from None
 
 
 def load_cluster(path: str | Path) -> Cluster:

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from clustertune.local import free_port, local_gpu_count
 from clustertune.cluster.inventory import Cluster, ClusterError, hostfile_text, load_cluster, localhost_cluster
 from clustertune.cluster.rankexec import EXIT_TAG
 from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
@@ -530,23 +530,6 @@ def _supervise(launch: Launch, router: OutputRouter, pumps: list[threading.Threa
     return 0
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gpu_count() -> int:
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
 def _stage(launch: Launch, files: list[tuple[Path, str, int]], remove: list[str] = ()) -> None:
     if launch.local:
         return
@@ -574,8 +557,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
             cluster = load_cluster(args.cluster)
             local = False
         else:
-            gpus = _gpu_count() if recipe.train.device != "cpu" else 0
-            cluster = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=_free_port())
+            gpus = local_gpu_count() if recipe.train.device != "cpu" else 0
+            cluster = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port())
             local = True
         return _launch(recipe, cluster, local=local, launcher=launcher, resume=args.resume,
                        skip_doctor=args.skip_doctor, workdir=workdir, python=python)
