@@ -17,6 +17,7 @@ from workload import sample_lengths, sample_tokens  # noqa: E402
 
 SHAPES = {
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064),
     "7b-8l": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=8, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064),
 }
 

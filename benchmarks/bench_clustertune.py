@@ -96,12 +96,14 @@ for step in range(a.steps):
         prof = None
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
-tok_step = sum(lengths) / a.steps
+tok_step = sum(lengths) / a.steps  # whole step, all ranks
 from clustertune import metrics  # noqa: E402
 fpt = metrics.flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
                               hidden=shape.hidden_size, t_eff=metrics.effective_context(lengths))
 tps = tok_step / step_s
-print("RESULT " + json.dumps({"impl": "clustertune", "tag": a.tag, "shape": model_path, "stage": a.stage, "mode": a.mode,
+if rt.rank != 0:  # one line per run; rank 0's peak memory stands for every rank (same shapes)
+    sys.exit(0)
+print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size, "tag": a.tag, "shape": model_path, "stage": a.stage, "mode": a.mode,
       "seq": a.seq, "batch": a.batch, "budget": a.budget, "packed": not a.no_pack, "gc": a.gc,
       "liger": not a.no_liger, "attn": parts.lm.config._attn_implementation,
       "tokens_per_step": round(tok_step), "step_s": round(step_s, 4), "tok_per_s": round(tps),
