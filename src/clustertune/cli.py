@@ -5,7 +5,7 @@
     clustertune validate RECIPE [--set ...]
     clustertune plan RECIPE [--cluster cluster.toml] [--gpu h100 | --gpu-mem GB] [--write]
     clustertune launch RECIPE --cluster cluster.toml [--launcher deepspeed|torchrun|slurm]
-    clustertune cluster init|ssh|doctor ...
+    clustertune cluster init|ssh|doctor|stop ...   (see `clustertune cluster CMD --help`)
     clustertune sandbox up|down ...
     clustertune export RUN_DIR [--out DIR] [--best]
     clustertune report RUN_DIR
