@@ -13,6 +13,7 @@ python3 -m clustertune.cli train --nproc 1 \
   --set data.packing=true --set data.eval_fraction=0.02 --set model.path=qwen2.5-0.5b \
   --set train.max_steps=40 --set train.global_batch_size=256 --set train.micro_batch_tokens=8192 \
   --set train.lr=5e-4 --set train.warmup_steps=5 --set train.gradient_checkpointing=true \
+  --set train.device=cuda --set train.precision=bf16 --set train.log_every=5 \
   --set zero.stage=3 --set eval.every_steps=20 --set eval.generate_samples=2 \
   --set checkpoint.every_steps=20 --set run.output_dir=\"$RUN\" 2>&1 | tr '\r' '\n' | grep -v '^train: ' | tail -25
 python3 -m clustertune.cli export "$RUN" --out "$RUN/export"
