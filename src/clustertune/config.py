@@ -131,6 +131,18 @@ class RunSection(_Section):
     output_dir: str = "runs/run"
     # Variables (names only) forwarded to every worker besides the built-in allow-list.
     env_passthrough: list[str] = Field(default_factory=list)
+    # Fault handling. A collective (all-reduce, barrier) that waits longer than this fails the rank
+    # (torch.distributed timeout), so a dead peer never blocks the others forever.
+    collective_timeout_s: int = Field(default=600, ge=5)
+    # Hang detection (clustertune.watchdog): every rank reports a heartbeat with its step to the
+    # launcher; a rank silent, or no step progress, for this long stops the whole run. 0: off.
+    stall_timeout_s: int = Field(default=900, ge=0)
+
+    @model_validator(mode="after")
+    def _stall(self) -> "RunSection":
+        if 0 < self.stall_timeout_s < 5:
+            raise ValueError(f"run.stall_timeout_s must be 0 (off) or >= 5 seconds (got {self.stall_timeout_s})")
+        return self
 
 
 class Recipe(_Section):

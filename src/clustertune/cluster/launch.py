@@ -52,6 +52,7 @@ from clustertune.local import free_port, local_gpu_count
 from clustertune.cluster.inventory import Cluster, ClusterError, hostfile_text, load_cluster, localhost_cluster
 from clustertune.cluster.rankexec import EXIT_TAG
 from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
+from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
 
 # ------------------------------------------------------------------------------- environment
 
@@ -323,8 +324,11 @@ class OutputRouter:
     """Prefixes, saves per node, masks secrets, and notices failures in the merged stream."""
 
     def __init__(self, node_names: list[str], logs_dir: Path, secret_values: list[str], *,
-                 default_node: str | None = None, echo: Callable[[str], None] | None = None):
+                 default_node: str | None = None, echo: Callable[[str], None] | None = None,
+                 monitor: StallMonitor | None = None):
         self.nodes = set(node_names)
+        self.monitor = monitor  # heartbeats (clustertune.watchdog) go here, not to the logs
+        self.stopping = False  # set once the run is being stopped: later exits are consequences
         self.default_node = default_node
         self.logs_dir = logs_dir
         logs_dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +341,7 @@ class OutputRouter:
         self.rank_node: dict[int, str] = {}
         self.failure: str | None = None
         self.failed_code: int | None = None
+        self.failure_is_signal = False
         self.event = threading.Event()
         self.lock = threading.Lock()
 
@@ -362,11 +367,24 @@ class OutputRouter:
         if m and node is not None:
             rank, body = int(m["rank"]), m["rest"]
             self.rank_node[rank] = node
+            beat = parse_heartbeat(body)
+            if beat is not None:
+                if self.monitor is not None:
+                    self.monitor.record(beat[0], node, beat[1], beat[2])
+                return
             e = _EXIT.search(body)
             if e:
                 code = int(e["code"])
                 self.rank_exit[rank] = code
-                if code != 0:
+                if self.monitor is not None:
+                    self.monitor.exited(rank)
+                if code < 0:
+                    try:
+                        how = f"was killed by {signal.Signals(-code).name}"
+                    except ValueError:
+                        how = f"was killed by signal {-code}"
+                    self._fail(f"rank {rank} on {node} {how} (exit code {code})", code, signal_death=True)
+                elif code != 0:
                     self._fail(f"rank {rank} on {node} exited with code {code}", code)
         if "\r" in body:  # progress bars redraw with \r: keep the latest state only
             body = next((seg for seg in reversed(body.split("\r")) if seg.strip()), "")
@@ -379,9 +397,12 @@ class OutputRouter:
             if rank is not None or not _DS_INFO.match(body):  # DeepSpeed's INFO chatter: logs only
                 self.echo(f"{tag.ljust(self.width + 4)} | {body}")
 
-    def _fail(self, why: str, code: int) -> None:
-        if self.failure is None:
-            self.failure, self.failed_code = why, code
+    def _fail(self, why: str, code: int, signal_death: bool = False) -> None:
+        # The first failure names the cause; a rank killed by a signal (before we stop the run)
+        # outranks a peer that merely exited with an error because that rank vanished.
+        upgrade = signal_death and not self.failure_is_signal and not self.stopping
+        if self.failure is None or upgrade:
+            self.failure, self.failed_code, self.failure_is_signal = why, code, signal_death
         self.event.set()
 
     def close(self) -> None:
@@ -497,11 +518,22 @@ def _supervise(launch: Launch, router: OutputRouter, pumps: list[threading.Threa
         while any(p.poll() is None for p in launch.procs):
             if router.event.wait(0.2):
                 break
+            stuck = router.monitor.check() if router.monitor is not None else None
+            if stuck:
+                router._fail(stuck, STALL_EXIT_CODE)
+                break
             bad = [p.returncode for p in launch.procs if p.poll() not in (None, 0)]
             if bad:
                 router._fail(f"a launcher process exited with code {bad[0]}", bad[0])
                 break
         if router.failure:
+            # A peer's error exit often arrives just before the exit of the rank that died
+            # (SIGKILL, OOM kill): give that a moment, so the report names the first to die.
+            settle = time.monotonic() + 2
+            while (not router.failure_is_signal and router.failed_code != STALL_EXIT_CODE
+                   and time.monotonic() < settle):
+                time.sleep(0.1)
+            router.stopping = True
             launch.stop(router.failure)
     except KeyboardInterrupt:
         interrupted = True
@@ -641,7 +673,8 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
                     *secret_files])
     names = [n.name for n in cluster.ordered_nodes()]
     router = OutputRouter(names, files.logs_dir, list(sel.secrets.values()),
-                          default_node=names[0] if local else None)
+                          default_node=names[0] if local else None,
+                          monitor=StallMonitor(recipe.run.stall_timeout_s))
     print(f"clustertune: run {run_id}: {cluster.world_size} rank(s) on {len(names)} node(s) "
           f"({', '.join(names)}), master {cluster.rendezvous_addr}:{cluster.master_port}, launcher {launcher}; "
           f"logs in {files.logs_dir}", flush=True)
