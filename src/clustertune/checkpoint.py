@@ -2,11 +2,25 @@
 resume discovery, and the Hugging Face export of the trained weights.
 
 A checkpoint counts only when its marker exists: the marker is written atomically after every
-rank has saved and passed a barrier, so a crash mid-save leaves a directory resume ignores.
+rank has saved (and flushed) its shards and passed a barrier, so a crash mid-save leaves a
+directory resume ignores.
+
+The marker (COMPLETE.json) records what resume must check: step, world size, ZeRO stage, data
+position, DeepSpeed version, and the recipe hash (`recipe_fingerprint`). The hash leaves out the
+fields that may change on resume without changing the steps already trained: where things are
+written (run.*, data.cache_dir), checkpoint.* and eval.* cadence, train.log_every, and the run's
+length (train.max_steps / train.epochs; a longer run changes a decaying LR schedule, which resume
+reports separately through the marker's total_steps).
+
+Filesystems. With a shared filesystem one process (global rank 0) writes the marker and rotates.
+Without one (CLUSTERTUNE_NODE_LOCAL_DIR set on every node) each node keeps its own ranks' shards in
+its own directory, local rank 0 of each node writes that node's marker and rotates it, and resume
+takes the newest step complete on every node (`newest_common_step`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,8 +33,80 @@ _TAG = re.compile(r"^step_(\d{8})$")
 SHARD_BYTES = 2 * 1024**3
 
 
+NODE_LOCAL_ENV = "CLUSTERTUNE_NODE_LOCAL_DIR"
+
+
+def node_local_dir() -> Path | None:
+    """The node's own checkpoint directory when nodes share no filesystem (env, set per node)."""
+    value = os.environ.get(NODE_LOCAL_ENV, "").strip()
+    return Path(value) if value else None
+
+
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    """RUN_DIR/checkpoints, or $CLUSTERTUNE_NODE_LOCAL_DIR/checkpoints on a node without a shared
+    filesystem (each node its own copy; see the module docstring)."""
+    local = node_local_dir()
+    return (local if local is not None else run_dir) / "checkpoints"
+
+
+# Recipe fields that may legitimately change on resume (see the module docstring).
+_UNHASHED_SECTIONS = {"run", "checkpoint", "eval"}
+_UNHASHED_FIELDS = {"train.max_steps", "train.epochs", "train.log_every", "data.cache_dir"}
+
+
+def recipe_fingerprint(recipe) -> dict[str, Any]:
+    """The flat {"section.key": value} of every recipe field that shapes the trained steps."""
+    tree = recipe.model_dump(mode="json")
+    flat = {}
+    for section, values in tree.items():
+        if section in _UNHASHED_SECTIONS or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in _UNHASHED_FIELDS:
+                flat[name] = value
+    return flat
+
+
+def recipe_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def marker_info(*, step: int, world_size: int, zero_stage: int, recipe, total_steps: int, num_samples: int,
+                global_batch_size: int, steps_per_epoch: int, nodes: int, deepspeed_version: str) -> dict[str, Any]:
+    fingerprint = recipe_fingerprint(recipe)
+    epoch, within = divmod(step, steps_per_epoch)
+    return {"step": step, "world_size": world_size, "zero_stage": zero_stage, "nodes": nodes,
+            "recipe_hash": recipe_hash(fingerprint), "recipe": fingerprint, "total_steps": total_steps,
+            "data": {"samples_consumed": step * global_batch_size, "epoch": epoch, "step_in_epoch": within,
+                     "num_samples": num_samples},
+            "deepspeed_version": deepspeed_version}
+
+
+def read_marker(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def resume_problems(marker: dict[str, Any], *, recipe, total_steps: int, num_samples: int) -> list[str]:
+    """Why resuming from `marker` would not reproduce the uninterrupted run (empty: exact)."""
+    problems = []
+    old = marker.get("recipe")
+    if old is not None and marker.get("recipe_hash") != recipe_hash(recipe_fingerprint(recipe)):
+        new = recipe_fingerprint(recipe)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        problems.append("recipe changed since the checkpoint: " + ", ".join(
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    data = marker.get("data") or {}
+    if data.get("num_samples") not in (None, num_samples):
+        problems.append(f"the training set now has {num_samples} samples (checkpoint: {data['num_samples']}), "
+                        "so the data order differs")
+    if marker.get("total_steps") not in (None, total_steps) and recipe.train.schedule != "constant":
+        problems.append(f"the run now has {total_steps} steps (checkpoint: {marker['total_steps']}); "
+                        f"the {recipe.train.schedule} LR schedule is stretched accordingly")
+    return problems
 
 
 def tag_for(step: int) -> str:
@@ -43,6 +129,15 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def newest_complete(run_dir: Path) -> tuple[int, Path] | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def newest_common_step(steps_per_rank: list[list[int]]) -> int | None:
+    """The newest step complete for every rank (each rank lists the complete steps it sees on its
+    own node), or None. With a shared filesystem all lists are equal."""
+    if not steps_per_rank:
+        return None
+    common = set(steps_per_rank[0]).intersection(*map(set, steps_per_rank[1:]))
+    return max(common) if common else None
 
 
 def write_marker(directory: Path, info: dict[str, Any]) -> None:

@@ -57,8 +57,14 @@ def resolve_precision(train: TrainSection, *, on_gpu: bool) -> str:
 
 
 def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: BatchLayout,
-                           precision: str, hidden_size: int) -> dict[str, Any]:
-    """The complete DeepSpeed JSON for one run. Pure: no I/O, no processes, no torch."""
+                           precision: str, hidden_size: int, load_universal: bool = False,
+                           node_local_storage: bool = False) -> dict[str, Any]:
+    """The complete DeepSpeed JSON for one run. Pure: no I/O, no processes, no torch.
+
+    load_universal: the run resumes from a universal checkpoint (a different world size).
+    node_local_storage: nodes share no filesystem; each node's local rank 0 writes the
+    non-ZeRO model-states file into its own checkpoint directory (DeepSpeed's own switch).
+    """
     layout_total = layout.micro_batch_size * layout.gradient_accumulation_steps * layout.world_size
     zero_block: dict[str, Any] = {
         "stage": zero.stage,
@@ -97,6 +103,8 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if load_universal or node_local_storage:
+        config["checkpoint"] = {"load_universal": load_universal, "use_node_local_storage": node_local_storage}
     if zero.offload_optimizer:
         # CPU-offloaded optimizer states need DeepSpeed's vectorized CPU Adam to be fast.
         config["optimizer"] = {"type": "AdamW", "params": {
@@ -122,12 +130,9 @@ def lr_multiplier(step: int, *, train: TrainSection, total_steps: int) -> float:
 
 # ----------------------------------------------------------------------- runtime (imports torch)
 
-def init_distributed(*, on_gpu: bool, timeout_s: float | None = None) -> None:
-    """timeout_s: how long any collective may wait for a peer (run.collective_timeout_s)."""
-    import datetime
+def init_distributed(*, on_gpu: bool) -> None:
     import deepspeed
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
 def zero3_init_context(ds_config: dict[str, Any]):
@@ -184,13 +189,66 @@ def optimizer_step(engine) -> float:
 
 
 def save_checkpoint(engine, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+    """Every rank writes its shards; then fsyncs what it sees of the tag directory, so the
+    completion marker written after the next barrier never points at data still in page cache."""
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    fsync_tree(directory / tag)
+
+
+def fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
-    _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    """Load model, optimizer (ZeRO shards) and client state. With a universal checkpoint (engine
+    built with load_universal) `directory/tag` is the converted folder."""
+    load_path, client_state = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint at {directory / tag}")
     return client_state or {}
+
+
+def convert_to_universal(tag_dir: Path, out: Path) -> Path:
+    """DeepSpeed checkpoint (any ZeRO stage, any world size) -> DeepSpeed's universal checkpoint,
+    which loads on a different world size. Written to out.tmp and renamed, so a crash mid-way
+    leaves nothing that looks usable. Single process; the caller makes the others wait."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if (out / "zero").is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = max(1, min(4, (os.cpu_count() or 1)))
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    ds_to_universal.main(args)
+    fsync_tree(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+    return deepspeed.__version__
 
 
 def consolidated_parameters(checkpoint_root: Path, tag: str):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clustertune import batching, checkpoint, engine, evaluate, metrics, watchdog
+from clustertune import batching, checkpoint, engine, evaluate, metrics
 from clustertune.config import Recipe, recipe_to_toml
 from clustertune.kernels import VARLEN_ATTENTION
 from clustertune.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
@@ -45,7 +45,7 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     on_gpu = torch.cuda.is_available() if want == "auto" else want == "cuda"
     if on_gpu:
         torch.cuda.set_device(local_rank)
-    engine.init_distributed(on_gpu=on_gpu, timeout_s=recipe.run.collective_timeout_s)
+    engine.init_distributed(on_gpu=on_gpu)
     seed_everything(recipe.train.seed, deterministic=recipe.train.deterministic or not on_gpu)
     return Runtime(rank, local_rank, world, on_gpu, torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"),
                    engine.resolve_precision(recipe.train, on_gpu=on_gpu))
@@ -92,17 +92,10 @@ def prepare_data(recipe: Recipe, tokenizer, rt: Runtime, run_dir: Path):
 
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train `recipe` on this rank; returns a summary (rank 0's is complete)."""
-    heartbeat = watchdog.start_heartbeat(rank=engine.world_info()[0], stall_timeout_s=recipe.run.stall_timeout_s)
     rt = setup_runtime(recipe)
     run_dir = Path(recipe.run.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer, rt, run_dir)
-
-    parts = build_training_engine(recipe, rt)
-    if rt.is_main:
-        write_run_files(run_dir, recipe, parts.ds_config, rt)
-    ds_engine, lm, layout, shape = parts.engine, parts.lm, parts.layout, parts.shape
-    model_info = describe(lm)
 
     samples = data.train
     lengths = [len(s.input_ids) for s in samples]
@@ -110,16 +103,16 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     steps = batching.total_steps(num_samples=len(samples), global_batch_size=recipe.train.global_batch_size,
                                  max_steps=recipe.train.max_steps, epochs=recipe.train.epochs)
 
+    point = find_resume_point(run_dir, rt, recipe, total_steps=steps, num_samples=len(samples)) if resume else None
+    parts = build_training_engine(recipe, rt, load_universal=point is not None and point.universal)
+    if rt.is_main:
+        write_run_files(run_dir, recipe, parts.ds_config, rt)
+    ds_engine, lm, layout, shape = parts.engine, parts.lm, parts.layout, parts.shape
+    model_info = describe(lm)
+
     start_step = 0
-    if resume:
-        found = checkpoint.newest_complete(run_dir)
-        if found is not None:
-            state = engine.load_checkpoint(ds_engine, checkpoint.checkpoint_root(run_dir), found[1].name)
-            start_step = int(state["step"])
-            if rt.is_main:
-                print(f"resumed from {found[1]} (step {start_step})", flush=True)
-        elif rt.is_main:
-            print("--resume: no complete checkpoint yet, starting from step 0", flush=True)
+    if point is not None:
+        start_step = resume_from(ds_engine, point, rt)
 
     flops_per_tok_base = dict(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
                               hidden=shape.hidden_size)
@@ -138,7 +131,6 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     losses: list[float] = []
     try:
         for step in range(start_step, steps):
-            heartbeat.beat(step, "train")
             indices = batching.step_sample_indices(step, num_samples=len(samples),
                                                    global_batch_size=recipe.train.global_batch_size,
                                                    seed=recipe.train.seed)
@@ -167,10 +159,11 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                 sink.log(record)
             evaluator.maybe_run(step + 1, total_steps=steps)
             if recipe.checkpoint.every_steps and (step + 1) % recipe.checkpoint.every_steps == 0 and step + 1 < steps:
-                save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt, best=evaluator.best_to_keep(step + 1))
-        heartbeat.beat(steps, "final")
+                save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt, best=evaluator.best_to_keep(step + 1),
+                                total_steps=steps, num_samples=len(samples))
         if recipe.checkpoint.every_steps:
-            save_checkpoint(ds_engine, run_dir, steps, recipe, rt, best=evaluator.best_to_keep(steps))
+            save_checkpoint(ds_engine, run_dir, steps, recipe, rt, best=evaluator.best_to_keep(steps),
+                            total_steps=steps, num_samples=len(samples))
         best = evaluator.best_to_keep(steps)
         if best is not None:
             sink.write(f"best eval loss {best[1]:.4f} at step {best[0]}: clustertune export {run_dir} --best")
@@ -197,12 +190,14 @@ class TrainingEngine:
     hf_ds_config: Any  # keeps transformers' ZeRO-3 registration alive while the model lives
 
 
-def build_training_engine(recipe: Recipe, rt: Runtime) -> TrainingEngine:
+def build_training_engine(recipe: Recipe, rt: Runtime, *, load_universal: bool = False) -> TrainingEngine:
     """Model (partitioned at creation under ZeRO-3), kernels, LoRA, DeepSpeed engine."""
     layout = engine.batch_layout(recipe.train, world_size=rt.world_size, packing=recipe.data.packing)
     shape = shape_from_model_path(recipe.model.path)
     ds_config = engine.build_deepspeed_config(recipe.train, recipe.zero, layout=layout,
-                                              precision=rt.precision, hidden_size=shape.hidden_size)
+                                              precision=rt.precision, hidden_size=shape.hidden_size,
+                                              load_universal=load_universal,
+                                              node_local_storage=checkpoint.node_local_dir() is not None)
     zero3 = recipe.zero.stage == 3
     hf_ds_config, zero_init = engine.zero3_init_context(ds_config) if zero3 else (None, None)
     attn = attention_implementation(recipe.model, on_gpu=rt.on_gpu, packing=recipe.data.packing)
@@ -235,21 +230,138 @@ def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, pack
 
 
 def save_checkpoint(ds_engine, run_dir: Path, step: int, recipe: Recipe, rt: Runtime,
-                    best: tuple[int, float] | None = None) -> None:
-    """`best`: (step, eval loss) of the best checkpoint so far (keep_best), recorded and kept."""
+                    best: tuple[int, float] | None = None, *, total_steps: int | None = None,
+                    num_samples: int | None = None) -> None:
+    """Every rank writes (and fsyncs) its shards and its RNG state; after a barrier the marker is
+    written; after a second barrier the old checkpoints are rotated away, so a crash between
+    markers never leaves nodes without a common complete step.
+    `best`: (step, eval loss) of the best checkpoint so far (keep_best), recorded and kept."""
     tag = checkpoint.tag_for(step)
     root = checkpoint.checkpoint_root(run_dir)
+    (root / tag).mkdir(parents=True, exist_ok=True)
     watchdog.fault_point("before_shards", rank=rt.rank, step=step)  # TEST-ONLY fault hook (no-op normally)
+    torch.save(rng_state(rt), root / tag / rng_file(rt.rank))
     engine.save_checkpoint(ds_engine, root, tag, client_state={"step": step})
     watchdog.fault_point("after_shards", rank=rt.rank, step=step)
     engine.barrier()
     watchdog.fault_point("after_barrier", rank=rt.rank, step=step)
-    # One marker (and one rotation) per node: without a shared filesystem every node holds its own
-    # ranks' shards and needs its own marker; with one, local rank 0s write the same content.
-    if rt.local_rank == 0:
-        checkpoint.write_marker(root / tag, {"step": step, "world_size": rt.world_size,
-                                             "zero_stage": recipe.zero.stage})
+    # One marker writer and one rotator per filesystem: global rank 0 with a shared filesystem,
+    # each node's local rank 0 when every node has its own directory (CLUSTERTUNE_NODE_LOCAL_DIR).
+    writer = rt.local_rank == 0 if checkpoint.node_local_dir() is not None else rt.is_main
+    if writer:
+        per_epoch = batching.steps_per_epoch(num_samples or recipe.train.global_batch_size,
+                                             recipe.train.global_batch_size)
+        checkpoint.write_marker(root / tag, checkpoint.marker_info(
+            step=step, world_size=rt.world_size, zero_stage=recipe.zero.stage, recipe=recipe,
+            total_steps=total_steps or step, num_samples=num_samples or 0,
+            global_batch_size=recipe.train.global_batch_size, steps_per_epoch=max(1, per_epoch),
+            nodes=node_count(rt), deepspeed_version=engine.deepspeed_version()))
         if best is not None:
             checkpoint.write_best(run_dir, step=best[0], eval_loss=best[1])
+    engine.barrier()
+    if writer:
         checkpoint.rotate(run_dir, recipe.checkpoint.keep_last, protect={best[0]} if best else frozenset())
     engine.barrier()
+
+
+# ------------------------------------------------------------------------------ resume
+
+@dataclass
+class ResumePoint:
+    step: int
+    directory: Path  # checkpoints/step_N (on this node)
+    marker: dict[str, Any]
+    universal: bool  # saved on another world size / ZeRO stage: load its universal conversion
+
+
+def node_count(rt: Runtime) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", rt.world_size)) or rt.world_size)
+    return max(1, rt.world_size // max(1, local))
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_rank{rank:05d}.pt"
+
+
+def rng_state(rt: Runtime) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if rt.on_gpu:
+        state["cuda"] = torch.cuda.get_rng_state(rt.device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], rt: Runtime) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+        np.random.set_state(state["numpy"])
+    if rt.on_gpu and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], rt.device)
+
+
+def find_resume_point(run_dir: Path, rt: Runtime, recipe: Recipe, *, total_steps: int,
+                      num_samples: int) -> ResumePoint | None:
+    """The newest step complete on every node (ranks agree by all-gathering the complete steps
+    each one sees), prepared for loading: converted to a universal checkpoint (by one process)
+    when it was saved on another world size or ZeRO stage. Collective: call on every rank."""
+    mine = [step for step, _ in checkpoint.complete_checkpoints(run_dir)]
+    everyone: list[Any] = [mine]
+    if dist.is_initialized() and rt.world_size > 1:
+        everyone = [None] * rt.world_size
+        dist.all_gather_object(everyone, mine)
+    step = checkpoint.newest_common_step(everyone)
+    if step is None:
+        if rt.is_main:
+            seen = sorted({s for steps in everyone for s in steps})
+            print("--resume: no checkpoint complete on every node" + (f" (complete somewhere: {seen})" if seen
+                  else "") + ", starting from step 0", flush=True)
+        return None
+    directory = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
+    marker = checkpoint.read_marker(directory)
+    if rt.is_main:
+        if mine and mine[-1] != step:
+            print(f"resume: step {mine[-1]} is not complete on every node; taking step {step}", flush=True)
+        for problem in checkpoint.resume_problems(marker, recipe=recipe, total_steps=total_steps,
+                                                  num_samples=num_samples):
+            print(f"warning: resume will not be exact: {problem}", flush=True)
+    old_world, old_stage = marker.get("world_size", rt.world_size), marker.get("zero_stage", recipe.zero.stage)
+    universal = old_world != rt.world_size or old_stage != recipe.zero.stage
+    if universal:
+        node_local = checkpoint.node_local_dir() is not None
+        if node_local and max(int(marker.get("nodes", 1)), node_count(rt)) > 1:
+            raise RuntimeError(
+                f"resume: checkpoint step {step} was saved by world size {old_world} (ZeRO-{old_stage}) and this "
+                f"run has world size {rt.world_size} (ZeRO-{recipe.zero.stage}); changing it needs every rank's "
+                f"shards in one directory, but {checkpoint.NODE_LOCAL_ENV} keeps them per node. Copy every "
+                f"node's {directory.name} into one directory and resume with a shared checkpoint directory")
+        if rt.is_main:
+            print(f"resume: step {step} was saved with world size {old_world} (ZeRO-{old_stage}); converting it "
+                  f"to a universal checkpoint for world size {rt.world_size}", flush=True)
+            engine.convert_to_universal(directory, directory / "universal")
+        engine.barrier()
+    return ResumePoint(step, directory, marker, universal)
+
+
+def resume_from(ds_engine, point: ResumePoint, rt: Runtime) -> int:
+    """Load model, optimizer and this rank's RNG; returns the step to continue from. Data order
+    and LR are pure functions of the step, so nothing else needs restoring."""
+    if point.universal:
+        state = engine.load_checkpoint(ds_engine, point.directory, "universal")
+    else:
+        state = engine.load_checkpoint(ds_engine, point.directory.parent, point.directory.name)
+    step = int(state.get("step", point.step))
+    rng = point.directory / rng_file(rt.rank)
+    if rng.is_file():
+        restore_rng(torch.load(rng, weights_only=False), rt)
+    elif rt.is_main:
+        print(f"resume: no saved RNG state for rank {rt.rank} (world size changed); keeping the seeded one",
+              flush=True)
+    if rt.is_main:
+        print(f"resumed from {point.directory} (step {step})", flush=True)
+    return step
