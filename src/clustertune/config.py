@@ -253,6 +253,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"{path}: recipe file not found") from None
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     tree = apply_overrides(tree, overrides or [])
     return recipe_from_dict(tree, source)
 

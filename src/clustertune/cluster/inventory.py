@@ -214,6 +214,8 @@ def load_cluster(path: str | Path) -> Cluster:
         raise ClusterError(f"{path}: cluster file not found (create one with `clustertune cluster init`)") from None
     except tomllib.TOMLDecodeError as err:
         raise ClusterError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ClusterError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     return cluster_from_dict(tree, str(path))
 
 

@@ -62,7 +62,9 @@ ALLOW_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "CUD
 ALLOW_NAMES = frozenset({"PYTHONPATH", "TMPDIR", "TZ"})
 # Decided per node by the launcher itself, never copied from the launching shell.
 DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", "CLUSTERTUNE_RUN_ID", "CLUSTERTUNE_SECRETS_FILE",
-                        "CLUSTERTUNE_NODE_NICS", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+                        "CLUSTERTUNE_NODE_NICS", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        # each node's own checkpoint directory (no shared filesystem), set on that node
+                        "CLUSTERTUNE_NODE_LOCAL_DIR"})
 # Characters DeepSpeed's add_export leaves unquoted, plus space (quoted by it, and inert inside "...").
 SAFE_VALUE_RE = re.compile(r"^[\w@%+=:,./ -]*$")
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
