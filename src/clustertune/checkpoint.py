@@ -265,6 +265,23 @@ def _write_safetensors_shards(named: Iterator[tuple[str, Any]], out: Path, *, dt
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _check_all_shards(directory: Path) -> None:
+    """The consolidation needs every rank's ZeRO shard. Without a shared filesystem each node
+    holds only its own ranks' shards: say how to gather them instead of failing deep inside."""
+    world = read_marker(directory).get("world_size")
+    if not world:
+        return
+    ranks = {int(m.group(1)) for f in directory.glob("*optim_states.pt")
+             if (m := re.search(r"_rank_(\d+)_", f.name))}
+    missing = sorted(set(range(int(world))) - ranks)
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: shards of rank(s) {missing[:8]} of {world} are missing (checkpoints kept per node, "
+            f"{NODE_LOCAL_ENV}?). Copy {directory.name}/ from every node into one directory D/checkpoints/"
+            f"{directory.name}/ (shard file names do not collide; a node's copy of mp_rank_00_model_states.pt "
+            f"is the same on all), then run {NODE_LOCAL_ENV}=D clustertune export RUN_DIR")
+
+
 def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_section, precision: str,
                            best: bool = False) -> int:
     """Offline export of the newest complete checkpoint (best: the one with the best eval loss) as
@@ -284,6 +301,7 @@ def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_sect
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint (directories with {MARKER}) to export")
     step, directory = found
+    _check_all_shards(directory)
     config = hf_config(model_section)
     # Parameter names are those of the trained module: TokenLossModel keeps the HF model as `lm`.
     named = ((name.removeprefix("lm."), tensor) for name, tensor in
