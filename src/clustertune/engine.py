@@ -130,9 +130,12 @@ def lr_multiplier(step: int, *, train: TrainSection, total_steps: int) -> float:
 
 # ----------------------------------------------------------------------- runtime (imports torch)
 
-def init_distributed(*, on_gpu: bool) -> None:
+def init_distributed(*, on_gpu: bool, timeout_s: float | None = None) -> None:
+    """timeout_s: how long any collective may wait for a peer (run.collective_timeout_s)."""
+    import datetime
     import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
 
 
 def zero3_init_context(ds_config: dict[str, Any]):

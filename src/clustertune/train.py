@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clustertune import batching, checkpoint, engine, evaluate, metrics
+from clustertune import batching, checkpoint, engine, evaluate, metrics, watchdog
 from clustertune.config import Recipe, recipe_to_toml
 from clustertune.kernels import VARLEN_ATTENTION
 from clustertune.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
@@ -45,7 +45,7 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     on_gpu = torch.cuda.is_available() if want == "auto" else want == "cuda"
     if on_gpu:
         torch.cuda.set_device(local_rank)
-    engine.init_distributed(on_gpu=on_gpu)
+    engine.init_distributed(on_gpu=on_gpu, timeout_s=recipe.run.collective_timeout_s)
     seed_everything(recipe.train.seed, deterministic=recipe.train.deterministic or not on_gpu)
     return Runtime(rank, local_rank, world, on_gpu, torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"),
                    engine.resolve_precision(recipe.train, on_gpu=on_gpu))
@@ -92,6 +92,7 @@ def prepare_data(recipe: Recipe, tokenizer, rt: Runtime, run_dir: Path):
 
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train `recipe` on this rank; returns a summary (rank 0's is complete)."""
+    heartbeat = watchdog.start_heartbeat(rank=engine.world_info()[0], stall_timeout_s=recipe.run.stall_timeout_s)
     rt = setup_runtime(recipe)
     run_dir = Path(recipe.run.output_dir)
     tokenizer = load_tokenizer(recipe.model)
@@ -131,6 +132,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     losses: list[float] = []
     try:
         for step in range(start_step, steps):
+            heartbeat.beat(step, "train")
             indices = batching.step_sample_indices(step, num_samples=len(samples),
                                                    global_batch_size=recipe.train.global_batch_size,
                                                    seed=recipe.train.seed)
@@ -161,6 +163,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
             if recipe.checkpoint.every_steps and (step + 1) % recipe.checkpoint.every_steps == 0 and step + 1 < steps:
                 save_checkpoint(ds_engine, run_dir, step + 1, recipe, rt, best=evaluator.best_to_keep(step + 1),
                                 total_steps=steps, num_samples=len(samples))
+        heartbeat.beat(steps, "final")
         if recipe.checkpoint.every_steps:
             save_checkpoint(ds_engine, run_dir, steps, recipe, rt, best=evaluator.best_to_keep(steps),
                             total_steps=steps, num_samples=len(samples))
