@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from clustertune.config import Recipe, load_recipe, recipe_to_toml
+from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
 
 
 def local_gpu_count() -> int:
@@ -64,8 +65,12 @@ def worker_env(*, rank: int, world: int, port: int, on_gpu: bool) -> dict[str, s
     return env
 
 
-def _pump(stream, prefix: str, log_file, echo) -> None:
+def _pump(stream, prefix: str, log_file, echo, monitor: StallMonitor) -> None:
     for line in iter(stream.readline, ""):
+        beat = parse_heartbeat(line)
+        if beat is not None:  # liveness for the stall monitor, not for the user or the log
+            monitor.record(beat[0], None, beat[1], beat[2])
+            continue
         log_file.write(line)
         log_file.flush()
         if echo:
@@ -82,6 +87,7 @@ def run_local_workers(recipe: Recipe, *, nproc: int, resume: bool, on_gpu: bool)
     cmd = [sys.executable, "-m", "clustertune.worker", str(launch_recipe)] + (["--resume"] if resume else [])
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
+    monitor = StallMonitor(timeout=recipe.run.stall_timeout_s)
     for rank in range(nproc):
         log_file = open(logs / f"rank{rank}.log", "w", encoding="utf-8")
         # Rank 0 keeps the terminal's stderr for its progress bar; its stdout and every other
@@ -90,10 +96,11 @@ def run_local_workers(recipe: Recipe, *, nproc: int, resume: bool, on_gpu: bool)
                                 stdout=subprocess.PIPE, stderr=None if rank == 0 else subprocess.STDOUT,
                                 text=True, start_new_session=True)
         procs.append(proc)
-        thread = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", log_file, True), daemon=True)
+        thread = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", log_file, True, monitor),
+                                  daemon=True)
         thread.start()
         pumps.append(thread)
-    return _supervise(procs, pumps)
+    return _supervise(procs, pumps, monitor)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
@@ -116,10 +123,15 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait()
 
 
-def _supervise(procs: list[subprocess.Popen], pumps: list[threading.Thread]) -> int:
+def _supervise(procs: list[subprocess.Popen], pumps: list[threading.Thread], monitor: StallMonitor) -> int:
     failed: tuple[int, int] | None = None
     try:
         while True:
+            hang = monitor.check()
+            if hang is not None:
+                print(f"error: {hang}; stopping all workers", file=sys.stderr)
+                _stop(procs)
+                return STALL_EXIT_CODE
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
