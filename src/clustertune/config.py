@@ -239,22 +239,27 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(format_validation_error(err, source)) from None
 
 
+def read_toml_file(path: Path, error: type[ValueError], missing: str) -> dict[str, Any]:
+    """A TOML file as a dict, or `error` with a message naming the file (missing, not UTF-8,
+    not TOML) instead of a traceback. Shared by recipes and cluster files."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Load a TOML recipe (None: the built-in demo recipe) and apply `--set` overrides."""
     if path is None:
         from clustertune.demo import demo_recipe_dict
         tree, source = demo_recipe_dict(), "<demo recipe>"
     else:
-        path = Path(path)
         source = str(path)
-        try:
-            tree = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: recipe file not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise RecipeError(f"{path}: not valid TOML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise RecipeError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+        tree = read_toml_file(Path(path), RecipeError, "recipe file not found")
     tree = apply_overrides(tree, overrides or [])
     return recipe_from_dict(tree, source)
 

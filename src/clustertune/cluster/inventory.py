@@ -24,13 +24,12 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clustertune.config import format_validation_error
+from clustertune.config import format_validation_error, read_toml_file
 
 
 class ClusterError(ValueError):
@@ -208,14 +207,7 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
 
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
-    try:
-        tree = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClusterError(f"{path}: cluster file not found (create one with `clustertune cluster init`)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ClusterError(f"{path}: not valid TOML: {err}") from None
-    except UnicodeDecodeError as err:
-        raise ClusterError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    tree = read_toml_file(path, ClusterError, "cluster file not found (create one with `clustertune cluster init`)")
     return cluster_from_dict(tree, str(path))
 
 
