@@ -59,6 +59,13 @@ SUITES = {
         ("W3 baseline ZeRO-3 (call 4)", baseline("--shape", "7b-8l", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--mbs", "4", "--gc", "--tag", "w3")),
         ("W3 clustertune ZeRO-3 32/step 32k", ours("--shape", "qwen2.5-7b", "--layers", "8", "--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "32", "--budget", "32768", "--gc", "--persist", "100000000", "--tag", "w3big")),
     ],
+    # Which attention for packed rows: varlen flash (auto) vs sdpa with the block-diagonal mask
+    # transformers derives from position ids vs flex_attention with a document mask.
+    "attn": [
+        ("ATTN varlen", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "32", "--budget", "16384", "--gc", "--steps", "12", "--tag", "attn_varlen")),
+        ("ATTN sdpa", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "32", "--budget", "16384", "--gc", "--steps", "12", "--attn", "sdpa", "--tag", "attn_sdpa")),
+        ("ATTN flex", ours("--stage", "2", "--mode", "var", "--seq", "4096", "--batch", "32", "--budget", "16384", "--gc", "--steps", "12", "--attn", "flex_attention", "--tag", "attn_flex")),
+    ],
     # Memory at the same tokens per micro-batch as the baseline (4 x 2048 = 8192).
     "mem": [
         ("MEM clustertune ZeRO-3 8192 tok/micro", ours("--stage", "3", "--mode", "fixed", "--seq", "2048", "--batch", "4", "--budget", "8192", "--gc", "--tag", "mem")),
