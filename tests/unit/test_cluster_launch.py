@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clustertune.cluster.inventory import cluster_from_dict
+from clustertune.cluster.inventory import cluster_from_dict, load_cluster
 from clustertune.cluster.launch import (EnvSelection, LaunchError, OutputRouter, build_run_env, check_safe_path,
                                         deepspeed_command, env_file_text, resolve_recipe, runner_env, select_env,
                                         slurm_script, torchrun_command, torchrun_node_script)
@@ -257,6 +257,7 @@ def test_cmd_launch_slurm_writes_job_and_private_secrets(tmp_path, monkeypatch, 
     assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert str(launch / "recipe.toml") in script and "hf_slurmsecret" not in script
     assert "lr = 0.0001" in (launch / "recipe.toml").read_text()
+    assert load_cluster(launch / "cluster.toml").world_size == 16  # the run directory describes its cluster
     assert stat.S_IMODE((launch / "secrets.env").stat().st_mode) == 0o600
     env_text = (launch / "run.env").read_text()
     assert f"CLUSTERTUNE_SECRETS_FILE={launch / 'secrets.env'}" in env_text and "hf_slurmsecret" not in env_text

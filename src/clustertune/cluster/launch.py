@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from clustertune.local import free_port, local_gpu_count
-from clustertune.cluster.inventory import Cluster, ClusterError, hostfile_text, load_cluster, localhost_cluster
+from clustertune.cluster.inventory import (Cluster, ClusterError, cluster_to_toml, hostfile_text, load_cluster,
+                                          localhost_cluster)
 from clustertune.cluster.rankexec import EXIT_TAG
 from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
 from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
@@ -652,6 +653,7 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
     _write(files.recipe, recipe_to_toml(recipe))
     _write(files.env, env_file_text(run_env))
     _write(files.hostfile, hostfile_text(cluster))
+    _write(files.launch_dir / "cluster.toml", cluster_to_toml(cluster))  # the run describes its cluster
     info = {"run_id": run_id, "launcher": launcher, "cluster": cluster.name,
             "nodes": [n.name for n in cluster.ordered_nodes()],
             "world_size": cluster.world_size, "master": f"{cluster.rendezvous_addr}:{cluster.master_port}",
