@@ -27,9 +27,8 @@ inside the functions that need a model.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 DEMO_ASSETS: Path = Path(__file__).resolve().parent / "demo_assets"
 DEMO_TRAIN_FILE: Path = DEMO_ASSETS / "train.jsonl"
@@ -137,24 +136,3 @@ def exact_match(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], *,
         model.train(was_training)
     correct = sum(expected.strip() == got for _, expected, got in results)
     return correct / len(results), results
-
-
-def print_demo_report(before: float, after: float, samples: list[tuple[str, str, str]], *,
-                      n_samples: int = 5, file: TextIO | None = None) -> None:
-    """A short block for the end of the demo: held-out accuracy before -> after, and a few
-    generations (misses first, so a failure is never hidden behind correct samples)."""
-    out = file or sys.stdout
-    misses = [s for s in samples if s[1].strip() != s[2]]
-    hits = [s for s in samples if s[1].strip() == s[2]]
-    shown = (misses[: n_samples // 2 + 1] + hits)[:n_samples] if misses else hits[:n_samples]
-    width = max((len(p) for p, _, _ in shown), default=0)
-    lines = [
-        f"Held-out exact match ({len(samples)} prompts never seen in training):",
-        f"  before training: {before:6.1%}",
-        f"  after training:  {after:6.1%}",
-        "Sample generations:",
-    ]
-    for prompt, expected, got in shown:
-        mark = "ok" if expected.strip() == got else f"MISS (expected {expected!r})"
-        lines.append(f"  {prompt:<{width}}  ->  {got!r:<12} {mark}")
-    print("\n".join(lines), file=out, flush=True)

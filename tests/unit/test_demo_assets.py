@@ -196,13 +196,3 @@ def test_exact_match_scores_correct_generations(tokenizer):
     assert acc == 1.0 and all(got == expected for _, expected, got in results)
     acc, _ = demo.exact_match(_OracleModel(tokenizer, wrong=True), tokenizer, pairs)
     assert acc == 0.0
-
-
-def test_print_demo_report_shows_before_after_and_misses():
-    samples = [("reverse: abc", "cba", "cba"), ("reverse: xyz", "zyx", "zyy")] + [("reverse: qq", "qq", "qq")] * 5
-    buf = io.StringIO()
-    demo.print_demo_report(0.0, 0.857, samples, file=buf)
-    text = buf.getvalue()
-    assert "0.0%" in text and "85.7%" in text
-    assert "MISS" in text and "'zyy'" in text
-    assert len([ln for ln in text.splitlines() if "->" in ln]) == 5
