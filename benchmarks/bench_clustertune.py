@@ -47,7 +47,8 @@ if a.layers:  # a truncated built-in shape, registered under a new name for this
 recipe = recipe_from_dict({
     "run": {"output_dir": "/tmp/bench_run"},
     "model": {"path": model_path, "liger": "off" if a.no_liger else "on", "attn_implementation": a.attn},
-    "data": {"packing": not a.no_pack, "max_length": a.seq},
+    # Samples are generated below (benchmarks/workload.py); the file list only satisfies the schema.
+    "data": {"train_files": ["<synthetic: benchmarks/workload.py>"], "packing": not a.no_pack, "max_length": a.seq},
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
               "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device},

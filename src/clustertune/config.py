@@ -42,7 +42,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    train_files: list[str] = Field(default_factory=lambda: ["demo"])
+    train_files: list[str] = Field(min_length=1)  # JSONL files; required
     format: Literal["auto", "messages", "alpaca"] = "auto"
     max_length: int = Field(default=2048, ge=8)
     overlength: Literal["truncate", "drop"] = "truncate"
@@ -148,7 +148,7 @@ class RunSection(_Section):
 class Recipe(_Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
+    data: DataSection
     train: TrainSection = Field(default_factory=lambda: TrainSection(max_steps=100))
     zero: ZeroSection = Field(default_factory=ZeroSection)
     lora: LoraSection = Field(default_factory=LoraSection)

@@ -29,7 +29,8 @@ def test_doctor_all_green(make_cluster, tmp_path):
     h = make_cluster(2)
     h.setup_ssh()
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[run]\noutput_dir = "runs/x"\n[train]\nmax_steps = 2\n[checkpoint]\nevery_steps = 1\n')
+    recipe.write_text('[run]\noutput_dir = "runs/x"\n[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 2\n'
+                      '[checkpoint]\nevery_steps = 1\n')
     started = time.monotonic()
     out = h.clustertune("cluster", "doctor", "--cluster", str(h.sb.cluster_file), "--recipe", str(recipe))
     took = time.monotonic() - started
@@ -75,7 +76,7 @@ def test_doctor_catches_node_down_wrong_nic_other_torch(make_cluster, tmp_path):
 
     # `launch` runs the same checks first and starts nothing
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[run]\noutput_dir = "runs/x"\n[train]\nmax_steps = 2\n')
+    recipe.write_text('[run]\noutput_dir = "runs/x"\n[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 2\n')
     out = h.clustertune("launch", str(recipe), "--cluster", str(bad), timeout=180)
     assert out.returncode == 2 and "pre-flight checks failed; nothing was started" in out.stderr
     assert not (tmp_path / "runs" / "x" / "launch").exists()

@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.cluster]
 HF_TOKEN = "hf_Zq8secretTOKENvalue"
 MY_TOKEN = "my-other-secret-4242"
 FAKE_ENV = {"PYTHONPATH": str(FAKE_WORKER_DIR), "CLUSTERTUNE_WORKER_MODULE": "ct_fake_worker", "OMP_NUM_THREADS": "1"}
-RECIPE = '[run]\nname = "fake"\noutput_dir = "runs/fake"\nenv_passthrough = ["MY_TOKEN"]\n[train]\nmax_steps = 1\n'
+RECIPE = ('[run]\nname = "fake"\noutput_dir = "runs/fake"\nenv_passthrough = ["MY_TOKEN"]\n'
+          '[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 1\n')
 
 
 def _reports(run_dir: Path, node: str) -> list[dict]:

@@ -22,7 +22,7 @@ def make(run_dir, step, *, complete=True):
 
 
 def recipe(**train):
-    return recipe_from_dict({"train": {"max_steps": 10, **train}}, "<test>")
+    return recipe_from_dict({"data": {"train_files": ["train.jsonl"]}, "train": {"max_steps": 10, **train}}, "<test>")
 
 
 @pytest.fixture(autouse=True)
@@ -92,12 +92,12 @@ def test_node_local_directory_moves_the_checkpoints(tmp_path, monkeypatch):
 
 def test_recipe_hash_ignores_what_may_change_on_resume():
     base = recipe()
-    same = recipe_from_dict({"train": {"max_steps": 99, "log_every": 5},
+    same = recipe_from_dict({"data": {"train_files": ["train.jsonl"]}, "train": {"max_steps": 99, "log_every": 5},
                              "run": {"output_dir": "elsewhere", "name": "x"},
                              "checkpoint": {"every_steps": 3, "keep_last": 5}, "eval": {"every_steps": 4}}, "<t>")
     h = checkpoint.recipe_hash(checkpoint.recipe_fingerprint(base))
     assert checkpoint.recipe_hash(checkpoint.recipe_fingerprint(same)) == h
-    for changed in (recipe(lr=1e-3), recipe(seed=1), recipe_from_dict({"train": {"max_steps": 10},
+    for changed in (recipe(lr=1e-3), recipe(seed=1), recipe_from_dict({"data": {"train_files": ["train.jsonl"]}, "train": {"max_steps": 10},
                                                                        "zero": {"stage": 3}}, "<t>")):
         assert checkpoint.recipe_hash(checkpoint.recipe_fingerprint(changed)) != h
 

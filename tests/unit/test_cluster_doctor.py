@@ -128,7 +128,7 @@ def test_model_parameter_count(tmp_path):
 
 def test_disk_failure_with_recipe(tmp_path):
     from clustertune.cluster.doctor import _disk_cells
-    recipe = recipe_from_dict({"model": {"path": "tiny"},
+    recipe = recipe_from_dict({"model": {"path": "tiny"}, "data": {"train_files": ["train.jsonl"]},
                                "checkpoint": {"every_steps": 10, "keep_last": 2}, "train": {"max_steps": 5}})
     report = Report(CLUSTER, CHECKS)
     report.rows = {"gpu1": {}, "gpu2": {}}

@@ -204,7 +204,7 @@ def test_resolve_recipe_makes_paths_absolute(tmp_path):
     out = resolve_recipe(r, str(tmp_path), cpu=True)
     assert out.run.output_dir == str(tmp_path / "runs/x") and out.model.path == str(tmp_path / "model")
     assert out.data.train_files == [str(tmp_path / "data.jsonl"), "demo"] and out.train.device == "cpu"
-    assert resolve_recipe(recipe_from_dict({"train": {"max_steps": 1}}), str(tmp_path), cpu=False).model.path == "tiny"
+    assert resolve_recipe(recipe_from_dict({"data": {"train_files": ["train.jsonl"]}, "train": {"max_steps": 1}}), str(tmp_path), cpu=False).model.path == "tiny"
 
 
 def test_rankexec_env(tmp_path):
@@ -248,7 +248,7 @@ def test_cmd_launch_slurm_writes_job_and_private_secrets(tmp_path, monkeypatch, 
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_slurmsecret")
-    (tmp_path / "r.toml").write_text('[run]\nname = "sft"\noutput_dir = "runs/sft"\n[train]\nmax_steps = 2\n')
+    (tmp_path / "r.toml").write_text('[run]\nname = "sft"\noutput_dir = "runs/sft"\n[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 2\n')
     args = argparse.Namespace(recipe="r.toml", overrides=["train.lr=1e-4"], launcher="slurm", resume=False,
                               cluster=str(repo / "configs" / "cluster-example.toml"), skip_doctor=False)
     assert cmd_launch(args) == 0

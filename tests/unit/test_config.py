@@ -10,9 +10,13 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
 RECIPES = [p for p in CONFIGS if not p.name.startswith("cluster")]
 
 
-def write(tmp_path, text: str) -> Path:
+DATA = '[data]\ntrain_files = ["train.jsonl"]\n'
+
+
+def write(tmp_path, text: str, *, with_data: bool = True) -> Path:
+    """A recipe file; a [data] section with one file is added unless the text has one."""
     path = tmp_path / "recipe.toml"
-    path.write_text(text)
+    path.write_text(text + ("\n" + DATA if with_data and "[data]" not in text else ""))
     return path
 
 
@@ -41,7 +45,7 @@ def test_wrong_type_is_rejected_not_coerced(tmp_path):
 @pytest.mark.parametrize("text, fragment", [
     ("[train]\nmax_steps = 3\n[zero]\nstage = 2\noffload_params = true\n", "offload_params needs zero.stage = 3"),
     ("[train]\nmax_steps = 3\nepochs = 1.0\n", "exactly one of train.max_steps and train.epochs"),
-    ("[train]\nmax_steps = 3\nmicro_batch_tokens = 512\n[data]\npacking = true\nmax_length = 1024\n",
+    ("[train]\nmax_steps = 3\nmicro_batch_tokens = 512\n[data]\ntrain_files = [\"t.jsonl\"]\npacking = true\nmax_length = 1024\n",
      "micro_batch_tokens (512) must be >= data.max_length (1024)"),
     ("[train]\nmax_steps = 0\n", "train.max_steps"),
     ("[zero]\nstage = 5\n[train]\nmax_steps = 1\n", "zero.stage"),
@@ -80,6 +84,13 @@ def test_missing_file_and_bad_toml(tmp_path):
         load_recipe(tmp_path / "nope.toml")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(write(tmp_path, "[train\n"))
+
+
+def test_data_files_are_required(tmp_path):
+    with pytest.raises(RecipeError, match="data: Field required"):
+        load_recipe(write(tmp_path, "[train]\nmax_steps = 3\n", with_data=False))
+    with pytest.raises(RecipeError, match="data.train_files"):
+        load_recipe(write(tmp_path, "[train]\nmax_steps = 3\n[data]\ntrain_files = []\n"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -212,7 +212,7 @@ def test_generation_prompt_none_without_a_trained_turn():
 # ------------------------------------------------------------------------------- recipe checks
 
 def _recipe(**sections):
-    base = {"data": {"eval_fraction": 0.1}, "train": {"max_steps": 10}}
+    base = {"data": {"train_files": ["train.jsonl"], "eval_fraction": 0.1}, "train": {"max_steps": 10}}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return recipe_from_dict(base)

@@ -22,6 +22,7 @@ SMALL_RECIPE = """\
 [model]
 path = "qwen2.5-1.5b"
 [data]
+train_files = ["train.jsonl"]
 max_length = 2048
 packing = true
 [train]
