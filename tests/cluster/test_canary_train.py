@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clusterlib import base_env, needs_sandbox, run_pids
-from tinytask import make_task
+from tinytask import make_task, tiny_recipe
 
 pytestmark = [pytest.mark.cluster, needs_sandbox]
 
@@ -51,26 +51,8 @@ def test_canaries_only_in_the_0600_secrets_file(make_cluster, tmp_path):
     h.setup_ssh()
     tokenizer, _ = make_task(tmp_path)
     recipe = tmp_path / "canary.toml"
-    recipe.write_text(f"""
-[run]
-name = "canary"
-output_dir = "runs/canary"
-[model]
-path = "tiny"
-tokenizer = "{tokenizer}"
-[data]
-train_files = ["train.jsonl"]
-max_length = 64
-[train]
-max_steps = 4
-global_batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-[zero]
-stage = 3
-[checkpoint]
-every_steps = 2
-""")
+    recipe.write_text(tiny_recipe("canary", tokenizer, steps=4, stage=3, train={"schedule": "cosine"},
+                                   checkpoint={"every_steps": 2}))
     env = dict(base_env(), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="eth0", **CANARIES,
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    os.path.expanduser("~/.cache/torch_extensions")))

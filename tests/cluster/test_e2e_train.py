@@ -18,7 +18,7 @@ import os
 import pytest
 
 from clusterlib import needs_sandbox, run_pids
-from tinytask import make_task
+from tinytask import make_task, tiny_recipe
 
 pytestmark = [pytest.mark.cluster, needs_sandbox]
 
@@ -28,25 +28,7 @@ def test_init_ssh_doctor_launch_zero3_across_nodes(make_cluster, tmp_path):
     n1, n2 = h.sb.nodes
     tokenizer, _ = make_task(tmp_path)
     recipe = tmp_path / "sft.toml"
-    recipe.write_text(f"""
-[run]
-name = "e2e"
-output_dir = "runs/e2e"
-[model]
-path = "tiny"
-tokenizer = "{tokenizer}"
-[data]
-train_files = ["train.jsonl"]
-max_length = 64
-[train]
-max_steps = 8
-global_batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-schedule = "constant"
-[zero]
-stage = 3
-""")
+    recipe.write_text(tiny_recipe("e2e", tokenizer, steps=8, stage=3))
     cfile = tmp_path / "cluster.toml"
     out = h.clustertune("cluster", "init", "--out", str(cfile), "--name", h.sb.name, "--accelerator", "cpu",
                         "--node", f"node1=root@{n1.address}:22:1", "--node", f"node2=root@{n2.address}:22:1")

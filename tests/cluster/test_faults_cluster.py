@@ -29,7 +29,7 @@ import pytest
 
 from clusterlib import Harness, base_env, needs_sandbox, ns_exists, pid_alive, run_pids
 from clustertune.cluster.sandbox import Sandbox
-from tinytask import make_task
+from tinytask import make_task, tiny_recipe
 
 pytestmark = [pytest.mark.cluster, needs_sandbox]
 
@@ -63,30 +63,9 @@ def cluster(tmp_path_factory):
 
 def recipe(h: Harness, tokenizer: Path, name: str, *, steps: int, every: int) -> Path:
     path = h.tmp / f"{name}.toml"
-    path.write_text(f"""
-[run]
-name = "{name}"
-output_dir = "runs/{name}"
-collective_timeout_s = {COLLECTIVE_S}
-stall_timeout_s = {STALL_S}
-[model]
-path = "tiny"
-tokenizer = "{tokenizer}"
-[data]
-train_files = ["train.jsonl"]
-max_length = 64
-[train]
-max_steps = {steps}
-global_batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-schedule = "constant"
-[zero]
-stage = 2
-[checkpoint]
-every_steps = {every}
-keep_last = 2
-""")
+    path.write_text(tiny_recipe(name, tokenizer, steps=steps, stage=2,
+                                run={"collective_timeout_s": COLLECTIVE_S, "stall_timeout_s": STALL_S},
+                                checkpoint={"every_steps": every, "keep_last": 2}))
     return path
 
 

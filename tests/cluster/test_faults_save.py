@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clusterlib import base_env, run_pids
-from tinytask import make_task
+from tinytask import make_task, tiny_recipe
 
 pytestmark = [pytest.mark.cluster]
 
@@ -42,31 +42,9 @@ def _launch(tmp: Path, recipe: Path, *extra: str, fault: str | None = None) -> s
 def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path):
     tokenizer, _ = make_task(tmp_path)
     recipe = tmp_path / "save.toml"
-    recipe.write_text(f"""
-[run]
-name = "save"
-output_dir = "runs/save"
-collective_timeout_s = 30
-stall_timeout_s = 30
-[model]
-path = "tiny"
-tokenizer = "{tokenizer}"
-[data]
-train_files = ["train.jsonl"]
-max_length = 64
-[train]
-max_steps = 6
-global_batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-schedule = "constant"
-device = "cpu"
-[zero]
-stage = 2
-[checkpoint]
-every_steps = 2
-keep_last = 3
-""")
+    recipe.write_text(tiny_recipe("save", tokenizer, steps=6, stage=2,
+                                   run={"collective_timeout_s": 30, "stall_timeout_s": 30},
+                                   train={"device": "cpu"}, checkpoint={"every_steps": 2, "keep_last": 3}))
     run = tmp_path / "runs" / "save"
     ckpts = run / "checkpoints"
     for i, (point, rank) in enumerate([("before_shards", 1), ("after_shards", 1), ("after_barrier", 0)]):

@@ -19,32 +19,9 @@ import shutil
 import pytest
 
 from clusterlib import needs_sandbox
-from tinytask import make_task
+from tinytask import make_task, tiny_recipe
 
 pytestmark = [pytest.mark.cluster, needs_sandbox]
-
-RECIPE = """
-[run]
-name = "nofs"
-output_dir = "runs/nofs"
-[model]
-path = "tiny"
-tokenizer = "{tokenizer}"
-[data]
-train_files = ["train.jsonl"]
-max_length = 64
-[train]
-max_steps = {steps}
-global_batch_size = 8
-micro_batch_size = 4
-lr = 3e-3
-schedule = "constant"
-[zero]
-stage = 3
-[checkpoint]
-every_steps = 2
-keep_last = 5
-"""
 
 
 def test_node_local_checkpoints_save_resume_on_the_common_step_and_export(make_cluster, tmp_path):
@@ -62,7 +39,8 @@ def test_node_local_checkpoints_save_resume_on_the_common_step_and_export(make_c
                                                   os.path.expanduser("~/.cache/torch_extensions"))}
     recipe = tmp_path / "r.toml"
 
-    recipe.write_text(RECIPE.format(tokenizer=tokenizer, steps=4))
+    recipe.write_text(tiny_recipe("nofs", tokenizer, steps=4, stage=3,
+                                   checkpoint={"every_steps": 2, "keep_last": 5}))
     out = h.clustertune("launch", str(recipe), "--cluster", str(cfile), env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
 
@@ -86,7 +64,8 @@ def test_node_local_checkpoints_save_resume_on_the_common_step_and_export(make_c
     # node2 died after its step-4 shards, before its marker: step 4 is complete on node1 only.
     (local["node2"] / "checkpoints" / "step_00000004" / "COMPLETE.json").unlink()
     shutil.rmtree(run / "final")
-    recipe.write_text(RECIPE.format(tokenizer=tokenizer, steps=6))
+    recipe.write_text(tiny_recipe("nofs", tokenizer, steps=6, stage=3,
+                                   checkpoint={"every_steps": 2, "keep_last": 5}))
     out = h.clustertune("launch", str(recipe), "--cluster", str(cfile), "--resume", env=env,
                         timeout=300)
     text = out.stdout + out.stderr

@@ -44,3 +44,22 @@ def make_task(root: Path, samples: int = 128) -> tuple[Path, Path]:
 
 if __name__ == "__main__":
     print(*make_task(Path(sys.argv[1])))
+
+
+def tiny_recipe(name: str, tokenizer: Path, *, steps: int, stage: int, run: dict | None = None,
+                train: dict | None = None, checkpoint: dict | None = None) -> str:
+    """The recipe text every cluster test trains: the tiny model on make_task's data, 8 samples
+    per step; `run`/`train`/`checkpoint` add or override keys of those sections."""
+    sections = {
+        "run": {"name": name, "output_dir": f"runs/{name}", **(run or {})},
+        "model": {"path": "tiny", "tokenizer": str(tokenizer)},
+        "data": {"train_files": ["train.jsonl"], "max_length": 64},
+        "train": {"max_steps": steps, "global_batch_size": 8, "micro_batch_size": 4, "lr": 3e-3,
+                  "schedule": "constant", **(train or {})},
+        "zero": {"stage": stage},
+    }
+    if checkpoint:
+        sections["checkpoint"] = checkpoint
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                   for section, values in sections.items())
+
