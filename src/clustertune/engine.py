@@ -278,6 +278,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down while the interpreter is still whole.
+
+    Without this, gloo's worker threads can outlive the Python objects they hold and the rank
+    dies at exit with "terminate called without an active exception" (SIGABRT) after a run that
+    otherwise succeeded. Call it only after success: with a failed peer the teardown can hang.
+    """
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),

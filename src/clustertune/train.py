@@ -179,6 +179,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     engine.barrier()
     if rt.is_main:
         print(f"exported Hugging Face model to {export_dir}", flush=True)
+    heartbeat.stop()  # beats through the export, which is long for big models; the launcher must not see silence
     return {"losses": losses, "steps": steps, "export_dir": str(export_dir), "model": lm, "tokenizer": tokenizer,
             "runtime": rt}
 

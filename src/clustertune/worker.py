@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.train import run
         run(recipe, resume=args.resume)
+        from clustertune.engine import shutdown_distributed
+        shutdown_distributed()
     except (RecipeError, DataError, FileNotFoundError) as err:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
