@@ -82,6 +82,10 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
             lm = AutoModelForCausalLM.from_pretrained(
                 model.path, config=config, dtype=dtype, attn_implementation=attn,
                 trust_remote_code=model.trust_remote_code)
+    # from_pretrained hands the model back in eval mode, and HF's decoder layers checkpoint only
+    # when `self.training`: without this, a model loaded from a directory (the real fine-tuning
+    # case) silently trained with gradient checkpointing off, 6-7 GiB over plan on a 1.5B model.
+    lm.train()
     if liger:
         from clustertune import kernels
         kernels.apply_liger(lm)

@@ -3,8 +3,9 @@
 * exact resume: per-step losses after a resume equal an uninterrupted run's, for a resume that
   crosses epoch boundaries and one that starts mid-epoch, with a partial (marker-less) newer
   checkpoint on disk that resume must ignore;
-* world-size change: a 2-rank checkpoint resumes on 1 rank and a 1-rank one on 2 ranks, through an
-  automatic conversion to DeepSpeed's universal checkpoint; training continues where it was.
+* world-size change: a 2-rank checkpoint resumes on 1 rank and a 1-rank one on 2 ranks (ZeRO-2), and
+  a 2-rank ZeRO-3 one on 1 rank, through an automatic conversion to DeepSpeed's universal
+  checkpoint; training continues where it was.
 
 A small dataset (24 samples, global batch 8) makes an epoch 3 steps.
 """
@@ -35,10 +36,12 @@ def small_task(tmp_path_factory, task_dir) -> Path:
     return root
 
 
-def recipe_for(tmp_path: Path, name: str, task_dir: Path, small_task: Path, run_dir: Path, **train) -> Path:
+def recipe_for(tmp_path: Path, name: str, task_dir: Path, small_task: Path, run_dir: Path, *, zero_stage: int = 2,
+               **train) -> Path:
     return write_recipe(tmp_path / f"{name}.toml", task_dir, run_dir,
                         data={"train_files": [str(small_task / "train.jsonl")], "cache_dir": str(small_task / "cache")},
                         train={"max_steps": 7, "schedule": "cosine", **train},
+                        zero={"stage": zero_stage},
                         checkpoint={"every_steps": 2, "keep_last": 10})
 
 
@@ -106,17 +109,21 @@ def test_resume_with_a_changed_recipe_warns(tmp_path, task_dir, small_task):
     assert sorted(by_step(run_dir)) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_resume_on_a_different_world_size(tmp_path, task_dir, small_task, first, then):
+@pytest.mark.parametrize("first, then, zero_stage", [(2, 1, 2), (1, 2, 2), (2, 1, 3)],
+                         ids=["2to1", "1to2", "zero3-2to1"])
+def test_resume_on_a_different_world_size(tmp_path, task_dir, small_task, first, then, zero_stage):
     """The step's samples are split differently over ranks but the loss is normalized over the
-    whole step, so the resumed trajectory stays on the uninterrupted one (not restarted)."""
+    whole step, so the resumed trajectory stays on the uninterrupted one (not restarted).
+    Under ZeRO-3 the parameters themselves are partitioned too, so the conversion must also
+    rebuild them, not only the optimizer state."""
     full_dir = tmp_path / "full"
-    assert run_train(recipe_for(tmp_path, "full", task_dir, small_task, full_dir, max_steps=6),
+    assert run_train(recipe_for(tmp_path, "full", task_dir, small_task, full_dir, max_steps=6, zero_stage=zero_stage),
                      nproc=first).returncode == 0
     reference = by_step(full_dir)
     cut = tmp_path / "cut"
     crash_after(full_dir, cut, 4)
-    proc = run_train(recipe_for(tmp_path, "cut", task_dir, small_task, cut, max_steps=6), "--resume", nproc=then)
+    proc = run_train(recipe_for(tmp_path, "cut", task_dir, small_task, cut, max_steps=6, zero_stage=zero_stage),
+                     "--resume", nproc=then)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"saved with world size {first}" in proc.stderr and "(step 4)" in proc.stderr
     assert (cut / "checkpoints" / "step_00000004" / "universal" / "zero").is_dir()

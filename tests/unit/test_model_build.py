@@ -1,0 +1,44 @@
+"""build_causal_lm hands the trainer a model that really trains as configured, whether it is
+built from a shape or loaded from a saved Hugging Face directory (which from_pretrained returns
+in eval mode, where HF's gradient checkpointing does nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from clustertune.config import ModelSection
+from clustertune.model import build_causal_lm
+from clustertune.shapes import SHAPES
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**SHAPES["tiny"].hf_config_dict())).save_pretrained(directory)
+    return directory
+
+
+def layer_forward_calls(lm) -> list[int]:
+    """Forward calls per decoder layer (its MLP; transformers checkpoints the layer's `forward`,
+    inside the layer's own hooks) over one forward + backward: 2 when checkpointing recomputes
+    the layer in backward, 1 when it does not."""
+    calls = [0] * len(lm.model.layers)
+    for i, layer in enumerate(lm.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(0, lm.config.vocab_size, (2, 16))
+    lm(input_ids=ids, labels=ids).loss.backward()
+    return calls
+
+
+@pytest.mark.parametrize("source", ["shape", "directory"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_built_model_trains_and_checkpoints_as_configured(saved_tiny, source, checkpointing):
+    path = "tiny" if source == "shape" else str(saved_tiny)
+    lm = build_causal_lm(ModelSection(path=path, attn_implementation="sdpa"), dtype=torch.float32,
+                         gradient_checkpointing=checkpointing)
+    assert lm.training
+    expected = 2 if checkpointing else 1
+    assert layer_forward_calls(lm) == [expected] * SHAPES["tiny"].num_hidden_layers
