@@ -278,6 +278,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+def run_on_main(work, *, is_main: bool, timeout_s: float):
+    """Rank 0 runs `work()` while the others wait up to `timeout_s`, which may be far longer than
+    the collective timeout (converting a 32B checkpoint reads and writes about half a terabyte).
+    The wait happens in a gloo group of its own, so its timeout leaves the training group's
+    alone. A failure on rank 0 reaches every rank as a RuntimeError instead of a hang."""
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work() if is_main else None
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    outcome: list[Any] = [None]
+    result = None
+    if is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - handed to the other ranks, then re-raised
+            outcome[0] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(outcome, src=0, group=group)
+            dist.destroy_process_group(group)
+            raise
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    dist.destroy_process_group(group)
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {outcome[0]}")
+    return result
+
+
 def shutdown_distributed() -> None:
     """Tear the process group down while the interpreter is still whole.
 

@@ -24,6 +24,9 @@ from clustertune.model import (TokenLossModel, apply_lora, attention_implementat
                                load_tokenizer, model_dtype, use_liger)
 from clustertune.shapes import shape_from_model_path
 
+# How long the other ranks wait while rank 0 converts a checkpoint for a new world size: a 32B
+# model's universal conversion moves ~0.5 TB (bf16 weights + fp32 master and Adam states).
+CONVERSION_TIMEOUT_S = 6 * 3600
 
 @dataclass
 class Runtime:
@@ -344,11 +347,14 @@ def find_resume_point(run_dir: Path, rt: Runtime, recipe: Recipe, *, total_steps
                 f"run has world size {rt.world_size} (ZeRO-{recipe.zero.stage}); changing it needs every rank's "
                 f"shards in one directory, but {checkpoint.NODE_LOCAL_ENV} keeps them per node. Copy every "
                 f"node's {directory.name} into one directory and resume with a shared checkpoint directory")
-        if rt.is_main:
+
+        def convert() -> None:
             print(f"resume: step {step} was saved with world size {old_world} (ZeRO-{old_stage}); converting it "
                   f"to a universal checkpoint for world size {rt.world_size}", flush=True)
+            watchdog.fault_point("universal_conversion", rank=rt.rank, step=step)  # TEST-ONLY hook
             engine.convert_to_universal(directory, directory / "universal")
-        engine.barrier()
+
+        engine.run_on_main(convert, is_main=rt.is_main, timeout_s=CONVERSION_TIMEOUT_S)
     return ResumePoint(step, directory, marker, universal)
 
 

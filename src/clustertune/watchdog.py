@@ -166,18 +166,26 @@ SAVE_POINTS = ("before_shards", "after_shards", "after_barrier")
 
 
 def fault_point(point: str, *, rank: int, step: int) -> None:
-    """TEST-ONLY hook for the fault-injection tests (tests/cluster/test_faults*.py); a no-op unless
-    CLUSTERTUNE_FAULT=kill_during_save:<point>:<rank>:<step> is set, in which case that rank
-    SIGKILLs itself at that named point of the checkpoint save of that step. Points:
-    before_shards (nothing of this rank written), after_shards (shards written, before the
-    barrier), after_barrier (every rank's shards written, before the completion marker)."""
+    """TEST-ONLY hook for the fault-injection tests (tests/cluster/test_faults*.py,
+    tests/integration/test_resume.py); a no-op unless CLUSTERTUNE_FAULT is set to
+
+    * kill_during_save:<point>:<rank>:<step>: that rank SIGKILLs itself at that named point of the
+      checkpoint save of that step. Points: before_shards (nothing of this rank written),
+      after_shards (shards written, before the barrier), after_barrier (every rank's shards
+      written, before the completion marker);
+    * sleep:<point>:<rank>:<seconds>: that rank sleeps there (point universal_conversion: a
+      conversion that takes longer than run.collective_timeout_s, as it does for a 32B model).
+    """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     kind, _, rest = spec.partition(":")
-    if kind != "kill_during_save":
+    want_point, want_rank, value = (rest.split(":") + ["", "", ""])[:3]
+    if want_point != point or str(rank) != want_rank:
         return
-    want_point, want_rank, want_step = (rest.split(":") + ["", "", ""])[:3]
-    if want_point == point and str(rank) == want_rank and str(step) == want_step:
+    if kind == "kill_during_save" and str(step) == value:
         _write_stdout(f"fault injection: rank {rank} SIGKILLs itself at {point} of the step-{step} save")
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "sleep":
+        _write_stdout(f"fault injection: rank {rank} sleeps {value} s at {point}")
+        time.sleep(float(value))

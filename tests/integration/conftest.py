@@ -25,13 +25,19 @@ def task_dir(tmp_path_factory) -> Path:
     tok = chatml_tokenizer()
     assert len(tok) <= 128
     tok.save_pretrained(root / "tokenizer")
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(256):
+    write_uppercase_task(root / "train.jsonl", count=256, seed=0)
+    return root
+
+
+def write_uppercase_task(path: Path, *, count: int, seed: int) -> Path:
+    """`count` chat samples "up abc" -> "ABC" with 2-9 letter words (uneven lengths)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(count):
             word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
             f.write(json.dumps({"messages": [{"role": "user", "content": "up " + word},
                                              {"role": "assistant", "content": word.upper()}]}) + "\n")
-    return root
+    return path
 
 
 def write_recipe(path: Path, task_dir: Path, run_dir: Path, **sections) -> Path:
@@ -55,8 +61,9 @@ def write_recipe(path: Path, task_dir: Path, run_dir: Path, **sections) -> Path:
     return path
 
 
-def run_train(recipe: Path, *args: str, nproc: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+def run_train(recipe: Path, *args: str, nproc: int = 2, timeout: int = 420,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", str(nproc), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:

@@ -13,13 +13,12 @@ A small dataset (24 samples, global batch 8) makes an epoch 3 steps.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import metrics, run_train, write_recipe
+from conftest import metrics, run_train, write_recipe, write_uppercase_task
 
 pytestmark = pytest.mark.integration
 
@@ -27,18 +26,13 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def small_task(tmp_path_factory, task_dir) -> Path:
     root = tmp_path_factory.mktemp("small")
-    rng = random.Random(1)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(24):
-            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": "up " + word},
-                                             {"role": "assistant", "content": word.upper()}]}) + "\n")
+    write_uppercase_task(root / "train.jsonl", count=24, seed=1)
     return root
 
 
 def recipe_for(tmp_path: Path, name: str, task_dir: Path, small_task: Path, run_dir: Path, *, zero_stage: int = 2,
-               **train) -> Path:
-    return write_recipe(tmp_path / f"{name}.toml", task_dir, run_dir,
+               run: dict | None = None, **train) -> Path:
+    return write_recipe(tmp_path / f"{name}.toml", task_dir, run_dir, run=run or {},
                         data={"train_files": [str(small_task / "train.jsonl")], "cache_dir": str(small_task / "cache")},
                         train={"max_steps": 7, "schedule": "cosine", **train},
                         zero={"stage": zero_stage},
@@ -122,9 +116,14 @@ def test_resume_on_a_different_world_size(tmp_path, task_dir, small_task, first,
     reference = by_step(full_dir)
     cut = tmp_path / "cut"
     crash_after(full_dir, cut, 4)
-    proc = run_train(recipe_for(tmp_path, "cut", task_dir, small_task, cut, max_steps=6, zero_stage=zero_stage),
-                     "--resume", nproc=then)
+    # Onto 2 ranks, rank 0 converts for longer than the collective timeout, as it does for a 32B
+    # model: rank 1 must wait for it, not time out.
+    slow, timeouts = ({"CLUSTERTUNE_FAULT": "sleep:universal_conversion:0:15"}, {"collective_timeout_s": 10}) \
+        if then > 1 else ({}, {})
+    proc = run_train(recipe_for(tmp_path, "cut", task_dir, small_task, cut, max_steps=6, zero_stage=zero_stage,
+                                run=timeouts), "--resume", nproc=then, env=slow)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("sleeps 15 s at universal_conversion" in proc.stdout + proc.stderr) == (then > 1)
     assert f"saved with world size {first}" in proc.stderr and "(step 4)" in proc.stderr
     assert (cut / "checkpoints" / "step_00000004" / "universal" / "zero").is_dir()
     resumed = by_step(cut)

@@ -4,6 +4,7 @@ rank is named, when, and that heartbeats never reach the logs. Pure: no processe
 from __future__ import annotations
 
 import os
+import time
 
 from clustertune.cluster.launch import OutputRouter
 from clustertune.watchdog import STALL_EXIT_CODE, Heartbeat, StallMonitor, fault_point, heartbeat_interval, parse_heartbeat
@@ -87,3 +88,14 @@ def test_fault_hook_is_a_no_op_unless_it_matches(monkeypatch):
     fault_point("after_shards", rank=0, step=4)  # other rank
     fault_point("after_shards", rank=1, step=6)  # other step
     assert os.getpid() > 0  # still alive
+
+
+def test_fault_hook_sleeps_only_the_named_rank_at_the_named_point(monkeypatch, capfd):
+    monkeypatch.setenv("CLUSTERTUNE_FAULT", "sleep:universal_conversion:0:0.2")
+    started = time.monotonic()
+    fault_point("universal_conversion", rank=1, step=4)  # other rank
+    fault_point("after_shards", rank=0, step=4)  # other point
+    assert time.monotonic() - started < 0.1
+    fault_point("universal_conversion", rank=0, step=4)
+    assert time.monotonic() - started >= 0.2
+    assert "rank 0 sleeps 0.2 s at universal_conversion" in capfd.readouterr().out
