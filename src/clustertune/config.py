@@ -92,12 +92,19 @@ class ZeroSection(_Section):
     prefetch_bucket_size: int | None = Field(default=None, ge=1)
     # ZeRO-3: parameters smaller than this stay whole on every rank (no gather per use).
     param_persistence_threshold: int | None = Field(default=None, ge=0)
+    # ZeRO-3: the optimizer steps its partition in sub-groups of this many elements; the step
+    # holds one sub-group's flattened gradients (bf16 + fp32), so smaller lowers the peak
+    # (`clustertune plan` shows it). Default: DeepSpeed's 1e9.
+    sub_group_size: int | None = Field(default=None, ge=1)
     overlap_comm: bool = True
 
     @model_validator(mode="after")
     def _offload(self) -> "ZeroSection":
-        if self.offload_params and self.stage != 3:
-            raise ValueError(f"zero.offload_params needs zero.stage = 3 (got stage {self.stage})")
+        if self.stage != 3:
+            for key in ("offload_params", "prefetch_bucket_size", "param_persistence_threshold", "sub_group_size"):
+                if getattr(self, key):
+                    raise ValueError(f"zero.{key} needs zero.stage = 3 (got stage {self.stage}): it is a "
+                                     "ZeRO-3 setting")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("zero.offload_optimizer needs zero.stage >= 1 (got stage 0)")
         return self

@@ -56,6 +56,9 @@ def resolve_precision(train: TrainSection, *, on_gpu: bool) -> str:
     return train.precision
 
 
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's own default, written out so the JSON says what ran
+
+
 def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: BatchLayout,
                            precision: str, hidden_size: int, load_universal: bool = False,
                            node_local_storage: bool = False) -> dict[str, Any]:
@@ -81,6 +84,7 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
         zero_block["stage3_prefetch_bucket_size"] = zero.prefetch_bucket_size or int(0.9 * hidden_size * hidden_size)
         zero_block["stage3_param_persistence_threshold"] = (
             10 * hidden_size if zero.param_persistence_threshold is None else zero.param_persistence_threshold)
+        zero_block["sub_group_size"] = zero.sub_group_size or DEEPSPEED_SUB_GROUP_SIZE
         zero_block["stage3_max_live_parameters"] = int(1e9)
         zero_block["stage3_max_reuse_distance"] = int(1e9)
         # We gather weights ourselves, shard by shard, at export (checkpoint.export_hf_model).

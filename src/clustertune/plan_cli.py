@@ -199,7 +199,8 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         allgather_bucket=zero.allgather_bucket_size or max(500_000_000, h2),
         prefetch_bucket=zero.prefetch_bucket_size or int(0.9 * h2),
         param_persistence_threshold=(10 * shape.hidden_size if zero.param_persistence_threshold is None
-                                     else zero.param_persistence_threshold))
+                                     else zero.param_persistence_threshold),
+        **({"sub_group_size": zero.sub_group_size} if zero.sub_group_size else {}))
     # Packed: the rows per step depend on the data, assume several; padded: global / (micro x world).
     accumulation = recipe.data.packing or (
         recipe.train.global_batch_size > recipe.train.micro_batch_size * job.world_size)

@@ -44,6 +44,8 @@ def test_wrong_type_is_rejected_not_coerced(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [
     ("[train]\nmax_steps = 3\n[zero]\nstage = 2\noffload_params = true\n", "offload_params needs zero.stage = 3"),
+    ("[train]\nmax_steps = 3\n[zero]\nstage = 2\nsub_group_size = 100000000\n",
+     "zero.sub_group_size needs zero.stage = 3 (got stage 2)"),
     ("[train]\nmax_steps = 3\nepochs = 1.0\n", "exactly one of train.max_steps and train.epochs"),
     ("[train]\nmax_steps = 3\nmicro_batch_tokens = 512\n[data]\ntrain_files = [\"t.jsonl\"]\npacking = true\nmax_length = 1024\n",
      "micro_batch_tokens (512) must be >= data.max_length (1024)"),

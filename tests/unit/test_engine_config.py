@@ -49,12 +49,20 @@ def test_stage3_offload_blocks():
     assert "allgather_bucket_size" not in z
 
 
+def test_stage3_sub_group_size_written_out_default_or_recipe():
+    layout = batch_layout(train(global_batch_size=8, micro_batch_size=4), world_size=2, packing=False)
+    configs = [build_deepspeed_config(train(global_batch_size=8, micro_batch_size=4), zero, layout=layout,
+                                      precision="bf16", hidden_size=64)["zero_optimization"]
+               for zero in (ZeroSection(stage=3), ZeroSection(stage=3, sub_group_size=200_000_000))]
+    assert [z["sub_group_size"] for z in configs] == [1_000_000_000, 200_000_000]
+
+
 def test_stage2_has_no_stage3_keys():
     layout = batch_layout(train(global_batch_size=8, micro_batch_size=4), world_size=2, packing=False)
     z = build_deepspeed_config(train(global_batch_size=8, micro_batch_size=4), ZeroSection(stage=2),
                                layout=layout, precision="bf16", hidden_size=64)["zero_optimization"]
     assert not any(k.startswith("stage3") for k in z)
-    assert "offload_optimizer" not in z
+    assert "offload_optimizer" not in z and "sub_group_size" not in z
 
 
 def test_warmup_then_cosine_to_floor():

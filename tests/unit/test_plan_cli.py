@@ -119,3 +119,23 @@ def test_launcher_side_modules_do_not_import_torch():
     code = ("import sys, clustertune.plan_cli, clustertune.report, clustertune.gpus; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_recipe_sub_group_size_shrinks_the_planned_zero3_step(tmp_path):
+    """W2's case (one 1.5B rank): DeepSpeed's 1e9-element sub-groups step the whole partition at
+    once; the recipe's zero.sub_group_size reaches the planner and caps the step's gradient
+    copies at one sub-group (the 233M-element embedding is the largest parameter)."""
+    from clustertune.plan import Option, gpu_memory
+    from clustertune.plan_cli import Job, plan_input
+    from clustertune.shapes import SHAPES
+
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_RECIPE)
+    job = Job(gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=1, topology_source="test",
+              host_mem_gib=512, host_source="test")
+    option = Option(3, offload_optimizer=False, offload_params=False, gradient_checkpointing=True)
+    shape = SHAPES["qwen2.5-1.5b"]
+    default, small = (gpu_memory(plan_input(load_recipe(path, overrides), shape, job), option)
+                      for overrides in ([], ["zero.sub_group_size=230000000"]))
+    assert default.step_transient > 4 * small.step_transient
+    assert small.allocated_peak < default.allocated_peak - 3
