@@ -20,6 +20,7 @@ p.add_argument("--no-liger", action="store_true"); p.add_argument("--attn", defa
 p.add_argument("--no-pack", action="store_true", help="padded micro-batches of --mbs samples")
 p.add_argument("--mbs", type=int, default=4)
 p.add_argument("--persist", type=int, default=None, help="zero.param_persistence_threshold")
+p.add_argument("--subgroup", type=int, default=None, help="zero.sub_group_size (ZeRO-3)")
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
 p.add_argument("--profile", default=None, help="write a torch profiler trace summary here")
@@ -52,7 +53,8 @@ recipe = recipe_from_dict({
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
               "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device},
-    "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {})},
+    "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
+             **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
 })
 rt = train.setup_runtime(recipe)
 parts = train.build_training_engine(recipe, rt)

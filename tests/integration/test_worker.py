@@ -127,3 +127,29 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, task_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "not a clustertune run directory" in proc.stderr
+
+
+def test_fine_tune_from_an_exported_directory_under_zero3_with_checkpointing(tmp_path, task_dir):
+    """The user's real case: a Hugging Face directory on disk (here: a first run's export, with
+    its tokenizer) loaded shard by shard into ZeRO-3 partitions, trained with gradient
+    checkpointing, exported again. The second run starts from the trained weights, not from a
+    random init, and keeps learning."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = write_recipe(tmp_path / "first.toml", task_dir, first_dir, train={"max_steps": 10})
+    assert run_train(first).returncode == 0
+    first_losses = [m["loss"] for m in metrics(first_dir)]
+
+    second = write_recipe(tmp_path / "second.toml", task_dir, second_dir,
+                          model={"path": str(first_dir / "final"), "tokenizer": str(first_dir / "final")},
+                          train={"max_steps": 6, "gradient_checkpointing": True, "lr": 1e-3, "warmup_steps": 0,
+                                 "seed": 8},
+                          zero={"stage": 3})
+    proc = run_train(second)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second_losses = [m["loss"] for m in metrics(second_dir)]
+    assert second_losses[0] < 0.6 * first_losses[0], (first_losses, second_losses)
+    assert min(second_losses[1:]) < second_losses[0], second_losses
+    reloaded = AutoModelForCausalLM.from_pretrained(second_dir / "final")
+    before = AutoModelForCausalLM.from_pretrained(first_dir / "final")
+    changed = [name for name, t in reloaded.state_dict().items() if not torch.equal(t, before.state_dict()[name])]
+    assert changed, "the second run's export equals its starting point: nothing was trained"
