@@ -3,6 +3,7 @@ the same gradients as running the samples one by one (fp32, CPU)."""
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -72,3 +73,19 @@ def test_packing_without_restarting_positions_would_differ():
     a = model.token_losses(**packed)[0][7:]
     b = model.token_losses(**crossing)[0][7:]
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_every_attention_candidate_keeps_packed_samples_apart(attn):
+    """The attention benchmark (benchmarks/bench.py --suite attn) compares these for packed rows;
+    each must derive the document mask from the restarting position ids, or the comparison
+    would time a different (cross-sample) computation. Forward only: torch has no flex
+    backward on CPU. The GPU-only varlen kernel is checked by the benchmark's loss gate."""
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation=attn)).float()
+    model = TokenLossModel(lm)
+    samples = make_samples([7, 13, 4, 21])
+    with torch.no_grad():
+        alone = torch.cat([model.token_losses(**collate([s], packing=False, pad_id=0))[0] for s in samples])
+        packed = model.token_losses(**collate(samples, packing=True, pad_id=0))[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
