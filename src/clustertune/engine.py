@@ -282,30 +282,36 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_on_main(work, *, is_main: bool, timeout_s: float):
-    """Rank 0 runs `work()` while the others wait up to `timeout_s`, which may be far longer than
-    the collective timeout (converting a 32B checkpoint reads and writes about half a terabyte).
-    The wait happens in a gloo group of its own, so its timeout leaves the training group's
-    alone. A failure on rank 0 reaches every rank as a RuntimeError instead of a hang."""
+class PeerFailed(RuntimeError):
+    """Work this rank waited for failed on another rank, which reports its own error."""
+
+
+def while_others_wait(work, *, works: bool, timeout_s: float):
+    """Ranks with `works` run `work()` while the others wait up to `timeout_s`, which may be far
+    longer than the collective timeout (tokenizing a large dataset; converting a 32B checkpoint
+    moves about half a terabyte). The wait happens in a gloo group of its own, so its timeout
+    leaves the training group's alone. Every rank learns of a failure: the failing rank
+    re-raises its own error, the others raise PeerFailed naming it, instead of hanging."""
     import datetime
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return work() if is_main else None
+        return work() if works else None
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    outcome: list[Any] = [None]
-    result = None
-    if is_main:
+    result, error = None, None
+    if works:
         try:
             result = work()
-        except Exception as err:  # noqa: BLE001 - handed to the other ranks, then re-raised
-            outcome[0] = f"{type(err).__name__}: {err}"
-            dist.broadcast_object_list(outcome, src=0, group=group)
-            dist.destroy_process_group(group)
-            raise
-    dist.broadcast_object_list(outcome, src=0, group=group)
+        except Exception as err:  # noqa: BLE001 - told to the other ranks, then re-raised below
+            error = err
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
     dist.destroy_process_group(group)
-    if outcome[0] is not None:
-        raise RuntimeError(f"rank 0 failed: {outcome[0]}")
+    if error is not None:
+        raise error
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if failed:
+        rank, outcome = failed[0]
+        raise PeerFailed(f"rank {rank} failed: {outcome.splitlines()[0]}")
     return result
 
 

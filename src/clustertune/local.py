@@ -78,8 +78,19 @@ def _pump(stream, prefix: str, log_file, echo, monitor: StallMonitor) -> None:
     stream.close()
 
 
+def check_data_before_start(recipe: Recipe) -> None:
+    """Every record of the data files parsed and validated here, so bad input is one clear
+    error (file:line) before any worker takes a GPU."""
+    from clustertune.data import check_records
+    report = check_records(recipe.data)
+    print(f"data: {report.valid} records in {len(report.files)} file(s) read"
+          + (f", {report.total_lines - report.valid} invalid skipped (data.skip_invalid)"
+             if report.total_lines > report.valid else ""), file=sys.stderr)
+
+
 def run_local_workers(recipe: Recipe, *, nproc: int, resume: bool, on_gpu: bool) -> int:
     """Start `nproc` workers on this machine and supervise them; returns the run's exit code."""
+    check_data_before_start(recipe)
     launch_recipe = write_launch_recipe(recipe)
     logs = Path(recipe.run.output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@ from clustertune.model import (TokenLossModel, apply_lora, attention_implementat
                                load_tokenizer, model_dtype, use_liger)
 from clustertune.shapes import shape_from_model_path
 
-# How long the other ranks wait while rank 0 converts a checkpoint for a new world size: a 32B
-# model's universal conversion moves ~0.5 TB (bf16 weights + fp32 master and Adam states).
-CONVERSION_TIMEOUT_S = 6 * 3600
+# How long ranks wait for one process's work: tokenizing a large dataset, or converting a 32B
+# checkpoint for a new world size (~0.5 TB of bf16 weights + fp32 master and Adam states).
+LONG_WAIT_S = 6 * 3600
 
 @dataclass
 class Runtime:
@@ -78,15 +78,17 @@ def write_run_files(run_dir: Path, recipe: Recipe, ds_config: dict[str, Any], rt
 
 
 def prepare_data(recipe: Recipe, tokenizer, rt: Runtime, run_dir: Path):
-    """Rank 0 validates and tokenizes (filling the cache); the others then load the cache, so
-    every rank trains the identical filtered, shuffled list."""
+    """Each node's local rank 0 validates and tokenizes (filling the cache); the others then load
+    the cache, so every rank trains the identical filtered, shuffled list."""
     from clustertune.data import prepare_dataset
     cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else run_dir.parent / ".cache" / "tokenized"
-    result = None
-    if rt.local_rank == 0:
-        result = prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
-                                 log=print if rt.is_main else (lambda *_: None))
-    engine.barrier()
+
+    def tokenize():
+        watchdog.fault_point("data_preparation", rank=rt.rank, step=0)  # TEST-ONLY hook
+        return prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
+                               log=print if rt.is_main else (lambda *_: None))
+
+    result = engine.while_others_wait(tokenize, works=rt.local_rank == 0, timeout_s=LONG_WAIT_S)
     if result is None:
         result = prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
                                  log=lambda *_: None)
@@ -354,7 +356,7 @@ def find_resume_point(run_dir: Path, rt: Runtime, recipe: Recipe, *, total_steps
             watchdog.fault_point("universal_conversion", rank=rt.rank, step=step)  # TEST-ONLY hook
             engine.convert_to_universal(directory, directory / "universal")
 
-        engine.run_on_main(convert, is_main=rt.is_main, timeout_s=CONVERSION_TIMEOUT_S)
+        engine.while_others_wait(convert, works=rt.is_main, timeout_s=LONG_WAIT_S)
     return ResumePoint(step, directory, marker, universal)
 
 

@@ -173,8 +173,9 @@ def fault_point(point: str, *, rank: int, step: int) -> None:
       checkpoint save of that step. Points: before_shards (nothing of this rank written),
       after_shards (shards written, before the barrier), after_barrier (every rank's shards
       written, before the completion marker);
-    * sleep:<point>:<rank>:<seconds>: that rank sleeps there (point universal_conversion: a
-      conversion that takes longer than run.collective_timeout_s, as it does for a 32B model).
+    * sleep:<point>:<rank>:<seconds>: that rank sleeps there (points data_preparation and
+      universal_conversion: one process's work that outlasts run.collective_timeout_s, as
+      tokenizing a large dataset or converting a 32B checkpoint does).
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clustertune.config import RecipeError, load_recipe
     from clustertune.data import DataError
+    from clustertune.engine import PeerFailed
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.train import run
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, FileNotFoundError) as err:
         rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 2
+    except PeerFailed as err:  # the failing rank prints the whole error; one line here
+        print(f"rank {os.environ.get('RANK', '0')} stops: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

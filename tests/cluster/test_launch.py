@@ -170,8 +170,16 @@ def test_torchrun_launcher(make_cluster, tmp_path):
 
 
 def test_localhost_launch_without_cluster_file(tmp_path):
-    """No cluster file: the same launch path on this machine (loopback only, no ssh, no root)."""
+    """No cluster file: the same launch path on this machine (loopback only, no ssh, no root).
+    The launcher reads the data before any rank starts: first a bad line, then a good file."""
     (tmp_path / "r.toml").write_text(RECIPE)
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    bad = subprocess.run([sys.executable, "-m", "clustertune.cli", "launch", "r.toml"], cwd=tmp_path,
+                         env=dict(base_env(), **FAKE_ENV), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "train.jsonl:1: " in bad.stderr, bad.stderr
+    assert not (tmp_path / "runs" / "fake" / "launch").exists()
+    (tmp_path / "train.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     out = subprocess.run([sys.executable, "-m", "clustertune.cli", "launch", "r.toml"], cwd=tmp_path,
                          env=dict(base_env(), **FAKE_ENV, HF_TOKEN=HF_TOKEN), capture_output=True, text=True,
                          timeout=180)

@@ -153,3 +153,26 @@ def test_fine_tune_from_an_exported_directory_under_zero3_with_checkpointing(tmp
     before = AutoModelForCausalLM.from_pretrained(first_dir / "final")
     changed = [name for name, t in reloaded.state_dict().items() if not torch.equal(t, before.state_dict()[name])]
     assert changed, "the second run's export equals its starting point: nothing was trained"
+
+
+def test_bad_data_fails_before_any_worker_starts(tmp_path, task_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((task_dir / "train.jsonl").read_text().splitlines()[0] + "\n{\"messages\": [{\"role\": \"user\"}]}\n")
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, data={"train_files": [str(bad)]})
+    proc = run_train(recipe, timeout=60)
+    assert proc.returncode == 2
+    assert f"{bad}:2: missing field: messages[0] has no 'content'" in proc.stderr
+    assert "[rank" not in proc.stderr + proc.stdout and not (run_dir / "logs").exists()
+
+
+def test_data_preparation_longer_than_the_collective_timeout(tmp_path, task_dir):
+    """Rank 0 tokenizes (here: sleeps first) for longer than run.collective_timeout_s, as it does
+    for a large dataset; rank 1 waits for it instead of timing out."""
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, run={"collective_timeout_s": 10},
+                          data={"cache_dir": str(tmp_path / "cache")}, train={"max_steps": 2})
+    proc = run_train(recipe, env={"CLUSTERTUNE_FAULT": "sleep:data_preparation:0:15"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 sleeps 15 s at data_preparation" in proc.stdout + proc.stderr
+    assert len(metrics(run_dir)) >= 2

@@ -200,3 +200,22 @@ def test_altered_turns_are_counted(tmp_path):
 def test_missing_train_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="train.jsonl: data file not found"):
         prepare(tmp_path)
+
+
+def test_launcher_check_reads_records_without_a_tokenizer(tmp_path):
+    """check_records (the launcher's check before workers start) raises the same listing as
+    training for bad lines, counts what it skips, and imports nothing of the model side."""
+    from clustertune.data import check_records
+    write_jsonl(tmp_path / "train.jsonl", numbered(3) + ["{oops"])
+    write_jsonl(tmp_path / "eval.jsonl", ["{}"])
+    section = DataSection(train_files=[str(tmp_path / "train.jsonl")], eval_files=[str(tmp_path / "eval.jsonl")])
+    with pytest.raises(DataError) as info:
+        check_records(section)
+    with pytest.raises(DataError) as training:
+        prepare(tmp_path, eval_files=[str(tmp_path / "eval.jsonl")])
+    assert str(info.value) == str(training.value)
+    assert f"{tmp_path / 'train.jsonl'}:4: bad JSON" in str(info.value)
+    report = check_records(section.model_copy(update={"skip_invalid": True}))
+    assert (report.valid, report.total_lines) == (3, 5)
+    with pytest.raises(DataError, match="data file not found"):
+        check_records(DataSection(train_files=[str(tmp_path / "missing.jsonl")]))

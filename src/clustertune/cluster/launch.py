@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from clustertune.local import free_port, local_gpu_count
+from clustertune.local import check_data_before_start, free_port, local_gpu_count
 from clustertune.cluster.inventory import (Cluster, ClusterError, cluster_to_toml, hostfile_text, load_cluster,
                                           localhost_cluster)
 from clustertune.cluster.rankexec import EXIT_TAG
@@ -617,6 +617,13 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
     if ssh_config is not None and launcher != "slurm" and not ssh_config.exists():
         raise LaunchError(f"no ssh config for cluster {cluster.name!r} ({ssh_config}): run "
                           f"`clustertune cluster ssh --cluster ...` first")
+
+    data_files = [*recipe.data.train_files, *recipe.data.eval_files]
+    if local or all(Path(f).is_file() for f in data_files):
+        check_data_before_start(recipe)
+    else:
+        print("note: the data files are not all on this machine; the doctor checks they exist on every node "
+              "and the workers validate them", file=sys.stderr)
 
     sel = select_env(os.environ, recipe.run.env_passthrough)
     for note in sel.skipped:

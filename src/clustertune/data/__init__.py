@@ -8,7 +8,7 @@ Imports no torch: the launcher side (validate) uses it too.
 """
 
 from clustertune.data.chat import tokenize_conversation
-from clustertune.data.prepare import prepare_dataset
+from clustertune.data.prepare import check_records, prepare_dataset
 from clustertune.data.records import read_records
 from clustertune.data.types import IGNORE, DataError, DataReport, PreparedData, Sample
 
@@ -18,6 +18,7 @@ __all__ = [
     "DataReport",
     "PreparedData",
     "Sample",
+    "check_records",
     "prepare_dataset",
     "read_records",
     "tokenize_conversation",

@@ -64,6 +64,15 @@ def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: 
     return prepared
 
 
+def check_records(data: DataSection) -> DataReport:
+    """Read and validate every record, without a tokenizer: the launcher's check before any
+    worker starts. Raises the DataError training would (every bad line as file:line, or a
+    missing file); the chat template and lengths are checked later, by the workers."""
+    report = DataReport(files=[str(p) for p in _paths(data.train_files) + _paths(data.eval_files)])
+    _read_all(_paths(data.train_files) + _paths(data.eval_files), data, report)
+    return report
+
+
 def _paths(files: Sequence[str]) -> list[Path]:
     return [Path(f).expanduser() for f in files]
 

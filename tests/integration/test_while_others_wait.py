@@ -1,5 +1,6 @@
-"""engine.run_on_main on 2 real gloo processes: the other rank waits past the group's collective
-timeout while rank 0 works, and a failure on rank 0 reaches it as an error, not a hang."""
+"""engine.while_others_wait on 2 real gloo processes: waiting ranks outlast the training group's
+collective timeout while others work, and a failure anywhere reaches every rank as an error
+(PeerFailed on the ranks that did not fail), not a hang."""
 
 from __future__ import annotations
 
@@ -12,21 +13,25 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.integration
 
+# (which ranks work, which rank fails, if any)
+SCENARIOS = [((0,), None), ((0,), 0), ((0, 1), 1)]
+
 
 def _rank_main(rank: int, init_file: str, results) -> None:
+    import time
+
     from clustertune import engine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))
     outcomes = []
-    for fail in (False, True):
-        def work(fail=fail):
-            import time
+    for workers, failing in SCENARIOS:
+        def work(failing=failing):
             time.sleep(4)  # twice the collective timeout
-            if fail:
+            if rank == failing:
                 raise ValueError("boom")
-            return "converted"
+            return f"done by {rank}"
         try:
-            outcomes.append(engine.run_on_main(work, is_main=rank == 0, timeout_s=60))
+            outcomes.append(engine.while_others_wait(work, works=rank in workers, timeout_s=60))
         except Exception as err:  # noqa: BLE001 - recorded for the assertions
             outcomes.append(f"{type(err).__name__}: {err}")
     dist.barrier()  # the training group still works afterwards
@@ -34,7 +39,7 @@ def _rank_main(rank: int, init_file: str, results) -> None:
     results[rank] = outcomes
 
 
-def test_other_ranks_wait_past_the_collective_timeout_and_get_rank0_failure(tmp_path):
+def test_waiting_ranks_outlast_the_collective_timeout_and_learn_of_any_failure(tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
     procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path / "init"), results)) for rank in range(2)]
@@ -46,5 +51,5 @@ def test_other_ranks_wait_past_the_collective_timeout_and_get_rank0_failure(tmp_
         if p.is_alive():
             os.kill(p.pid, 9)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert results[0] == ["converted", "ValueError: boom"]
-    assert results[1] == [None, "RuntimeError: rank 0 failed: ValueError: boom"]
+    assert results[0] == ["done by 0", "ValueError: boom", "PeerFailed: rank 1 failed: ValueError: boom"]
+    assert results[1] == [None, "PeerFailed: rank 0 failed: ValueError: boom", "ValueError: boom"]
