@@ -28,6 +28,7 @@ from clustertune.shapes import shape_from_model_path
 # checkpoint for a new world size (~0.5 TB of bf16 weights + fp32 master and Adam states).
 LONG_WAIT_S = 6 * 3600
 
+
 @dataclass
 class Runtime:
     rank: int
