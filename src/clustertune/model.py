@@ -91,8 +91,24 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
         kernels.apply_liger(lm)
         kernels.install_fused_head_loss(lm.lm_head)
     if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
     return lm
+
+
+# transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn
+# and go in v6); the GPU image's older transformers has only the old ones.
+def enable_activation_checkpointing(lm) -> None:
+    """Non-reentrant checkpointing of every decoder layer."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_activation_checkpointing(lm) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(lm, name, False))
 
 
 def apply_lora(lm, lora: LoraSection):
@@ -102,7 +118,7 @@ def apply_lora(lm, lora: LoraSection):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     peft_model = get_peft_model(lm, config)
-    if getattr(lm, "is_gradient_checkpointing", False):
+    if is_activation_checkpointing(lm):
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps them in the graph.
         peft_model.enable_input_require_grads()
     return peft_model
