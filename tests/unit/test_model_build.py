@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from clustertune.config import ModelSection
-from clustertune.model import build_causal_lm
+from clustertune.config import LoraSection, ModelSection
+from clustertune.model import apply_lora, base_causal_lm, build_causal_lm
 from clustertune.shapes import SHAPES
 
 
@@ -21,12 +21,13 @@ def saved_tiny(tmp_path_factory):
     return directory
 
 
-def layer_forward_calls(lm) -> list[int]:
+def layer_forward_calls(lm, layers=None) -> list[int]:
     """Forward calls per decoder layer (its MLP; transformers checkpoints the layer's `forward`,
     inside the layer's own hooks) over one forward + backward: 2 when checkpointing recomputes
     the layer in backward, 1 when it does not."""
-    calls = [0] * len(lm.model.layers)
-    for i, layer in enumerate(lm.model.layers):
+    layers = lm.model.layers if layers is None else layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
         layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     ids = torch.randint(0, lm.config.vocab_size, (2, 16))
     lm(input_ids=ids, labels=ids).loss.backward()
@@ -42,3 +43,15 @@ def test_built_model_trains_and_checkpoints_as_configured(saved_tiny, source, ch
     assert lm.training
     expected = 2 if checkpointing else 1
     assert layer_forward_calls(lm) == [expected] * SHAPES["tiny"].num_hidden_layers
+
+
+def test_lora_with_checkpointing_recomputes_and_trains_only_the_adapters(saved_tiny):
+    """configs/qwen2.5-7b-lora-zero3.toml's combination: frozen base, checkpointed layers."""
+    lm = build_causal_lm(ModelSection(path=str(saved_tiny), attn_implementation="sdpa"), dtype=torch.float32,
+                         gradient_checkpointing=True)
+    peft_model = apply_lora(lm, LoraSection(enabled=True, r=4, alpha=8.0))
+    assert layer_forward_calls(peft_model, base_causal_lm(peft_model).model.layers) == [2, 2]
+    with_grad = {name for name, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all("lora_" in name for name in with_grad)
+    # lora_B starts at zero, so only B has a gradient at the first step; the first layer gets one too
+    assert any("lora_B" in name and "layers.0." in name for name in with_grad)
