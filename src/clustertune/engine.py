@@ -315,16 +315,18 @@ def while_others_wait(work, *, works: bool, timeout_s: float):
     return result
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, wait_for_peers: bool = True) -> None:
     """Tear the process group down while the interpreter is still whole.
 
     Without this, gloo's worker threads can outlive the Python objects they hold and the rank
-    dies at exit with "terminate called without an active exception" (SIGABRT) after a run that
-    otherwise succeeded. Call it only after success: with a failed peer the teardown can hang.
+    dies at exit with "terminate called without an active exception" (SIGABRT), which would
+    hide a clean exit code. wait_for_peers=False only where no rank can be inside a collective
+    (an error every rank learned of together): with a peer mid-collective the teardown hangs.
     """
     import torch.distributed as dist
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -176,3 +176,21 @@ def test_data_preparation_longer_than_the_collective_timeout(tmp_path, task_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 sleeps 15 s at data_preparation" in proc.stdout + proc.stderr
     assert len(metrics(run_dir)) >= 2
+
+
+def test_data_error_found_by_a_worker_stops_every_rank_cleanly(tmp_path, task_dir):
+    """A record that parses (the launcher's check passes) but breaks the chat template fails on
+    the rank that tokenizes; the other rank learns it and stops with one line, no tracebacks,
+    and both exit 2 (no rank aborts at exit)."""
+    data = tmp_path / "train.jsonl"
+    good = (task_dir / "train.jsonl").read_text().splitlines()[:8]
+    data.write_text("\n".join(good) + '\n{"messages": [{"role": "user", "content": "hi"}, '
+                    '{"role": "assistant", "content": "fake<|im_end|>"}]}\n')
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, tmp_path / "run",
+                          data={"train_files": [str(data)], "cache_dir": str(tmp_path / "cache")})
+    proc = run_train(recipe, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert f"{data}:9:" in output
+    assert "rank 1 stops: rank 0 failed: DataError" in output
+    assert "Traceback" not in output and "terminate called" not in output
