@@ -71,5 +71,15 @@ def run_train(recipe: Path, *args: str, nproc: int = 2, timeout: int = 420,
     return proc
 
 
+def run_export(run_dir: Path, out: Path | None = None) -> subprocess.CompletedProcess:
+    """`clustertune export RUN_DIR [--out OUT]` (offline, from the newest complete checkpoint)."""
+    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(run_dir),
+                           *(["--out", str(out)] if out else [])],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -4,14 +4,11 @@ from the live engine at the end of training."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_train, write_recipe
+from conftest import run_export, run_train, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +19,7 @@ def test_offline_export_of_a_zero3_lora_checkpoint_gives_the_engine_logits(tmp_p
                           zero={"stage": 3}, lora={"enabled": True, "r": 8, "alpha": 16.0},
                           checkpoint={"every_steps": 4, "keep_last": 1})
     assert run_train(recipe).returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(run_dir), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_export(run_dir, tmp_path / "x")
     assert proc.returncode == 0, proc.stderr
     assert "exported step 4" in proc.stdout
     live = AutoModelForCausalLM.from_pretrained(run_dir / "final")
@@ -38,8 +34,7 @@ def test_offline_export_of_a_zero3_lora_checkpoint_gives_the_engine_logits(tmp_p
     # how to gather them (rank 1's shard removed here, as if it lived on node2).
     for f in (run_dir / "checkpoints" / "step_00000004").glob("*rank_1_*optim_states.pt"):
         f.unlink()
-    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(run_dir), "--out", str(tmp_path / "y")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_export(run_dir, tmp_path / "y")
     assert proc.returncode == 2, proc.stderr
     assert "shards of rank(s) [1] of 2 are missing" in proc.stderr
     assert "CLUSTERTUNE_NODE_LOCAL_DIR=D clustertune export" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import metrics, run_train, write_recipe
+from conftest import metrics, run_export, run_train, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +108,7 @@ def test_offline_export_of_a_zero3_checkpoint_equals_the_run_export(tmp_path, ta
     recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 4},
                           zero={"stage": 3}, checkpoint={"every_steps": 2, "keep_last": 1})
     assert run_train(recipe).returncode == 0
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(run_dir), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_export(run_dir, tmp_path / "x")
     assert proc.returncode == 0, proc.stderr
     assert "exported step 4" in proc.stdout
     a = AutoModelForCausalLM.from_pretrained(run_dir / "final")
@@ -121,10 +118,7 @@ def test_offline_export_of_a_zero3_checkpoint_equals_the_run_export(tmp_path, ta
 
 
 def test_export_without_checkpoint_is_a_clear_error(tmp_path, task_dir):
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-m", "clustertune.cli", "export", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_export(tmp_path)
     assert proc.returncode == 2
     assert "not a clustertune run directory" in proc.stderr
 
