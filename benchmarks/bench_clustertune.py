@@ -34,7 +34,8 @@ if "MASTER_PORT" not in os.environ:
 
 import torch  # noqa: E402
 
-from clustertune import batching, engine, shapes, train  # noqa: E402
+from clustertune import shapes  # noqa: E402
+from clustertune.worker import batching, engine, loop as train  # noqa: E402
 from clustertune.config import recipe_from_dict  # noqa: E402
 from clustertune.data import Sample  # noqa: E402
 
@@ -100,7 +101,7 @@ for step in range(a.steps):
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
 tok_step = sum(lengths) / a.steps  # whole step, all ranks
-from clustertune import metrics  # noqa: E402
+from clustertune.worker import metrics  # noqa: E402
 fpt = metrics.flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
                               hidden=shape.hidden_size, t_eff=metrics.effective_context(lengths))
 tps = tok_step / step_s

@@ -183,7 +183,7 @@ def cmd_demo(args) -> int:
     nproc = getattr(args, "nproc", None) or 2
     run_dir = Path(recipe.run.output_dir)
     started = time.monotonic()
-    evaluate = [sys.executable, "-m", "clustertune.demo_eval"]
+    evaluate = [sys.executable, "-m", "clustertune.worker.demo_eval"]
     code = subprocess.run(evaluate + ["--random-init", "--seed", str(recipe.train.seed)]).returncode
     if code:
         return code
@@ -201,7 +201,7 @@ def cmd_validate(args) -> int:
     if args.no_data:
         return 0
     from clustertune.data import prepare_dataset
-    from clustertune.model import load_tokenizer
+    from clustertune.worker.model import load_tokenizer
     import tempfile
     tokenizer = load_tokenizer(recipe.model)
     with tempfile.TemporaryDirectory() as cache:
@@ -222,7 +222,7 @@ def cmd_export(args) -> int:
     recipe = load_recipe(recipe_file)
     world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
     out = Path(args.out) if args.out else run_dir / "export"
-    from clustertune.checkpoint import export_from_checkpoint
+    from clustertune.worker.checkpoint import export_from_checkpoint
     try:
         step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
                                       precision=world.get("precision", "bf16"),

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clustertune.checkpoint import tag_for
-from clustertune.evaluate import best_step
+from clustertune.worker.checkpoint import tag_for
+from clustertune.worker.evaluate import best_step
 from conftest import ROOT, metrics, run_train, write_recipe
 
 pytestmark = pytest.mark.integration

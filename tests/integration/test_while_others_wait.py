@@ -20,7 +20,7 @@ SCENARIOS = [((0,), None), ((0,), 0), ((0, 1), 1)]
 def _rank_main(rank: int, init_file: str, results) -> None:
     import time
 
-    from clustertune import engine
+    from clustertune.worker import engine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))
     outcomes = []

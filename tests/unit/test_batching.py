@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from clustertune.batching import collate, pack_bins, plan_step, step_sample_indices, total_steps
+from clustertune.worker.batching import collate, pack_bins, plan_step, step_sample_indices, total_steps
 from clustertune.config import TrainSection
-from clustertune.engine import batch_layout
+from clustertune.worker.engine import batch_layout
 
 
 @dataclass

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from clustertune import checkpoint
+from clustertune.worker import checkpoint
 from clustertune.config import recipe_from_dict
 
 
@@ -125,7 +125,7 @@ def test_marker_content_and_resume_problems(tmp_path):
 
 
 def test_deepspeed_checkpoint_switches():
-    from clustertune import engine
+    from clustertune.worker import engine
     r = recipe()
     layout = engine.batch_layout(r.train, world_size=2, packing=False)
     plain = engine.build_deepspeed_config(r.train, r.zero, layout=layout, precision="fp32", hidden_size=64)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from clustertune.config import RecipeError, TrainSection, ZeroSection
-from clustertune.engine import batch_layout, build_deepspeed_config, lr_multiplier
+from clustertune.worker.engine import batch_layout, build_deepspeed_config, lr_multiplier
 
 
 def train(**kw) -> TrainSection:

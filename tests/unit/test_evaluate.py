@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from clustertune import checkpoint
+from clustertune.worker import checkpoint
 from clustertune.config import RecipeError, recipe_from_dict
 from clustertune.data import tokenize_conversation
-from clustertune.evaluate import (best_step, eval_loss, eval_plan, generation_prompt, is_better, is_eval_step,
+from clustertune.worker.evaluate import (best_step, eval_loss, eval_plan, generation_prompt, is_better, is_eval_step,
                                   last_turn, perplexity, resumed_best, template_headers)
-from clustertune.model import TokenLossModel
+from clustertune.worker.model import TokenLossModel
 from clustertune.shapes import SHAPES
 from data_helpers import bpe_chatml_tokenizer, chatml_tokenizer, r1_tokenizer
 
@@ -108,7 +108,7 @@ def test_eval_loss_over_simulated_ranks_equals_one_pass(packing):
 
 
 def _tensors(sample):
-    from clustertune.batching import collate
+    from clustertune.worker.batching import collate
     return collate([sample], packing=False, pad_id=0)
 
 
@@ -239,8 +239,8 @@ def test_keep_best_needs_an_eval_set_and_checkpoints():
 def test_generation_uses_dense_attention_while_training_uses_the_varlen_kernel():
     """The varlen kernel needs a packed row's cu_seqlens, which generate does not pass (seen on
     the GPU machine: KeyError 'cu_seq_lens_q'); generation switches to sdpa and back."""
-    from clustertune.evaluate import _dense_attention
-    from clustertune.kernels import VARLEN_ATTENTION
+    from clustertune.worker.evaluate import _dense_attention
+    from clustertune.worker.kernels import VARLEN_ATTENTION
     lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation="sdpa"))
     lm.config._attn_implementation = VARLEN_ATTENTION
     with pytest.raises(RuntimeError):

@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from clustertune.config import LoraSection, ModelSection
-from clustertune.model import apply_lora, base_causal_lm, build_causal_lm
+from clustertune.worker.model import apply_lora, base_causal_lm, build_causal_lm
 from clustertune.shapes import SHAPES
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from clustertune.batching import collate
-from clustertune.model import TokenLossModel
+from clustertune.worker.batching import collate
+from clustertune.worker.model import TokenLossModel
 from clustertune.shapes import SHAPES
 
 

@@ -94,7 +94,7 @@ def test_report_on_a_run_dir_written_by_the_worker_sink(tmp_path, capsys):
     """metrics.jsonl written by metrics.MetricsSink, the worker's writer, in its real format:
     log_every 2, a NaN grad norm (DeepSpeed returned none), eval lines, a line of generated
     samples, and a resume from step 4 that redid steps 5-6 (the later lines win)."""
-    from clustertune.metrics import MetricsSink
+    from clustertune.worker.metrics import MetricsSink
 
     run = tmp_path / "run"
     sink = MetricsSink(run, enabled=True, total_steps=8)

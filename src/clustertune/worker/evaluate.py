@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from clustertune import batching
+from clustertune.worker import batching
 from clustertune.data.types import IGNORE
 
 # ----------------------------------------------------------------------------------- pure part
@@ -231,8 +231,8 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
 def _dense_attention(lm):
     """The varlen kernel (packed training on GPU) needs the cu_seqlens of a packed row, which
     generate does not pass: generate with sdpa (the same weights, the same math)."""
-    from clustertune.kernels import VARLEN_ATTENTION
-    from clustertune.model import base_causal_lm
+    from clustertune.worker.kernels import VARLEN_ATTENTION
+    from clustertune.worker.model import base_causal_lm
 
     config = base_causal_lm(lm).config
     old = config._attn_implementation

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from clustertune import batching, checkpoint, engine, evaluate, metrics, watchdog
+from clustertune import watchdog
+from clustertune.worker import batching, checkpoint, engine, evaluate, metrics
 from clustertune.config import Recipe, recipe_to_toml
-from clustertune.kernels import VARLEN_ATTENTION
-from clustertune.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
+from clustertune.worker.kernels import VARLEN_ATTENTION
+from clustertune.worker.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
                                load_tokenizer, model_dtype, use_liger)
 from clustertune.shapes import shape_from_model_path
 

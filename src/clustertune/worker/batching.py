@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from clustertune.config import RecipeError
-from clustertune.engine import BatchLayout
+from clustertune.worker.engine import BatchLayout
 
 IGNORE_INDEX = -100
 

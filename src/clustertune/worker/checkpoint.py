@@ -205,7 +205,7 @@ def best_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
 def _iter_full_parameters(lm, *, zero_stage: int) -> Iterator[tuple[str, Any]]:
     """(name, full tensor on CPU) for every parameter, gathering one at a time under ZeRO-3
     so host and GPU memory stay bounded by the largest parameter."""
-    from clustertune import engine
+    from clustertune.worker import engine
     for name, param in lm.named_parameters():
         with engine.gathered([param], zero_stage=zero_stage):
             yield name, param.detach().to("cpu", copy=True)
@@ -288,8 +288,8 @@ def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_sect
     a Hugging Face model (LoRA merged). Returns the checkpoint's step."""
     import torch
 
-    from clustertune import engine
-    from clustertune.model import hf_config, load_tokenizer
+    from clustertune.worker import engine
+    from clustertune.worker.model import hf_config, load_tokenizer
 
     if best:
         found = best_checkpoint(run_dir)
@@ -322,7 +322,7 @@ def export_hf_model(lm, tokenizer, out: Path, *, zero_stage: int, is_writer: boo
                     dtype) -> None:
     """Write `lm` (HF causal LM, maybe PEFT-wrapped, maybe ZeRO-3 partitioned) as a Hugging Face
     model directory loadable by from_pretrained. Collective under ZeRO-3: call on every rank."""
-    from clustertune.model import base_causal_lm
+    from clustertune.worker.model import base_causal_lm
 
     is_peft = hasattr(lm, "peft_config")
     named = _iter_full_parameters(lm, zero_stage=zero_stage)

@@ -53,7 +53,7 @@ def attention_implementation(model: ModelSection, *, on_gpu: bool = False, packi
     if model.attn_implementation != "auto":
         return model.attn_implementation
     if on_gpu and packing:
-        from clustertune import kernels
+        from clustertune.worker import kernels
         if kernels.varlen_available():
             return kernels.register_varlen_attention()
     return "sdpa"
@@ -87,7 +87,7 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
     # case) silently trained with gradient checkpointing off, 6-7 GiB over plan on a 1.5B model.
     lm.train()
     if liger:
-        from clustertune import kernels
+        from clustertune.worker import kernels
         kernels.apply_liger(lm)
         kernels.install_fused_head_loss(lm.lm_head)
     if gradient_checkpointing:
@@ -146,7 +146,7 @@ class TokenLossModel(nn.Module):
         causal_lm = base_causal_lm(self.lm)
         extra = {}
         if self.varlen and attention_mask is None:
-            from clustertune.kernels import varlen_kwargs
+            from clustertune.worker.kernels import varlen_kwargs
             extra = varlen_kwargs(position_ids)
         hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state

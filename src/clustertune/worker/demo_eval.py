@@ -1,7 +1,7 @@
 """Held-out exact-match accuracy of the demo task, for a fresh model or a trained export:
 
-    python -m clustertune.demo_eval --random-init --seed 42   # before training
-    python -m clustertune.demo_eval runs/demo/final            # after: loads the HF export
+    python -m clustertune.worker.demo_eval --random-init --seed 42   # before training
+    python -m clustertune.worker.demo_eval runs/demo/final            # after: loads the HF export
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clustertune.demo_eval")
+    parser = argparse.ArgumentParser(prog="python -m clustertune.worker.demo_eval")
     parser.add_argument("model_dir", nargs="?")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.random_init:
         from clustertune.config import ModelSection
-        from clustertune.model import build_causal_lm, load_tokenizer
+        from clustertune.worker.model import build_causal_lm, load_tokenizer
         model = build_causal_lm(ModelSection(path="tiny", attn_implementation="sdpa"), dtype=torch.float32)
         tokenizer = load_tokenizer(ModelSection(path="tiny"))
         label = "before training (random init)"

@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from clustertune.config import RecipeError, load_recipe
     from clustertune.data import DataError
-    from clustertune.engine import PeerFailed, shutdown_distributed
+    from clustertune.worker.engine import PeerFailed, shutdown_distributed
     rank = os.environ.get("RANK", "0")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        from clustertune.train import run
+        from clustertune.worker.loop import run
         run(recipe, resume=args.resume)
     except (RecipeError, DataError, FileNotFoundError) as err:
         # Raised where every rank stands together (set-up, or work all ranks waited for).
