@@ -23,7 +23,7 @@ p.add_argument("--persist", type=int, default=None, help="zero.param_persistence
 p.add_argument("--subgroup", type=int, default=None, help="zero.sub_group_size (ZeRO-3)")
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
-p.add_argument("--profile", default=None, help="write a torch profiler trace summary here")
+p.add_argument("--profile", default=None, help="directory: profile step N-2 into DIR/step_K.txt (+ trace)")
 a = p.parse_args()
 
 os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
@@ -36,6 +36,8 @@ import torch  # noqa: E402
 
 from clustertune import shapes  # noqa: E402
 from clustertune.worker import batching, engine, loop as train  # noqa: E402
+from clustertune.worker.profiling import profile_step  # noqa: E402
+from pathlib import Path  # noqa: E402
 from clustertune.config import recipe_from_dict  # noqa: E402
 from clustertune.data import Sample  # noqa: E402
 
@@ -75,29 +77,17 @@ def sync():
 
 
 times, losses = [], []
-prof = None
 for step in range(a.steps):
     indices = list(range(step * a.batch, (step + 1) * a.batch))
     plan = batching.plan_step(step, indices, lengths=lengths, trained=trained, layout=parts.layout,
                               packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
-    if a.profile and step == a.steps - 3:
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-        prof.__enter__()
     sync(); t0 = time.perf_counter()
-    engine.set_lr(parts.engine, a.lr)
-    losses.append(train.train_step(parts.engine, plan, samples, rt=rt, packing=recipe.data.packing, pad_id=0))
-    engine.optimizer_step(parts.engine)
+    # the CLI's own profiler (train.profile_step) on the same step number, written to the same layout
+    with profile_step(Path(a.profile or "."), step + 1, enabled=bool(a.profile) and step == a.steps - 3):
+        engine.set_lr(parts.engine, a.lr)
+        losses.append(train.train_step(parts.engine, plan, samples, rt=rt, packing=recipe.data.packing, pad_id=0))
+        engine.optimizer_step(parts.engine)
     sync(); times.append(time.perf_counter() - t0)
-    if prof is not None and step == a.steps - 3:
-        prof.__exit__(None, None, None)
-        averages = prof.key_averages()
-        kernel_us = sum(e.self_device_time_total for e in averages)
-        wall_us = times[-1] * 1e6
-        with open(a.profile, "w") as f:
-            f.write(f"profiled step wall {wall_us / 1e3:.1f} ms; GPU busy (sum of kernel self time) "
-                    f"{kernel_us / 1e3:.1f} ms = {100 * kernel_us / wall_us:.1f}% of wall; idle {100 - 100 * kernel_us / wall_us:.1f}%\n\n")
-            f.write(averages.table(sort_by="self_device_time_total", row_limit=45))
-        prof = None
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
 tok_step = sum(lengths) / a.steps  # whole step, all ranks

@@ -75,6 +75,8 @@ class TrainSection(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_every: int = Field(default=1, ge=1)
     deterministic: bool = False
+    # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
+    profile_step: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":

@@ -21,6 +21,7 @@ from clustertune import watchdog
 from clustertune.worker import batching, checkpoint, engine, evaluate, metrics
 from clustertune.config import Recipe, recipe_to_toml
 from clustertune.worker.kernels import VARLEN_ATTENTION
+from clustertune.worker.profiling import profile_step
 from clustertune.worker.model import (TokenLossModel, apply_lora, attention_implementation, build_causal_lm, describe,
                                load_tokenizer, model_dtype, use_liger)
 from clustertune.shapes import shape_from_model_path
@@ -147,10 +148,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                                       packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
             started = time.perf_counter()
             lr = recipe.train.lr * engine.lr_multiplier(step, train=recipe.train, total_steps=steps)
-            engine.set_lr(ds_engine, lr)
-            loss = train_step(ds_engine, plan, samples, rt=rt, packing=recipe.data.packing,
-                              pad_id=tokenizer.pad_token_id)
-            grad_norm = engine.optimizer_step(ds_engine)
+            with profile_step(run_dir / "profile", step + 1,
+                              enabled=rt.is_main and recipe.train.profile_step == step + 1):
+                engine.set_lr(ds_engine, lr)
+                loss = train_step(ds_engine, plan, samples, rt=rt, packing=recipe.data.packing,
+                                  pad_id=tokenizer.pad_token_id)
+                grad_norm = engine.optimizer_step(ds_engine)
             if rt.on_gpu:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started

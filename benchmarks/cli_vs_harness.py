@@ -1,0 +1,100 @@
+"""The product path against the benchmark harness on the same work: `clustertune train` on a
+JSONL file whose samples have the workload's lengths, then benchmarks/bench_clustertune.py with
+the same shape, lengths and settings. Prints both and fails (exit 1) when their tokens/s differ
+by more than --tolerance. --profile writes each side's profile of the same step.
+
+    PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/cli_vs_harness.py --shape qwen2.5-1.5b --stage 2 \
+        --seq 4096 --batch 32 --budget 16384 --gc --steps 30 --out /tmp/cvh --profile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from workload import sample_lengths  # noqa: E402
+
+
+def write_jsonl(path: Path, lengths: list[int]) -> None:
+    """Chat records that the bundled character-level tokenizer turns into samples of exactly the
+    workload's lengths (the ChatML frame's tokens included)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(HERE.parent / "src/clustertune/demo_assets/tokenizer"))
+
+    def frame(user: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+    rendered = tok.apply_chat_template(frame("u", "a"), tokenize=False)
+    overhead = len(tok(rendered, add_special_tokens=False)["input_ids"]) - 2
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    with path.open("w") as f:
+        for i, n in enumerate(lengths):
+            body = max(2, n - overhead)
+            user = max(1, body // 5)
+            text = "".join(letters[(i * 7 + k * 13) % len(letters)] for k in range(body))
+            f.write(json.dumps({"messages": frame(text[:user], text[user:])}) + "\n")
+
+
+def run_cli(a, data: Path, run_dir: Path) -> dict:
+    sets = {"model.path": json.dumps(a.shape), "data.train_files": json.dumps([str(data)]),
+            "data.packing": "true", "data.max_length": str(a.seq), "data.overlength": '"drop"',
+            "train.device": '"cuda"', "train.precision": '"bf16"', "train.max_steps": str(a.steps),
+            "train.global_batch_size": str(a.batch), "train.micro_batch_tokens": str(max(a.budget, a.seq)),
+            "train.gradient_checkpointing": "true" if a.gc else "false", "train.schedule": '"constant"',
+            "train.lr": "1e-5", "train.adam_beta2": "0.999", "zero.stage": str(a.stage),
+            "checkpoint.every_steps": "0", "run.output_dir": json.dumps(str(run_dir))}
+    if a.profile:
+        sets["train.profile_step"] = str(a.steps - 2)
+    cmd = [sys.executable, "-m", "clustertune.cli", "train", "--nproc", "1"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL if not a.verbose else None)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
+    measured = [r for r in records if r["step"] > 5]
+    return {"step_s": statistics.median(r["step_time_s"] for r in measured),
+            "tok_per_s": sum(r["tokens"] for r in measured) / sum(r["step_time_s"] for r in measured),
+            "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": records[-1].get("mem_gb")}
+
+
+def run_harness(a, out: Path) -> dict:
+    cmd = [sys.executable, str(HERE / "bench_clustertune.py"), "--shape", a.shape, "--stage", str(a.stage),
+           "--mode", "var", "--seq", str(a.seq), "--batch", str(a.batch), "--budget", str(a.budget),
+           "--steps", str(a.steps)] + (["--gc"] if a.gc else []) + (["--profile", str(out / "harness_profile")]
+                                                                   if a.profile else [])
+    text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    return {"step_s": result["step_s"], "tok_per_s": result["tok_per_s"], "mfu": result["mfu"],
+            "peak_gib": result["peak_mem_gb"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="qwen2.5-1.5b"); p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096); p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--budget", type=int, default=16384); p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--gc", action="store_true"); p.add_argument("--profile", action="store_true")
+    p.add_argument("--tolerance", type=float, default=0.05); p.add_argument("--out", default="/tmp/cli_vs_harness")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    lengths = sample_lengths("var", a.steps * a.batch, a.seq)
+    data = out / "w1.jsonl"
+    write_jsonl(data, lengths)
+    cli = run_cli(a, data, out / "cli_run")
+    harness = run_harness(a, out)
+    ratio = cli["tok_per_s"] / harness["tok_per_s"]
+    print("RESULT " + json.dumps({"cli": cli, "harness": harness, "cli_over_harness": round(ratio, 4)}), flush=True)
+    if abs(ratio - 1) > a.tolerance:
+        print(f"FAIL: clustertune train runs at {ratio:.2f}x the harness's tokens/s (tolerance {a.tolerance:.0%})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
