@@ -13,7 +13,9 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(__file__), "..", "src"))
 from workload import sample_lengths, sample_tokens  # noqa: E402
+from clustertune import flops  # noqa: E402  (the project's MFU arithmetic and per-GPU peak table)
 
 SHAPES = {
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
@@ -82,15 +84,22 @@ tr = SequentialTrainer(model=model, args=args, train_dataset=data, data_collator
 tr.train()
 dt = [b - x for x, b in zip(clock.t[4:], clock.t[5:])]
 step = statistics.median(dt)
-used = data.lens[: a.steps * a.mbs]
-real_tok = sum(used) / a.steps
+world = int(os.environ.get("WORLD_SIZE", "1"))
+used = data.lens[: a.steps * a.mbs * world]  # every rank takes its own micro-batch of the sequence
+real_tok = sum(used) / a.steps  # the whole cluster's real tokens per step
 emb = cfg.vocab_size * cfg.hidden_size
 n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
 n_mat = n_params - emb + (emb if cfg.tie_word_embeddings else 0)
-avg_T = sum(l * l for l in used) / sum(used)
-flops_tok = 6 * n_mat + 12 * cfg.num_hidden_layers * cfg.hidden_size * avg_T
+flops_tok = flops.flops_per_token(matmul_params=n_mat, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                                  t_eff=flops.effective_context(used))
 tps = real_tok / step
-print("RESULT " + json.dumps({"impl": "baseline", "tag": a.tag, "shape": a.shape, "stage": a.stage, "mode": a.mode, "seq": a.seq,
-      "mbs": a.mbs, "gc": a.gc, "tokens_per_step": round(real_tok), "step_s": round(step, 4), "tok_per_s": round(tps),
-      "mfu": round(tps * flops_tok / 989e12, 4), "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-      "losses": clock.losses[:20]}), flush=True)
+peak = flops.peak_flops_per_gpu(torch.cuda.get_device_name()) or 0.0
+if int(os.environ.get("RANK", "0")) == 0:
+    print("RESULT " + json.dumps({"impl": "baseline", "tag": a.tag, "shape": a.shape, "stage": a.stage, "mode": a.mode,
+          "seq": a.seq, "mbs": a.mbs, "gc": a.gc, "world_size": world, "gpu": torch.cuda.get_device_name(),
+          "tokens_per_step": round(real_tok), "step_s": round(step, 4), "tok_per_s": round(tps),
+          "tok_per_s_per_gpu": round(tps / world),
+          "mfu": round(flops.mfu(cluster_tokens_per_s=tps, flops_per_tok=flops_tok, world_size=world,
+                                 peak_flops_per_gpu=peak), 4),
+          "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),  # GiB (key kept for old logs' readers)
+          "losses": clock.losses[:20]}), flush=True)

@@ -90,16 +90,20 @@ for step in range(a.steps):
     sync(); times.append(time.perf_counter() - t0)
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
-tok_step = sum(lengths) / a.steps  # whole step, all ranks
-from clustertune.worker import metrics  # noqa: E402
-fpt = metrics.flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
-                              hidden=shape.hidden_size, t_eff=metrics.effective_context(lengths))
+tok_step = sum(lengths) / a.steps  # whole step, all ranks: plan_step splits each step's samples over the ranks
+from clustertune import flops  # noqa: E402  (the same MFU arithmetic and peak table as the worker and the planner)
+fpt = flops.model_flops_per_token(shape, flops.effective_context(lengths))
 tps = tok_step / step_s
+gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+peak = flops.peak_flops_per_gpu(gpu_name) or 0.0
 if rt.rank != 0:  # one line per run; rank 0's peak memory stands for every rank (same shapes)
     sys.exit(0)
-print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size, "tag": a.tag, "shape": model_path, "stage": a.stage, "mode": a.mode,
+print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size, "gpu": gpu_name, "tag": a.tag, "shape": model_path, "stage": a.stage, "mode": a.mode,
       "seq": a.seq, "batch": a.batch, "budget": a.budget, "packed": not a.no_pack, "gc": a.gc,
       "liger": not a.no_liger, "attn": parts.lm.config._attn_implementation,
       "tokens_per_step": round(tok_step), "step_s": round(step_s, 4), "tok_per_s": round(tps),
-      "mfu": round(metrics.mfu(tokens_per_s=tps, flops_per_tok=fpt, peak_flops=989e12), 4),
+      "tok_per_s_per_gpu": round(tps / rt.world_size),
+      "mfu": round(flops.mfu(cluster_tokens_per_s=tps, flops_per_tok=fpt, world_size=rt.world_size,
+                             peak_flops_per_gpu=peak), 4),
+      # GiB (the key keeps its old name for the logs' readers: plan_validation.py, bench.py)
       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0, "losses": losses[:20]}), flush=True)

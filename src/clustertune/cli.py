@@ -20,6 +20,8 @@ import argparse
 import importlib
 import sys
 
+from clustertune.errors import UserError
+
 # subcommand -> "module:function". Each handler takes the parsed argparse.Namespace and returns
 # an exit code. Modules are imported only when their subcommand runs.
 HANDLERS = {
@@ -98,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["demo"])
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
-    from clustertune.config import RecipeError
-    from clustertune.data.types import DataError
     try:
         return int(handler(args) or 0)
-    except (RecipeError, DataError) as err:
+    except UserError as err:  # the one place the CLI reports them; anything else is a bug: traceback
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

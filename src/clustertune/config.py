@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from clustertune.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError):
     """A recipe (or override) that cannot be used; the message is meant for the user as-is."""
 
 
@@ -248,7 +250,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(format_validation_error(err, source)) from None
 
 
-def read_toml_file(path: Path, error: type[ValueError], missing: str) -> dict[str, Any]:
+def read_toml_file(path: Path, error: type[UserError], missing: str) -> dict[str, Any]:
     """A TOML file as a dict, or `error` with a message naming the file (missing, not UTF-8,
     not TOML) instead of a traceback. Shared by recipes and cluster files."""
     try:

@@ -1,4 +1,7 @@
-"""GPU catalog for planning: memory a process can see, and dense bf16 peak for MFU.
+"""GPU catalog: memory a process can see, and the dense bf16 peak that MFU is measured against.
+
+The one table of per-GPU peaks: the planner (`--gpu`), the worker (the CUDA device name, through
+`peak_flops_for_device`) and the benchmarks all read it, so an MFU printed anywhere means the same.
 
 Units. Vendors sell HBM cards as "80 GB", "96 GB", ...; those stacks are binary-sized, so the
 number is really GiB, and the driver shows a little less of it. We keep the vendor's number for
@@ -22,7 +25,11 @@ class GpuSpec:
     name: str
     vendor_gb: int  # the marketing number ("H20 96 GB")
     mem_gib: float  # nvidia-smi memory.total in MiB / 1024: what the process can use at most
-    bf16_tflops: float  # dense bf16 tensor-core peak, for MFU (DESIGN.md's convention)
+    bf16_tflops: float  # dense bf16 tensor-core peak (no sparsity), for MFU (DESIGN.md's convention)
+
+    @property
+    def peak_flops(self) -> float:
+        return self.bf16_tflops * 1e12
 
     @property
     def description(self) -> str:
@@ -31,7 +38,9 @@ class GpuSpec:
 
 GPUS: dict[str, GpuSpec] = {
     "h20": GpuSpec("h20", 96, 95.6, 148.0),  # 97871 MiB
-    "h100": GpuSpec("h100", 80, 79.6, 989.0),  # 81559 MiB (SXM and PCIe)
+    "h100": GpuSpec("h100", 80, 79.6, 989.0),  # 81559 MiB (SXM)
+    # Same memory, lower clocks and power: 756 TFLOP/s dense bf16, so its own entry for MFU.
+    "h100-pcie": GpuSpec("h100-pcie", 80, 79.6, 756.0),  # 81559 MiB
     "h200": GpuSpec("h200", 141, 140.4, 989.0),  # 143771 MiB
     "a100": GpuSpec("a100", 80, 80.0, 312.0),  # 81920 MiB
     "a100-40": GpuSpec("a100-40", 40, 40.0, 312.0),  # 40960 MiB (SXM4)
@@ -42,9 +51,10 @@ GPUS: dict[str, GpuSpec] = {
 
 # Other spellings users type or nvidia-smi prints, after _normalize().
 _ALIASES = {
-    "h100-80": "h100", "h100-sxm": "h100", "h100-pcie": "h100", "h100-80gb-hbm3": "h100",
+    "h100-80": "h100", "h100-sxm": "h100", "h100-80gb-hbm3": "h100", "h100-sxm5-80gb": "h100",
+    "h100-pcie-80gb": "h100-pcie",
     "h20-96": "h20", "h200-141": "h200", "h200-141gb": "h200",
-    "a100-80": "a100", "a100-80gb": "a100", "a100-sxm4-80gb": "a100", "a100-pcie-80gb": "a100",
+    "a100-80": "a100", "a100-80gb": "a100", "a100-sxm4-80gb": "a100", "a100-pcie-80gb": "a100", "a100-80gb-pcie": "a100",
     "a100-40gb": "a100-40", "a100-sxm4-40gb": "a100-40", "a100-pcie-40gb": "a100-40",
     "4090": "rtx4090", "rtx-4090": "rtx4090", "geforce-rtx-4090": "rtx4090",
 }
@@ -60,6 +70,14 @@ def lookup_gpu(name: str) -> GpuSpec | None:
     key = _normalize(name)
     # No fuzzy matching: "h100-nvl" (94 GB) must not silently become an 80 GB h100.
     return GPUS.get(_ALIASES.get(key, key))
+
+
+def peak_flops_for_device(device_name: str) -> float | None:
+    """Dense bf16 peak (FLOP/s) of a CUDA device name as torch.cuda.get_device_name() or
+    nvidia-smi print it ("NVIDIA H100 80GB HBM3"); None for a card not in the catalog (an
+    H100 NVL or an unknown card gets no MFU rather than a wrong one)."""
+    spec = lookup_gpu(device_name)
+    return spec.peak_flops if spec is not None else None
 
 
 def known_gpu_names() -> str:

@@ -223,13 +223,8 @@ def cmd_export(args) -> int:
     world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
     out = Path(args.out) if args.out else run_dir / "export"
     from clustertune.worker.checkpoint import export_from_checkpoint
-    try:
-        step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
-                                      precision=world.get("precision", "bf16"),
-                                      best=getattr(args, "best", False))
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
+                                  precision=world.get("precision", "bf16"), best=getattr(args, "best", False))
     which = "best " if getattr(args, "best", False) else ""
     print(f"exported {which}step {step} of {run_dir} to {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from clustertune.errors import UserError
 from clustertune.shapes import Shape
 
 GIB = 1024**3
@@ -69,7 +70,7 @@ DEFAULT_CHECKPOINT_SHARD_GIB = 5.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """Inputs the planner cannot use; the message is meant for the user as-is."""
 
 

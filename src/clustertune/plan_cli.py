@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clustertune.config import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_toml
 from clustertune.gpus import known_gpu_names, lookup_gpu
-from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanError, PlanInput,
+from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
                               ZeroBuckets, plan)
 from clustertune.shapes import Shape, lookup_shape, shape_from_model_path
 
@@ -46,10 +46,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     shape, shape_note = resolve_shape(recipe.model.path)
     job = resolve_job(args)
-    try:
-        inp = plan_input(recipe, shape, job, checkpoint_shard_gib=_largest_shard_gib(recipe.model.path))
-    except PlanError as err:
-        raise RecipeError(str(err)) from None
+    inp = plan_input(recipe, shape, job, checkpoint_shard_gib=_largest_shard_gib(recipe.model.path))
     result = plan(inp)
     print(render(result, recipe, job, shape_note))
     best = result.recommended
@@ -69,7 +66,7 @@ def resolve_shape(model_path: str) -> tuple[Shape, str]:
     falls back to the built-in shape of the same name, e.g. /models/DeepSeek-R1-Distill-Qwen-32B."""
     try:
         return shape_from_model_path(model_path), ""
-    except FileNotFoundError as err:
+    except RecipeError as err:
         name = Path(model_path).name.lower()
         # An -Instruct model has its base model's shape (same config.json dimensions).
         for candidate in dict.fromkeys((name, name.removesuffix("-instruct"))):
@@ -149,9 +146,7 @@ def _topology_from_cluster(path: str) -> tuple[int, int, str]:
         raise RecipeError("--cluster needs clustertune.cluster.inventory, which this installation lacks; "
                           "pass --nodes N --gpus-per-node G instead") from None
     try:
-        inventory = load_cluster(path)
-    except ValueError as err:  # the inventory's errors name the file and the key already
-        raise RecipeError(str(err)) from None
+        inventory = load_cluster(path)  # a ClusterError names the file and the key already
     except OSError as err:
         raise RecipeError(f"{path}: {err}") from None
     slots = [int(node.slots) for node in inventory.nodes]

@@ -17,17 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
+
+from clustertune.errors import UserError
 
 # The first logged steps include compilation, allocator growth and NCCL setup: leave this share
 # of them (at least one when there are two or more) out of the throughput mean.
 WARMUP_FRACTION = 0.1
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A run directory the report cannot use; the message is meant for the user as-is."""
 
 
@@ -244,11 +245,7 @@ def make_report(run_dir: Path) -> tuple[str, list[Path]]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        text, plots = make_report(Path(args.run_dir))
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    text, plots = make_report(Path(args.run_dir))
     print(text, end="")
     print("plots: " + (", ".join(str(p) for p in plots) if plots else "none (no plottable metrics)"))
     return 0

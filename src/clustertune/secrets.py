@@ -20,6 +20,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from clustertune.errors import UserError
+
 # Environment variable names (matched case-insensitively, fnmatch style) that are treated as
 # secrets. A false positive is harmless: such a variable still reaches the workers, through the
 # secrets file instead of the plain environment. TOKENIZERS_PARALLELISM is deliberately not a
@@ -38,7 +40,7 @@ ENV_VAR = "CLUSTERTUNE_SECRETS_FILE"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class SecretsFileError(RuntimeError):
+class SecretsFileError(UserError):
     """A secrets file that must not be used (unsafe permissions, bad format). Never holds values."""
 
 

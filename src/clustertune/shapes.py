@@ -98,7 +98,8 @@ def shape_from_model_path(path: str) -> Shape:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         names = ", ".join(sorted(SHAPES))
-        raise FileNotFoundError(
+        from clustertune.config import RecipeError  # here: config.py may come to import this module
+        raise RecipeError(
             f"model.path {path!r} is neither a built-in shape ({names}) nor a directory with config.json")
     cfg = json.loads(config_file.read_text())
     fields = Shape.__dataclass_fields__

@@ -68,38 +68,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     a = _parser().parse_args(args.cluster_args)
-    try:
-        if a.action == "init":
-            return cmd_init(a)
-        cluster = load_cluster(a.cluster)
-        if a.action == "stop":
-            from clustertune.cluster.launch import LaunchError, stop_run
-            try:
-                return stop_run(cluster, Path(a.run_dir))
-            except LaunchError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-        if a.action == "ssh":
-            from clustertune.cluster import ssh
-            try:
-                if a.check:
-                    return ssh.check_only(cluster)
-                return ssh.setup_ssh(cluster, identity=Path(a.identity).expanduser() if a.identity else None)
-            except ssh.SshSetupError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 1
-        if a.action == "doctor":
-            from clustertune.cluster import doctor
-            recipe = None
-            if a.recipe:
-                from clustertune.config import load_recipe
-                recipe = load_recipe(a.recipe, a.overrides)
-            report = doctor.run_doctor(cluster, recipe=recipe, mutual=not a.fast, connect_timeout=a.timeout)
-            print(report.render())
-            return 0 if report.ok else 1
-    except ClusterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if a.action == "init":
+        return cmd_init(a)
+    cluster = load_cluster(a.cluster)
+    if a.action == "stop":
+        from clustertune.cluster.launch import stop_run
+        return stop_run(cluster, Path(a.run_dir))
+    if a.action == "ssh":
+        from clustertune.cluster import ssh
+        if a.check:
+            return ssh.check_only(cluster)
+        return ssh.setup_ssh(cluster, identity=Path(a.identity).expanduser() if a.identity else None)
+    if a.action == "doctor":
+        from clustertune.cluster import doctor
+        recipe = None
+        if a.recipe:
+            from clustertune.config import load_recipe
+            recipe = load_recipe(a.recipe, a.overrides)
+        report = doctor.run_doctor(cluster, recipe=recipe, mutual=not a.fast, connect_timeout=a.timeout)
+        print(report.render())
+        return 0 if report.ok else 1
     return 2
 
 

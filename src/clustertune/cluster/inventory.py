@@ -30,9 +30,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clustertune.config import format_validation_error, read_toml_file
+from clustertune.errors import UserError
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """A cluster file (or flag) that cannot be used; the message is meant for the user as-is."""
 
 

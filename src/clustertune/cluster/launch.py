@@ -49,9 +49,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from clustertune.local import check_data_before_start, free_port, local_gpu_count
-from clustertune.cluster.inventory import (Cluster, ClusterError, cluster_to_toml, hostfile_text, load_cluster,
+from clustertune.cluster.inventory import (Cluster, cluster_to_toml, hostfile_text, load_cluster,
                                           localhost_cluster)
 from clustertune.cluster.rankexec import EXIT_TAG
+from clustertune.errors import UserError
 from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
 from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
 
@@ -73,7 +74,7 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MASTER_PORT_RANGE = (1024, 65535)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError):
     """Stops a launch before anything runs; the message is meant for the user as-is."""
 
 
@@ -587,19 +588,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     launcher = args.launcher
     workdir = os.getcwd()
     python = sys.executable
-    try:
-        if args.cluster:
-            cluster = load_cluster(args.cluster)
-            local = False
-        else:
-            gpus = local_gpu_count() if recipe.train.device != "cpu" else 0
-            cluster = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port())
-            local = True
-        return _launch(recipe, cluster, local=local, launcher=launcher, resume=args.resume,
-                       skip_doctor=args.skip_doctor, workdir=workdir, python=python)
-    except (LaunchError, ClusterError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.cluster:
+        cluster = load_cluster(args.cluster)
+        local = False
+    else:
+        gpus = local_gpu_count() if recipe.train.device != "cpu" else 0
+        cluster = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port())
+        local = True
+    return _launch(recipe, cluster, local=local, launcher=launcher, resume=args.resume,
+                   skip_doctor=args.skip_doctor, workdir=workdir, python=python)
 
 
 def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume: bool, skip_doctor: bool,

@@ -36,14 +36,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clustertune.cluster.inventory import NAME_RE, Cluster, Node, cluster_to_toml
+from clustertune.errors import UserError
 
 ROOT = Path("/run/clustertune-sandbox")
 PRIVSEP = Path("/run/sshd")
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 
 
-class SandboxError(RuntimeError):
-    pass
+class SandboxError(UserError):
+    """This machine cannot build or run the sandbox (not root, a tool missing, a node down)."""
+
+    exit_code = 1  # the machine, not the command line, is what needs fixing
 
 
 def _run(argv: list[str], timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
@@ -476,42 +479,38 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         i = argv.index("--")
         argv, command = argv[:i], argv[i + 1:]
     a = _parser().parse_args(argv)
-    try:
-        if a.action == "up":
-            sb = Sandbox(a.name, a.nodes, slots=a.slots, legacy=tuple(a.legacy)).up()
-            print(f"sandbox {a.name!r} is up: {len(sb.nodes)} nodes on a private bridge")
-            for n in sb.nodes:
-                print(f"  {n.name}: {n.address} (namespace {n.ns}, sshd pid {n.sshd_pid}"
-                      f"{', legacy ssh-rsa only' if n.legacy else ''})")
-            print(f"cluster file:   {sb.cluster_file}")
-            print(f"bootstrap key:  {sb.state.bootstrap_key} (stands in for your password; revoke with "
-                  f"`clustertune sandbox revoke-bootstrap --name {a.name}`)")
-            print("next, on the master node:")
-            print(f"  clustertune sandbox exec node1 --name {a.name} -- clustertune cluster ssh "
-                  f"--cluster {sb.cluster_file} --identity {sb.state.bootstrap_key}")
-            print(f"  clustertune sandbox down --name {a.name}")
-            return 0
-        if a.action == "list":
-            for name in list_sandboxes():
-                print(name)
-            return 0
-        sb = Sandbox.attach(a.name)
-        if a.action == "down":
-            problems = sb.down()
-            for p in problems:
-                print(f"error: {p}", file=sys.stderr)
-            print(f"sandbox {a.name!r} removed" if not problems else f"sandbox {a.name!r} partly removed")
-            return 1 if problems else 0
-        if a.action == "revoke-bootstrap":
-            sb.revoke_bootstrap()
-            print("bootstrap key removed from every node and deleted")
-            return 0
-        if a.action == "exec":
-            if not command:
-                print("error: give a command after --", file=sys.stderr)
-                return 2
-            return subprocess.call(sb.exec_argv(a.node, command))
-    except SandboxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if a.action == "up":
+        sb = Sandbox(a.name, a.nodes, slots=a.slots, legacy=tuple(a.legacy)).up()
+        print(f"sandbox {a.name!r} is up: {len(sb.nodes)} nodes on a private bridge")
+        for n in sb.nodes:
+            print(f"  {n.name}: {n.address} (namespace {n.ns}, sshd pid {n.sshd_pid}"
+                  f"{', legacy ssh-rsa only' if n.legacy else ''})")
+        print(f"cluster file:   {sb.cluster_file}")
+        print(f"bootstrap key:  {sb.state.bootstrap_key} (stands in for your password; revoke with "
+              f"`clustertune sandbox revoke-bootstrap --name {a.name}`)")
+        print("next, on the master node:")
+        print(f"  clustertune sandbox exec node1 --name {a.name} -- clustertune cluster ssh "
+              f"--cluster {sb.cluster_file} --identity {sb.state.bootstrap_key}")
+        print(f"  clustertune sandbox down --name {a.name}")
+        return 0
+    if a.action == "list":
+        for name in list_sandboxes():
+            print(name)
+        return 0
+    sb = Sandbox.attach(a.name)
+    if a.action == "down":
+        problems = sb.down()
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        print(f"sandbox {a.name!r} removed" if not problems else f"sandbox {a.name!r} partly removed")
+        return 1 if problems else 0
+    if a.action == "revoke-bootstrap":
+        sb.revoke_bootstrap()
+        print("bootstrap key removed from every node and deleted")
+        return 0
+    if a.action == "exec":
+        if not command:
+            print("error: give a command after --", file=sys.stderr)
+            return 2
+        return subprocess.call(sb.exec_argv(a.node, command))
     return 2

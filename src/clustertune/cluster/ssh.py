@@ -30,14 +30,17 @@ from pathlib import Path
 
 from clustertune.cluster.inventory import Cluster, Node
 from clustertune.cluster.remote import (RemoteResult, SshTarget, classify_ssh_error, parallel, run_snippet)
+from clustertune.errors import UserError
 
 KEY_NAME = "id_ed25519"
 PLACEHOLDER = "@CLUSTER_DIR@"
 LEGACY_ALGORITHMS = {"ssh-rsa", "ssh-dss"}
 
 
-class SshSetupError(RuntimeError):
+class SshSetupError(UserError):
     """A problem that stops `cluster ssh`; the message says what to do."""
+
+    exit_code = 1  # the nodes are not in a state to set up (like a failed doctor check), not bad input
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,10 @@ Message = dict[str, str]
 
 class RecordError(Exception):
     """One record that cannot be used. `kind` is a short category (the key of the report's
-    invalid_reasons counts); `detail` says where in the record and why."""
+    invalid_reasons counts); `detail` says where in the record and why.
+
+    Not a UserError: the reader always catches it and counts it, or raises a DataError that adds
+    the file and line; one escaping would be a bug."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")

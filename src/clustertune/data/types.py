@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from clustertune.errors import UserError
+
 IGNORE = -100  # the target of a token that carries no loss (PyTorch cross_entropy's ignore_index)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be used. The message is shown to the user as-is (file:line and reason)."""
 
 

@@ -28,19 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         from clustertune.secrets import load_secrets_file
         load_secrets_file(secrets_file)
 
-    from clustertune.config import RecipeError, load_recipe
-    from clustertune.data import DataError
+    from clustertune.config import load_recipe
+    from clustertune.errors import UserError
     from clustertune.worker.engine import PeerFailed, shutdown_distributed
     rank = os.environ.get("RANK", "0")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.worker.loop import run
         run(recipe, resume=args.resume)
-    except (RecipeError, DataError, FileNotFoundError) as err:
+    except UserError as err:
         # Raised where every rank stands together (set-up, or work all ranks waited for).
         print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
         shutdown_distributed(wait_for_peers=False)
-        return 2
+        return err.exit_code
     except PeerFailed as err:  # the failing rank prints the whole error; one line here
         print(f"rank {rank} stops: {err}", file=sys.stderr, flush=True)
         shutdown_distributed(wait_for_peers=False)

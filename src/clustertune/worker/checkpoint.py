@@ -28,12 +28,18 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from clustertune.errors import UserError
+
 MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^step_(\d{8})$")
 SHARD_BYTES = 2 * 1024**3
 
 
 NODE_LOCAL_ENV = "CLUSTERTUNE_NODE_LOCAL_DIR"
+
+
+class CheckpointError(UserError):
+    """A run directory whose checkpoints cannot be exported (none complete, no best, shards missing)."""
 
 
 def node_local_dir() -> Path | None:
@@ -275,7 +281,7 @@ def _check_all_shards(directory: Path) -> None:
              if (m := re.search(r"_rank_(\d+)_", f.name))}
     missing = sorted(set(range(int(world))) - ranks)
     if missing:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{directory}: shards of rank(s) {missing[:8]} of {world} are missing (checkpoints kept per node, "
             f"{NODE_LOCAL_ENV}?). Copy {directory.name}/ from every node into one directory D/checkpoints/"
             f"{directory.name}/ (shard file names do not collide; a node's copy of mp_rank_00_model_states.pt "
@@ -294,12 +300,12 @@ def export_from_checkpoint(run_dir: Path, out: Path, *, model_section, lora_sect
     if best:
         found = best_checkpoint(run_dir)
         if found is None:
-            raise FileNotFoundError(f"{run_dir}: no best checkpoint recorded ({checkpoint_root(run_dir) / BEST} with "
-                                    "a complete checkpoint; the run needs checkpoint.keep_best = true and an eval set)")
+            raise CheckpointError(f"{run_dir}: no best checkpoint recorded ({checkpoint_root(run_dir) / BEST} with "
+                                  "a complete checkpoint; the run needs checkpoint.keep_best = true and an eval set)")
     else:
         found = newest_complete(run_dir)
     if found is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (directories with {MARKER}) to export")
+        raise CheckpointError(f"{run_dir}: no complete checkpoint (directories with {MARKER}) to export")
     step, directory = found
     _check_all_shards(directory)
     config = hf_config(model_section)

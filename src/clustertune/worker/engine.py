@@ -282,8 +282,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-class PeerFailed(RuntimeError):
-    """Work this rank waited for failed on another rank, which reports its own error."""
+class PeerFailed(Exception):
+    """Work this rank waited for failed on another rank, which reports its own error.
+
+    Not a UserError: it says only that this rank stops; the cause (a user error or a bug) is
+    printed, with its own exit code, by the rank where it happened."""
 
 
 def while_others_wait(work, *, works: bool, timeout_s: float):

@@ -160,14 +160,13 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
             losses.append(loss)
             if rt.is_main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
                 doc_lengths = [lengths[i] for i in indices]
-                tok_s = sum(doc_lengths) / elapsed
-                fpt = metrics.flops_per_token(t_eff=metrics.effective_context(doc_lengths), **flops_per_tok_base)
                 record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": sum(doc_lengths), "trained_tokens": plan.trained_tokens,
-                          "tokens_per_s": tok_s, "step_time_s": elapsed,
-                          "mfu": metrics.mfu(tokens_per_s=tok_s, flops_per_tok=fpt, peak_flops=peak)}
+                          "tokens": sum(doc_lengths), "trained_tokens": plan.trained_tokens, "step_time_s": elapsed,
+                          **metrics.throughput(document_lengths=doc_lengths, elapsed_s=elapsed,
+                                               world_size=rt.world_size, peak_flops_per_gpu=peak,
+                                               **flops_per_tok_base)}
                 if rt.on_gpu:
-                    record["mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                    record["mem_gib"] = metrics.peak_memory_gib()
                 sink.log(record)
             evaluator.maybe_run(step + 1, total_steps=steps)
             if recipe.checkpoint.every_steps and (step + 1) % recipe.checkpoint.every_steps == 0 and step + 1 < steps:

@@ -1,8 +1,9 @@
-"""Throughput arithmetic (pure) and the rank-0 metrics sinks: progress bar, JSONL, TensorBoard.
+"""Throughput records and the rank-0 metrics sinks: progress bar, JSONL, TensorBoard.
 
-MFU follows DESIGN.md: (6 * N_matmul + 12 * L * h * T_eff) * tokens/s / peak, with
-T_eff = sum(l^2) / sum(l) over the documents of a batch; gradient-checkpoint recompute is not
-counted.
+The arithmetic (FLOPs per token, MFU at any world size) is clustertune.flops, shared with the
+planner and the benchmarks; the per-GPU peak comes from the one catalog, clustertune.gpus, by the
+CUDA device name. Every record carries the cluster's tokens/s and tokens/s per GPU; MFU is per
+GPU (cluster FLOPs over world size x one GPU's peak); memory is in GiB (2**30 bytes).
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "h20": 148e12, "a100": 312e12, "cpu": 0.0}
+from clustertune.flops import effective_context, flops_per_token, mfu  # noqa: F401  (re-exported)
+from clustertune.gpus import peak_flops_for_device
 
-
-def effective_context(document_lengths: Sequence[int]) -> float:
-    total = sum(document_lengths)
-    return sum(l * l for l in document_lengths) / total if total else 0.0
-
-
-def flops_per_token(*, matmul_params: int, layers: int, hidden: int, t_eff: float) -> float:
-    return 6.0 * matmul_params + 12.0 * layers * hidden * t_eff
-
-
-def mfu(*, tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
-    return tokens_per_s * flops_per_tok / peak_flops if peak_flops > 0 else 0.0
+GIB = 2**30
 
 
 def detect_peak_flops() -> float:
@@ -35,13 +26,29 @@ def detect_peak_flops() -> float:
         import torch
         if not torch.cuda.is_available():
             return 0.0
-        name = torch.cuda.get_device_name().lower()
+        name = torch.cuda.get_device_name()
     except Exception:
         return 0.0
-    for key in ("h200", "h100", "h20", "a100"):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return 0.0
+    return peak_flops_for_device(name) or 0.0
+
+
+def throughput(*, document_lengths: Sequence[int], elapsed_s: float, world_size: int, matmul_params: int,
+               layers: int, hidden: int, peak_flops_per_gpu: float) -> dict[str, float]:
+    """The throughput part of a step record: the documents of one optimizer step (all ranks)
+    processed in `elapsed_s`. Keys: tokens_per_s (cluster), tokens_per_s_per_gpu, mfu (per GPU)."""
+    cluster = sum(document_lengths) / elapsed_s
+    fpt = flops_per_token(matmul_params=matmul_params, layers=layers, hidden=hidden,
+                          t_eff=effective_context(document_lengths))
+    return {"tokens_per_s": cluster, "tokens_per_s_per_gpu": cluster / world_size,
+            "mfu": mfu(cluster_tokens_per_s=cluster, flops_per_tok=fpt, world_size=world_size,
+                       peak_flops_per_gpu=peak_flops_per_gpu),
+            "world_size": world_size}
+
+
+def peak_memory_gib() -> float:
+    """torch.cuda.max_memory_allocated() of this rank's device, in GiB."""
+    import torch
+    return torch.cuda.max_memory_allocated() / GIB
 
 
 class MetricsSink:
@@ -58,14 +65,16 @@ class MetricsSink:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A resumed run appends to the record it continues; a fresh run starts a new one.
         self._file = open(run_dir / "metrics.jsonl", "a" if start_step else "w", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard is optional; JSONL is the record of truth
-            self._tb = None
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception as err:  # JSONL stays the record of truth; say what is missing, once
+            self._tb = None
+            self.write(f"warning: TensorBoard events are not written ({type(err).__name__}: {err}); "
+                       f"metrics.jsonl has every value. Install it with: pip install tensorboard")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -108,7 +117,12 @@ def _postfix(record: dict[str, Any]) -> str:
     if "grad_norm" in record:
         parts.append(f"gnorm {record['grad_norm']:.2f}")
     if "tokens_per_s" in record:
-        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        text = f"{record['tokens_per_s']:,.0f} tok/s"
+        if "tokens_per_s_per_gpu" in record:
+            text += f" ({record['tokens_per_s_per_gpu']:,.0f}/{'GPU' if record.get('mfu') else 'rank'})"
+        parts.append(text)
     if record.get("mfu"):
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "mem_gib" in record:
+        parts.append(f"{record['mem_gib']:.1f} GiB")
     return " | ".join(parts)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clustertune.config import LoraSection, ModelSection
+from clustertune.config import LoraSection, ModelSection, RecipeError
 from clustertune.shapes import lookup_shape
 
 IGNORE_INDEX = -100
@@ -32,7 +32,7 @@ def load_tokenizer(model: ModelSection):
     from transformers import AutoTokenizer
     directory = tokenizer_dir(model)
     if not directory.is_dir():
-        raise FileNotFoundError(f"model.tokenizer: {directory} is not a directory")
+        raise RecipeError(f"model.tokenizer: {directory} is not a directory")
     tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=model.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
