@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from data_helpers import QWEN3_LIKE_TEMPLATE, bpe_chatml_tokenizer, chat, chatml_tokenizer, r1_tokenizer
 
-from clustertune.data import IGNORE, DataError, Sample, tokenize_conversation
+from clustertune.data import IGNORE_INDEX, DataError, Sample, tokenize_conversation
 from clustertune.data.chat import ChatEncoder, fit, shift_targets
 from clustertune.data.records import RecordError
 
@@ -22,13 +22,13 @@ def expected_sample(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         mask += [trained] * len(piece)
-    targets = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+    targets = [ids[i + 1] if mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
     return ids, targets
 
 
 def trained_text(tokenizer, sample: Sample) -> str:
     """The tokens the model is taught to produce, concatenated."""
-    return "".join(tokenizer.convert_ids_to_tokens([t for t in sample.targets if t != IGNORE]))
+    return "".join(tokenizer.convert_ids_to_tokens([t for t in sample.targets if t != IGNORE_INDEX]))
 
 
 def test_chatml_multi_turn_mask_token_by_token():
@@ -46,7 +46,7 @@ def test_chatml_multi_turn_mask_token_by_token():
     assert len(sample.targets) == len(sample.input_ids)
     for i, (got, want) in enumerate(zip(sample.targets, targets)):
         assert got == want, f"token {i} ({tok.convert_ids_to_tokens(ids[i])!r}): target {got} != {want}"
-    assert sample.targets[-1] == IGNORE
+    assert sample.targets[-1] == IGNORE_INDEX
     assert sample.num_trained == len("Hello!") + 1 + len("4") + 1
     assert trained_text(tok, sample) == "Hello!<|im_end|>4<|im_end|>"
 
@@ -56,7 +56,7 @@ def test_byte_level_bpe_mask_follows_token_offsets():
     messages = chat("Hello there", "The answer is 42.", "How are you?", "Hello! ☃")["messages"]
     sample = tokenize_conversation(tok, messages, max_length=1000, overlength="truncate")
     assert tok.convert_ids_to_tokens(sample.input_ids).count("â") == 1  # ☃ is three byte tokens
-    assert tok.decode([t for t in sample.targets if t != IGNORE]) == "The answer is 42.<|im_end|>Hello! ☃<|im_end|>"
+    assert tok.decode([t for t in sample.targets if t != IGNORE_INDEX]) == "The answer is 42.<|im_end|>Hello! ☃<|im_end|>"
 
 
 def test_default_system_prompt_of_the_template_is_not_trained():
@@ -150,11 +150,11 @@ def test_fit_length_policy(ranges, max_length, overlength, fate, kept):
     if sample is not None:
         trained = [i for i in range(1, kept) if 6 <= i < 10]
         assert sample.input_ids == IDS[:kept]
-        assert sample.targets == [IDS[i + 1] if i + 1 in trained else IGNORE for i in range(kept)]
+        assert sample.targets == [IDS[i + 1] if i + 1 in trained else IGNORE_INDEX for i in range(kept)]
 
 
 def test_shift_targets_with_several_ranges():
-    assert shift_targets(IDS[:6], [(0, 2), (4, 6)]) == [11, IGNORE, IGNORE, 14, 15, IGNORE]
+    assert shift_targets(IDS[:6], [(0, 2), (4, 6)]) == [11, IGNORE_INDEX, IGNORE_INDEX, 14, 15, IGNORE_INDEX]
     sample, _ = fit(IDS, [(1, 10)], max_length=5, overlength="truncate")
-    assert sample.targets == [11, 12, 13, 14, IGNORE]
+    assert sample.targets == [11, 12, 13, 14, IGNORE_INDEX]
     assert sample.num_trained == 4

@@ -10,10 +10,10 @@ Imports no torch: the launcher side (validate) uses it too.
 from clustertune.data.chat import tokenize_conversation
 from clustertune.data.prepare import check_records, prepare_dataset
 from clustertune.data.records import read_records
-from clustertune.data.types import IGNORE, DataError, DataReport, PreparedData, Sample
+from clustertune.data.types import IGNORE_INDEX, DataError, DataReport, PreparedData, Sample
 
 __all__ = [
-    "IGNORE",
+    "IGNORE_INDEX",
     "DataError",
     "DataReport",
     "PreparedData",

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from clustertune.data.types import IGNORE, DataError, DataReport, Sample
+from clustertune.data.types import IGNORE_INDEX, DataError, DataReport, Sample
 
 CACHE_VERSION = 1  # bump when the rendering, masking or file layout changes
 
@@ -124,15 +124,15 @@ def _pack(split: str, samples: list[Sample]) -> dict[str, np.ndarray]:
     ids = np.fromiter(chain.from_iterable(s.input_ids for s in samples), dtype=np.int32, count=total)
     targets = np.fromiter(chain.from_iterable(s.targets for s in samples), dtype=np.int64, count=total)
     # Only "has a target" is stored: the target itself is the next input id (see Sample).
-    return {f"{split}_ids": ids, f"{split}_has_target": targets != IGNORE, f"{split}_offsets": offsets}
+    return {f"{split}_ids": ids, f"{split}_has_target": targets != IGNORE_INDEX, f"{split}_offsets": offsets}
 
 
 def _unpack(z: Any, split: str) -> list[Sample]:
     ids, has_target, offsets = z[f"{split}_ids"], z[f"{split}_has_target"], z[f"{split}_offsets"]
     # targets[i] = ids[i+1] where it has a target; the last flag of each sample is always False,
     # so reading ids one past a sample's end never leaks into a target.
-    next_ids = np.append(ids[1:], np.int32(IGNORE))
-    targets = np.where(has_target, next_ids, IGNORE).astype(np.int64)
+    next_ids = np.append(ids[1:], np.int32(IGNORE_INDEX))
+    targets = np.where(has_target, next_ids, IGNORE_INDEX).astype(np.int64)
     ids_list, targets_list = ids.tolist(), targets.tolist()
     bounds = offsets.tolist()
     return [Sample(ids_list[a:b], targets_list[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

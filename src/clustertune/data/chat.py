@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clustertune.data.records import Message, RecordError, validate_messages
-from clustertune.data.types import IGNORE, DataError, Sample
+from clustertune.data.types import IGNORE_INDEX, DataError, Sample
 
 OVERLENGTH = ("truncate", "drop")
 # Marker for an assistant content in the diff renderings: a character no real text starts or ends
@@ -190,8 +190,8 @@ def _has_target(ranges: list[Range]) -> bool:
 
 
 def shift_targets(ids: list[int], ranges: list[Range]) -> list[int]:
-    """targets[i] = ids[i+1] where token i+1 is trained, else IGNORE (so targets[-1] = IGNORE)."""
-    targets = [IGNORE] * len(ids)
+    """targets[i] = ids[i+1] where token i+1 is trained, else IGNORE_INDEX (so targets[-1] = IGNORE_INDEX)."""
+    targets = [IGNORE_INDEX] * len(ids)
     for a, b in ranges:
         a = max(a, 1)
         targets[a - 1:b - 1] = ids[a:b]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from clustertune.errors import UserError
 
-IGNORE = -100  # the target of a token that carries no loss (PyTorch cross_entropy's ignore_index)
+IGNORE_INDEX = -100  # the target of a token that carries no loss (PyTorch cross_entropy's ignore_index)
 
 
 class DataError(UserError):
@@ -19,7 +19,7 @@ class Sample:
 
     `targets` is pre-shifted so the worker never shifts: targets[i] is the token the model must
     predict after reading input_ids[:i+1], i.e. input_ids[i+1] when that token belongs to an
-    assistant turn, else IGNORE. targets[-1] is always IGNORE.
+    assistant turn, else IGNORE_INDEX. targets[-1] is always IGNORE_INDEX.
     """
 
     input_ids: list[int]
@@ -27,7 +27,7 @@ class Sample:
 
     @property
     def num_trained(self) -> int:
-        return len(self.targets) - self.targets.count(IGNORE)  # list.count runs in C
+        return len(self.targets) - self.targets.count(IGNORE_INDEX)  # list.count runs in C
 
 
 @dataclass

@@ -14,8 +14,7 @@ from typing import Sequence
 
 from clustertune.config import RecipeError
 from clustertune.worker.engine import BatchLayout
-
-IGNORE_INDEX = -100
+from clustertune.data.types import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

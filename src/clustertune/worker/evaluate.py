@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from clustertune.worker import batching
-from clustertune.data.types import IGNORE
+from clustertune.data.types import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------- pure part
 
@@ -93,10 +93,10 @@ def last_turn(targets: Sequence[int]) -> tuple[int, int]:
     """[start, stop) of the last run of trained targets: the final assistant turn. The model
     reads input_ids[:start + 1] before it predicts the turn's first token."""
     stop = len(targets)
-    while stop > 0 and targets[stop - 1] == IGNORE:
+    while stop > 0 and targets[stop - 1] == IGNORE_INDEX:
         stop -= 1
     start = stop
-    while start > 0 and targets[start - 1] != IGNORE:
+    while start > 0 and targets[start - 1] != IGNORE_INDEX:
         start -= 1
     return start, stop
 

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clustertune.data.types import IGNORE_INDEX
+
 VARLEN_ATTENTION = "clustertune_varlen"
-IGNORE_INDEX = -100
 
 
 def varlen_available() -> bool:

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clustertune.config import LoraSection, ModelSection, RecipeError
+from clustertune.data.types import IGNORE_INDEX
 from clustertune.shapes import lookup_shape
-
-IGNORE_INDEX = -100
 
 
 def tokenizer_dir(model: ModelSection) -> Path:
