@@ -4,11 +4,16 @@
 
 metrics.jsonl has one JSON object per line (metrics.MetricsSink, written by the worker every
 train.log_every steps). Training lines carry "step", "loss", "lr", "grad_norm", "tokens" and
-"trained_tokens" (of that step: all and loss-bearing tokens), "tokens_per_s", "step_time_s",
-"mfu", "mem_gb" (GPU only; max_memory_allocated / 1e9) and "time"; eval lines carry "eval_loss"
+"trained_tokens" (of that step: all and loss-bearing tokens), "tokens_per_s" (the whole cluster),
+"tokens_per_s_per_gpu", "world_size", "step_time_s", "mfu" (per GPU: cluster FLOPs over world
+size x one GPU's peak), "mem_gib" (GPU only; max_memory_allocated / 2**30) and "time"; eval lines
+carry "eval_loss"
 (and maybe "eval_ppl", "eval_tokens"); lines of generated samples carry no metric and are left
 out. Missing and unknown keys are fine, and so is a torn last line (the run may still be
 writing). A resumed run appends to the file, so a step can appear twice: the later line wins.
+Files of older runs are read too: "mem_gb" (max_memory_allocated / 1e9) becomes GiB, and lines
+without "tokens_per_s_per_gpu" get it from RUN_DIR/world.json, with their MFU (then computed over
+one GPU's peak for the whole cluster) divided by the world size.
 Launcher side: never imports torch.
 """
 
@@ -22,6 +27,8 @@ from pathlib import Path
 from statistics import fmean
 
 from clustertune.errors import UserError
+
+GIB = 2**30
 
 # The first logged steps include compilation, allocator growth and NCCL setup: leave this share
 # of them (at least one when there are two or more) out of the throughput mean.
@@ -71,6 +78,28 @@ def _latest_per_step(rows: list[dict[str, float]]) -> list[dict[str, float]]:
     return sorted(by_step.values(), key=lambda r: r["step"]) + loose
 
 
+def run_world_size(run_dir: Path) -> int | None:
+    """The run's world size from RUN_DIR/world.json (written by the worker at start), if readable."""
+    try:
+        world = json.loads((run_dir / "world.json").read_text(encoding="utf-8")).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return world if isinstance(world, int) and world >= 1 else None
+
+
+def upgrade_row(row: dict[str, float], world_size: int | None) -> dict[str, float]:
+    """A training row in today's units and meaning, whatever version of the worker wrote it."""
+    row = dict(row)
+    if "mem_gib" not in row and "mem_gb" in row:  # older workers: max_memory_allocated / 1e9
+        row["mem_gib"] = row.pop("mem_gb") * 1e9 / GIB
+    world = int(row.get("world_size", 0)) or world_size
+    if "tokens_per_s" in row and "tokens_per_s_per_gpu" not in row and world:
+        row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / world
+        if "mfu" in row:  # older workers divided the cluster's FLOPs by one GPU's peak
+            row["mfu"] = row["mfu"] / world
+    return row
+
+
 def read_metrics(run_dir: Path) -> Metrics:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: run directory not found")
@@ -78,6 +107,7 @@ def read_metrics(run_dir: Path) -> Metrics:
     if not path.is_file():
         raise ReportError(f"{path}: no metrics file (has the run logged a step yet?)")
     metrics = Metrics()
+    world_size = run_world_size(run_dir)
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
@@ -93,7 +123,7 @@ def read_metrics(run_dir: Path) -> Metrics:
         if "eval_loss" in row or "eval_ppl" in row:
             metrics.eval.append(row)
         elif set(row) - _BOOKKEEPING:
-            metrics.train.append(row)
+            metrics.train.append(upgrade_row(row, world_size))
     metrics.train = _latest_per_step(metrics.train)
     metrics.eval = _latest_per_step(metrics.eval)
     if not metrics.train and not metrics.eval:
@@ -127,13 +157,16 @@ def summarize(m: Metrics) -> dict[str, float | int | None]:
     losses = _finite(losses)
     all_steps = [row["step"] for row in m.train if "step" in row]
     _, tps = m.series("tokens_per_s")
-    _, mem = m.series("mem_gb")
+    _, tps_gpu = m.series("tokens_per_s_per_gpu")
+    _, mem = m.series("mem_gib")
     _, trained = m.series("trained_tokens")
     _, mfu = m.series("mfu")
     mfu_steady = [v for v in _finite(_after_warmup(mfu)) if v > 0]  # 0: peak FLOPs unknown (CPU)
     _, eval_losses = m.series("eval_loss", "eval")
     eval_losses = _finite(eval_losses)
     tps_steady = _finite(_after_warmup(tps))
+    tps_gpu_steady = _finite(_after_warmup(tps_gpu))
+    _, worlds = m.series("world_size")
     return {
         "logged_steps": len(m.train),
         "last_step": int(max(all_steps)) if all_steps else None,
@@ -141,8 +174,10 @@ def summarize(m: Metrics) -> dict[str, float | int | None]:
         "last_loss": losses[-1] if losses else None,
         "min_loss": min(losses) if losses else None,
         "mean_tokens_per_s": fmean(tps_steady) if tps_steady else None,
+        "mean_tokens_per_s_per_gpu": fmean(tps_gpu_steady) if tps_gpu_steady else None,
+        "world_size": int(worlds[-1]) if worlds else None,
         "mean_mfu": fmean(mfu_steady) if mfu_steady else None,
-        "peak_mem_gb": max(_finite(mem)) if _finite(mem) else None,
+        "peak_mem_gib": max(_finite(mem)) if _finite(mem) else None,
         # per-step counts, summed over the logged steps (all steps when train.log_every = 1)
         "trained_tokens": int(sum(_finite(trained))) if trained else None,
         "trained_tokens_steps": len(trained),
@@ -174,20 +209,25 @@ def _trained_text(s: dict[str, float | int | None]) -> str:
     return text + ")"
 
 
+def _world_text(s: dict[str, float | int | None]) -> str:
+    return f", {s['world_size']} GPUs" if s.get("world_size") else ""
+
+
 def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
     lines = [
         f"steps:            {_fmt(s['last_step'], 'd')} (last), {s['logged_steps']} logged",
         f"loss:             first {_fmt(s['first_loss'], '.4f')}, last {_fmt(s['last_loss'], '.4f')}, "
         f"min {_fmt(s['min_loss'], '.4f')}",
-        f"tokens/s:         {_fmt(s['mean_tokens_per_s'], ',.0f')} (mean after the first "
+        f"tokens/s:         {_fmt(s['mean_tokens_per_s'], ',.0f')} cluster, "
+        f"{_fmt(s['mean_tokens_per_s_per_gpu'], ',.0f')} per GPU{_world_text(s)} (mean after the first "
         f"{WARMUP_FRACTION:.0%} of logged steps)",
-        "peak memory:      " + (f"{s['peak_mem_gb']:.1f} GB (max_memory_allocated / 1e9, as logged in mem_gb)"
-                                 if s["peak_mem_gb"] is not None else "n/a (mem_gb is logged on GPU only)"),
+        "peak memory:      " + (f"{s['peak_mem_gib']:.1f} GiB per GPU (rank 0's max_memory_allocated)"
+                                 if s["peak_mem_gib"] is not None else "n/a (logged on GPU only)"),
         f"trained tokens:   {_trained_text(s)}",
         f"total time:       {_duration(s['total_time_s'])}",
     ]
     if s["mean_mfu"] is not None:
-        lines.insert(3, f"MFU:              {100 * s['mean_mfu']:.1f}% (mean after the first "
+        lines.insert(3, f"MFU:              {100 * s['mean_mfu']:.1f}% per GPU (mean after the first "
                         f"{WARMUP_FRACTION:.0%} of logged steps)")
     if s["evals"]:
         lines.append(f"eval loss:        last {_fmt(s['last_eval_loss'], '.4f')}, "
@@ -203,14 +243,19 @@ def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
 PLOTS = {
     "loss": ("Loss", "loss", [("loss", "train", "train"), ("eval_loss", "eval", "eval")]),
     "lr": ("Learning rate", "lr", [("lr", "train", "lr")]),
-    "tokens_per_s": ("Throughput", "tokens/s", [("tokens_per_s", "train", "tokens/s")]),
-    "memory": ("GPU memory", "GB", [("mem_gb", "train", "mem_gb")]),
+    "tokens_per_s": ("Throughput", "tokens/s", [("tokens_per_s", "train", "cluster"),
+                                                ("tokens_per_s_per_gpu", "train", "per GPU")]),
+    "memory": ("GPU memory (peak allocated, rank 0)", "GiB", [("mem_gib", "train", "GiB")]),
 }
 
 
 def write_plots(m: Metrics, out_dir: Path) -> list[Path]:
     """One PNG per plot that has data; returns the files written."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ReportError(f"plots not written: matplotlib cannot be imported ({err}); it is a dependency of "
+                          f"clustertune: pip install matplotlib (the summary is in {out_dir / 'summary.txt'})") from None
     matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
     import matplotlib.pyplot as plt
 
@@ -235,17 +280,34 @@ def write_plots(m: Metrics, out_dir: Path) -> list[Path]:
     return written
 
 
-def make_report(run_dir: Path) -> tuple[str, list[Path]]:
+def write_summary(run_dir: Path) -> tuple[Metrics, str]:
+    """Read the run's metrics and write RUN_DIR/report/summary.txt; returns both."""
     metrics = read_metrics(run_dir)
     out_dir = run_dir / "report"
     out_dir.mkdir(exist_ok=True)
-    text = summary_text(summarize(metrics), metrics.skipped_lines)
+    text = summary_text(summarize(metrics), metrics.skipped_lines) + tensorboard_text(run_dir)
     (out_dir / "summary.txt").write_text(text, encoding="utf-8")
-    return text, write_plots(metrics, out_dir)
+    return metrics, text
+
+
+def make_report(run_dir: Path) -> tuple[str, list[Path]]:
+    metrics, text = write_summary(run_dir)
+    return text, write_plots(metrics, run_dir / "report")
+
+
+def tensorboard_text(run_dir: Path) -> str:
+    events = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    if events:
+        return f"tensorboard:      tensorboard --logdir {run_dir / 'tensorboard'}\n"
+    return (f"tensorboard:      no events in {run_dir / 'tensorboard'} (the worker writes them when it can import "
+            "tensorboard; its log says why not); metrics.jsonl has every value\n")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    text, plots = make_report(Path(args.run_dir))
-    print(text, end="")
+    """clustertune report RUN_DIR"""
+    run_dir = Path(args.run_dir)
+    metrics, text = write_summary(run_dir)
+    print(text, end="")  # before the plots: without matplotlib the summary is still shown
+    plots = write_plots(metrics, run_dir / "report")
     print("plots: " + (", ".join(str(p) for p in plots) if plots else "none (no plottable metrics)"))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,9 @@ def test_report_writes_valid_pngs_and_correct_summary(tmp_path, capsys):
     assert s["last_loss"] == pytest.approx(1.0) and s["min_loss"] == pytest.approx(1.0)
     # warm-up: the first 10% of 20 logged steps (2) are left out -> only the 1000 tokens/s steps
     assert s["mean_tokens_per_s"] == pytest.approx(1000.0)
-    assert s["peak_mem_gb"] == pytest.approx(42.0)
+    # an older worker's file: mem_gb was max_memory_allocated / 1e9; the report shows GiB
+    assert s["peak_mem_gib"] == pytest.approx(42.0e9 / 2**30)
+    assert "peak memory:      39.1 GiB per GPU" in summary
     assert s["trained_tokens"] == 4096 * 20  # per-step counts (the worker's format), summed
     assert s["total_time_s"] == pytest.approx(38.0)  # time stamps 1002 .. 1040
     assert s["evals"] == 2 and s["last_eval_loss"] == pytest.approx(2.3) and s["min_eval_loss"] == pytest.approx(2.3)
@@ -63,7 +66,7 @@ def test_total_time_falls_back_to_step_times(tmp_path):
                                                  for i in range(4)))
     s = summarize(read_metrics(run))
     assert s["total_time_s"] == pytest.approx(6.0)
-    assert s["mean_tokens_per_s"] is None and s["peak_mem_gb"] is None
+    assert s["mean_tokens_per_s"] is None and s["peak_mem_gib"] is None
     text, plots = make_report(run)
     assert [p.name for p in plots] == ["loss.png"]  # nothing else to plot
     assert "tokens/s:         n/a" in text
@@ -86,8 +89,8 @@ def test_clear_errors_without_traceback(tmp_path, capsys, setup, message):
 def worker_record(step: int, *, loss: float, grad_norm: float = 1.5) -> dict:
     """One training line exactly as train.run builds it (keys and meaning; MetricsSink adds "time")."""
     return {"step": step, "loss": loss, "lr": 2e-5, "grad_norm": grad_norm, "tokens": 6000,
-            "trained_tokens": 4000, "tokens_per_s": 12000.0, "step_time_s": 0.5, "mfu": 0.3,
-            "mem_gb": 30.0 + step / 10}
+            "trained_tokens": 4000, "step_time_s": 0.5, "tokens_per_s": 12000.0, "tokens_per_s_per_gpu": 6000.0,
+            "mfu": 0.3, "world_size": 2, "mem_gib": 30.0 + step / 10}
 
 
 def test_report_on_a_run_dir_written_by_the_worker_sink(tmp_path, capsys):
@@ -122,7 +125,44 @@ def test_report_on_a_run_dir_written_by_the_worker_sink(tmp_path, capsys):
     assert s["last_step"] == 8 and s["last_loss"] == 1.0
     assert s["trained_tokens"] == 4 * 4000 and s["trained_tokens_steps"] == 4
     assert s["mean_mfu"] == pytest.approx(0.3)
-    assert s["peak_mem_gb"] == pytest.approx(30.8)
+    assert s["peak_mem_gib"] == pytest.approx(30.8)
+    assert s["mean_tokens_per_s_per_gpu"] == pytest.approx(6000.0) and s["world_size"] == 2
+    assert "12,000 cluster, 6,000 per GPU, 2 GPUs" in out
+    assert "tensorboard --logdir" in out
     assert s["evals"] == 2 and s["last_eval_loss"] == 2.0
     assert "16,000 (loss-bearing, summed over 4 logged steps; steps not logged" in out
     assert "MFU:              30.0%" in out
+
+
+def test_an_older_multi_gpu_run_gets_per_gpu_figures_and_its_mfu_divided(tmp_path):
+    """Before issue 11 the worker logged the cluster's FLOPs over ONE GPU's peak and no per-GPU
+    rate; world.json tells the report how many GPUs the run had."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "world.json").write_text(json.dumps({"world_size": 16, "device": "cuda", "precision": "bf16"}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": i, "loss": 1.0, "tokens_per_s": 160_000.0, "mfu": 6.4, "mem_gb": 50.0}) for i in range(1, 5)))
+    s = summarize(read_metrics(run))
+    assert s["mean_tokens_per_s"] == pytest.approx(160_000.0)
+    assert s["mean_tokens_per_s_per_gpu"] == pytest.approx(10_000.0)
+    assert s["mean_mfu"] == pytest.approx(0.4)
+    assert s["peak_mem_gib"] == pytest.approx(50e9 / 2**30)
+
+
+def test_missing_matplotlib_is_one_clear_line_after_the_summary(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    write_run(run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["report", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert "steps:" in captured.out  # the summary is still printed and written
+    assert (run / "report" / "summary.txt").is_file()
+    assert "matplotlib" in captured.err and "pip install matplotlib" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_a_run_without_tensorboard_events_says_so(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    text, _ = make_report(run)
+    assert "tensorboard:      no events in" in text
