@@ -11,12 +11,15 @@ CUDA context, torch's allocator and our estimates all have to fit into.
     >>> lookup_gpu("NVIDIA H100 80GB HBM3").mem_gib
     79.6
 
-Pure data: imported by the launcher side, never imports torch.
+Imported by the launcher side: never imports torch (this machine's GPUs come from nvidia-smi).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 
@@ -82,3 +85,17 @@ def peak_flops_for_device(device_name: str) -> float | None:
 
 def known_gpu_names() -> str:
     return ", ".join(GPUS)
+
+
+def local_gpu_count() -> int:
+    """GPUs visible here, without importing torch (nvidia-smi, honouring CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))

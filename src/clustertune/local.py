@@ -12,7 +12,6 @@ never imports torch: workers are separate processes (python -m clustertune.worke
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,21 +21,8 @@ import time
 from pathlib import Path
 
 from clustertune.config import Recipe, load_recipe, recipe_to_toml
+from clustertune.gpus import local_gpu_count
 from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
-
-
-def local_gpu_count() -> int:
-    """GPUs visible here, without importing torch (nvidia-smi, honouring CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clustertune.config import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_toml
-from clustertune.gpus import known_gpu_names, lookup_gpu
+from clustertune.gpus import known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
                               ZeroBuckets, plan)
 from clustertune.shapes import Shape, lookup_shape, shape_from_model_path
@@ -117,15 +117,6 @@ def _local_gpu() -> tuple[float, str] | None:
     return float(mib) / 1024, f"{name}, {float(mib) / 1024:.1f} GiB (this machine, nvidia-smi)"
 
 
-def _local_gpu_count() -> int | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    return count or None
-
-
 def _resolve_topology(cluster: str | None, nodes: int | None, per_node: int | None) -> tuple[int, int, str]:
     if cluster is not None:
         return _topology_from_cluster(cluster)
@@ -133,7 +124,7 @@ def _resolve_topology(cluster: str | None, nodes: int | None, per_node: int | No
         raise RecipeError(f"--nodes and --gpus-per-node must be >= 1 (got {nodes}, {per_node})")
     source = "--nodes/--gpus-per-node"
     if per_node is None:
-        per_node = _local_gpu_count()
+        per_node = local_gpu_count() or None
         source = "GPUs of this machine" if per_node else "default: 1 GPU (pass --gpus-per-node)"
         per_node = per_node or 1
     return nodes or 1, per_node, source

@@ -12,6 +12,8 @@
     port = 22
     slots = 8
     nic = "eth0"              # optional: interface for NCCL/gloo (default: the route to the master)
+    [nodes.env]               # optional: variables for this node's ranks alone (cluster/node_env.py)
+    NCCL_HOSTID = "node1"
 
 Every string that ever reaches a command line or a remote shell (names, addresses, users,
 interfaces) is validated against a strict character set here, so a cluster file cannot make a
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clustertune.cluster.node_env import check_node_env
 from clustertune.config import format_validation_error, read_toml_file
 from clustertune.errors import UserError
 
@@ -89,6 +92,12 @@ class Node(_Strict):
     port: int = Field(default=22, ge=1, le=65535)
     slots: int = Field(default=1, ge=1, le=1024)
     nic: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)  # this node's ranks only (cluster/node_env.py)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_node_env(v)
 
     @field_validator("name")
     @classmethod
@@ -236,6 +245,8 @@ def cluster_to_toml(cluster: Cluster) -> str:
                 f"port = {n.port}", f"slots = {n.slots}"]
         if n.nic is not None:
             out.append(f"nic = {q(n.nic)}")
+        if n.env:
+            out += ["[nodes.env]", *(f"{k} = {q(v)}" for k, v in n.env.items())]
     return "\n".join(out) + "\n"
 
 

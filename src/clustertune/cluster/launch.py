@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping
 from clustertune.local import check_data_before_start, free_port, local_gpu_count
 from clustertune.cluster.inventory import (Cluster, cluster_to_toml, hostfile_text, load_cluster,
                                           localhost_cluster)
+from clustertune.cluster import node_env
 from clustertune.cluster.rankexec import EXIT_TAG
 from clustertune.errors import UserError
 from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
@@ -71,7 +72,6 @@ DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", "CLUSTERTUNE_RUN_
 SAFE_VALUE_RE = re.compile(r"^[\w@%+=:,./ -]*$")
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MASTER_PORT_RANGE = (1024, 65535)
 
 
 class LaunchError(UserError):
@@ -653,6 +653,7 @@ def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume
         write_secrets_file(files.secrets, sel.secrets)
         secrets_path = str(files.secrets)
     run_env = build_run_env(sel, run_id=run_id, cpu=cpu, nics=nics, secrets_path=secrets_path, omp_threads=omp)
+    run_env.update(node_env.encode([n.env for n in cluster.ordered_nodes()]))  # each node's [nodes.env]
     from clustertune.config import recipe_to_toml
     _write(files.recipe, recipe_to_toml(recipe))
     _write(files.env, env_file_text(run_env))

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from clustertune.cluster import node_env
+
 EXIT_TAG = "clustertune-rank-exit"
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PR_SET_PDEATHSIG = 1
@@ -63,6 +65,7 @@ def child_env(environ: dict[str, str], env_file: dict[str, str]) -> dict[str, st
         names = nics.split(",")
         if int(node_rank) < len(names) and names[int(node_rank)]:
             env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = names[int(node_rank)]
+    env = node_env.apply(env, node_rank)  # this node's [nodes.env] of the cluster file
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -1,6 +1,7 @@
 """A real multi-node cluster on one Linux machine, from network namespaces (needs root).
 
     sudo clustertune sandbox up [--name NAME] [--nodes 2] [--slots 1] [--legacy node2]
+    sudo clustertune sandbox up --nodes 2 --gpus-per-node 2 [--sshd /path/to/sshd]   # GPU nodes
     sudo clustertune sandbox exec node1 [--name NAME] -- clustertune cluster ssh --cluster CLUSTER.toml ...
     sudo clustertune sandbox down [--name NAME]
 
@@ -15,7 +16,17 @@ Layout (NAME defaults to "sandbox"):
     machine's filesystem (which makes the sandbox a shared-filesystem cluster);
   * optionally nodes that offer only the legacy `ssh-rsa` host key algorithm (--legacy);
   * a one-time bootstrap key authorized on every node, standing in for the password a user types
-    once per node; `sandbox revoke-bootstrap` removes it everywhere.
+    once per node; `sandbox revoke-bootstrap` removes it everywhere;
+  * with --gpus-per-node G: node K owns GPUs K*G .. K*G+G-1 of this machine (CUDA_VISIBLE_DEVICES
+    in its shell environment and in the cluster file's `[nodes.env]`, which the launcher hands to
+    that node's ranks alone), slots = G, accelerator "gpu", nic "eth0". NCCL would see one host
+    (same hostname hash) and join the nodes through shared memory and CUDA IPC, which fails across
+    network namespaces (ncclSystemError, measured); a distinct NCCL_HOSTID per node makes every
+    node another host to it, so between nodes it uses NET/Socket over eth0 like between servers,
+    while the GPUs of one node keep P2P. NCCL_IB_DISABLE=1: the nodes are joined by eth0 alone.
+
+sshd: the first of $CLUSTERTUNE_SSHD (or --sshd), /usr/sbin/sshd, /usr/local/sbin/sshd, /sbin/sshd,
+`sshd` on PATH; it needs its privilege-separation user `sshd` and directory /run/sshd (created).
 
 State (names, PIDs, paths) is recorded in /run/clustertune-sandbox/NAME/state.json as each piece
 is created, so `down` removes exactly what `up` created, even after a failed `up`.
@@ -27,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -56,26 +68,66 @@ def _run(argv: list[str], timeout: float = 30, check: bool = True) -> subprocess
     return proc
 
 
-def find_sshd() -> str:
+SSHD_ENV = "CLUSTERTUNE_SSHD"
+
+
+def find_sshd(preferred: str | None = None) -> str:
+    """The sshd binary: `preferred` (--sshd) or $CLUSTERTUNE_SSHD when given, else the usual places."""
+    chosen = preferred or os.environ.get(SSHD_ENV)
+    if chosen:
+        if not os.path.isabs(chosen) or not os.access(chosen, os.X_OK):
+            raise SandboxError(f"sshd {chosen!r} (--sshd / ${SSHD_ENV}) is not an executable absolute path "
+                               "(sshd must be started by its absolute path)")
+        return chosen
     for path in SSHD_CANDIDATES:
         if os.access(path, os.X_OK):
             return path
     found = shutil.which("sshd")
     if found:
         return os.path.abspath(found)
-    raise SandboxError("sshd not found (apt-get install openssh-server)")
+    raise SandboxError("sshd not found (apt-get install openssh-server, or give its path with --sshd)")
 
 
-def unavailable_reason() -> str | None:
+def host_gpu_ids() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES ids: the caller's CUDA_VISIBLE_DEVICES if set,
+    else 0..N-1 from `nvidia-smi -L` (no torch on the launcher side)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() not in ("", "-1")]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = _run(["nvidia-smi", "-L"], check=False).stdout
+    return [str(i) for i in range(sum(1 for line in out.splitlines() if line.startswith("GPU ")))]
+
+
+def assign_gpus(gpu_ids: list[str], nodes: int, per_node: int) -> list[list[str]]:
+    """Node K gets the K-th run of per_node GPUs; an error when the machine has too few."""
+    if nodes * per_node > len(gpu_ids):
+        raise SandboxError(f"--nodes {nodes} x --gpus-per-node {per_node} needs {nodes * per_node} GPUs; this "
+                           f"machine has {len(gpu_ids)} ({','.join(gpu_ids) or 'none'}): lower --gpus-per-node")
+    return [gpu_ids[k * per_node:(k + 1) * per_node] for k in range(nodes)]
+
+
+def gpu_node_env(sandbox: str, node: str, gpus: list[str]) -> dict[str, str]:
+    """What makes a sandbox node a GPU server of its own to CUDA and NCCL (see the module doc)."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "NCCL_HOSTID": f"{sandbox}-{node}", "NCCL_IB_DISABLE": "1"}
+
+
+def unavailable_reason(sshd: str | None = None) -> str | None:
     """Why a sandbox cannot be built here, or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth pairs and sshd on namespace addresses)"
     if not shutil.which("ip"):
         return "`ip` (iproute2) not installed"
     try:
-        find_sshd()
+        find_sshd(sshd)
     except SandboxError as err:
         return str(err)
+    try:
+        pwd.getpwnam("sshd")
+    except KeyError:
+        return ("no user `sshd` (sshd's privilege separation user): "
+                "useradd --system --no-create-home --home-dir /run/sshd --shell /usr/sbin/nologin sshd")
     for tool in ("ssh", "ssh-keygen", "ssh-keyscan"):
         if not shutil.which(tool):
             return f"`{tool}` (openssh-client) not installed"
@@ -131,6 +183,8 @@ class SandboxState:
     created_privsep: bool = False
     bootstrap_key: str | None = None
     slots: int = 1
+    gpus_per_node: int = 0  # 0: a CPU cluster (gloo)
+    sshd: str | None = None  # the sshd binary chosen at `up`
 
     def save(self) -> None:
         path = Path(self.dir) / "state.json"
@@ -153,14 +207,19 @@ class Sandbox:
     """Build and tear down a sandbox cluster. Usable as a context manager (down on exit)."""
 
     def __init__(self, name: str = "sandbox", nodes: int = 2, *, slots: int = 1, legacy: tuple[str, ...] = (),
-                 node_env: dict[str, dict[str, str]] | None = None, root: Path = ROOT):
+                 node_env: dict[str, dict[str, str]] | None = None, gpus_per_node: int = 0,
+                 sshd: str | None = None, root: Path = ROOT):
         if not NAME_RE.match(name) or len(name) > 24:
             raise SandboxError(f"sandbox name {name!r}: letters, digits, '._-', at most 24 characters")
         if nodes < 1 or nodes > 200:
             raise SandboxError("--nodes must be between 1 and 200")
-        self.name, self.n, self.slots, self.root = name, nodes, slots, root
+        if gpus_per_node < 0:
+            raise SandboxError("--gpus-per-node must be >= 1 (or 0: CPU nodes)")
+        self.name, self.n, self.root = name, nodes, root
+        self.gpus_per_node, self.sshd = gpus_per_node, sshd
+        self.slots = gpus_per_node or slots
         self.legacy = set(legacy)
-        self.node_env = node_env or {}
+        self.node_env = {k: dict(v) for k, v in (node_env or {}).items()}
         names = [f"node{i + 1}" for i in range(nodes)]
         unknown = (self.legacy | set(self.node_env)) - set(names)
         if unknown:
@@ -174,7 +233,7 @@ class Sandbox:
         return self.root / self.name
 
     def up(self) -> "Sandbox":
-        reason = unavailable_reason()
+        reason = unavailable_reason(self.sshd)
         if reason:
             raise SandboxError(f"cannot build a sandbox: {reason}")
         if (self.dir / "state.json").exists():
@@ -184,8 +243,13 @@ class Sandbox:
         os.chmod(self.root, 0o755)
         self.dir.mkdir(mode=0o755)
         subnet_octet = 1 + int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 250
+        gpus = assign_gpus(host_gpu_ids(), self.n, self.gpus_per_node) if self.gpus_per_node else None
         st = self.state = SandboxState(name=self.name, dir=str(self.dir), subnet=f"10.231.{subnet_octet}",
-                                       switch_ns=f"ct-{self.name}-sw", slots=self.slots)
+                                       switch_ns=f"ct-{self.name}-sw", slots=self.slots,
+                                       gpus_per_node=self.gpus_per_node, sshd=find_sshd(self.sshd))
+        if gpus is not None:  # each node's shell sees its own GPUs (the NCCL settings go in the cluster file)
+            for k, ids in enumerate(gpus):
+                self.node_env.setdefault(f"node{k + 1}", {}).setdefault("CUDA_VISIBLE_DEVICES", ",".join(ids))
         st.save()
         try:
             self._build()
@@ -265,7 +329,7 @@ class Sandbox:
 
     def start_sshd(self, node: SandboxNode | str) -> None:
         node = self.node(node) if isinstance(node, str) else node
-        sshd = find_sshd()
+        sshd = self.state.sshd or find_sshd(self.sshd)
         _run([sshd, "-t", "-f", str(node.sshd_config)])
         log = open(node.sshd_log, "ab")
         try:
@@ -317,9 +381,15 @@ class Sandbox:
         st.save()
 
     def _write_cluster_file(self) -> None:
-        cluster = Cluster(name=self.name, master_port=29500, accelerator="cpu",
-                          nodes=[Node(name=n.name, address=n.address, user="root", port=22, slots=self.slots)
-                                 for n in self.state.nodes])
+        st = self.state
+        if st.gpus_per_node:
+            nodes = [Node(name=n.name, address=n.address, user="root", port=22, slots=st.slots, nic="eth0",
+                          env=gpu_node_env(self.name, n.name, n.env["CUDA_VISIBLE_DEVICES"].split(",")))
+                     for n in st.nodes]
+        else:
+            nodes = [Node(name=n.name, address=n.address, user="root", port=22, slots=st.slots) for n in st.nodes]
+        cluster = Cluster(name=self.name, master_port=29500, accelerator="gpu" if st.gpus_per_node else "cpu",
+                          nodes=nodes)
         self.cluster_file.write_text(cluster_to_toml(cluster))
 
     # ------------------------------------------------------------------------------- helpers
@@ -347,7 +417,7 @@ class Sandbox:
     @classmethod
     def attach(cls, name: str, root: Path = ROOT) -> "Sandbox":
         state = SandboxState.load(name, root)
-        sb = cls(name, len(state.nodes) or 1, slots=state.slots, root=root)
+        sb = cls(name, len(state.nodes) or 1, slots=state.slots, sshd=state.sshd, root=root)
         sb.state = state
         return sb
 
@@ -458,7 +528,11 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="create the namespaces, bridge, veth pairs and sshd of each node")
     up.add_argument("--name", default="sandbox")
     up.add_argument("--nodes", type=int, default=2)
-    up.add_argument("--slots", type=int, default=1, help="ranks per node written in the cluster file")
+    up.add_argument("--slots", type=int, default=1, help="ranks per node written in the cluster file (CPU nodes)")
+    up.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+                    help="GPU nodes: node K owns GPUs K*G..K*G+G-1 of this machine, NCCL sees separate hosts")
+    up.add_argument("--sshd", default=None, help=f"the sshd binary (absolute path; default ${SSHD_ENV} or the "
+                    "usual places)")
     up.add_argument("--legacy", action="append", default=[], metavar="NODE",
                     help="this node's sshd offers only the legacy ssh-rsa host key algorithm (repeatable)")
     down = sub.add_parser("down", help="remove everything `up` created")
@@ -480,11 +554,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         argv, command = argv[:i], argv[i + 1:]
     a = _parser().parse_args(argv)
     if a.action == "up":
-        sb = Sandbox(a.name, a.nodes, slots=a.slots, legacy=tuple(a.legacy)).up()
+        sb = Sandbox(a.name, a.nodes, slots=a.slots, legacy=tuple(a.legacy), gpus_per_node=a.gpus_per_node,
+                     sshd=a.sshd).up()
         print(f"sandbox {a.name!r} is up: {len(sb.nodes)} nodes on a private bridge")
         for n in sb.nodes:
             print(f"  {n.name}: {n.address} (namespace {n.ns}, sshd pid {n.sshd_pid}"
-                  f"{', legacy ssh-rsa only' if n.legacy else ''})")
+                  f"{', legacy ssh-rsa only' if n.legacy else ''}"
+                  + (f", GPUs {n.env['CUDA_VISIBLE_DEVICES']}" if sb.state.gpus_per_node else "") + ")")
         print(f"cluster file:   {sb.cluster_file}")
         print(f"bootstrap key:  {sb.state.bootstrap_key} (stands in for your password; revoke with "
               f"`clustertune sandbox revoke-bootstrap --name {a.name}`)")

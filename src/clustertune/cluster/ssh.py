@@ -34,7 +34,6 @@ from clustertune.errors import UserError
 
 KEY_NAME = "id_ed25519"
 PLACEHOLDER = "@CLUSTER_DIR@"
-LEGACY_ALGORITHMS = {"ssh-rsa", "ssh-dss"}
 
 
 class SshSetupError(UserError):
