@@ -3,7 +3,7 @@
 Unknown keys, wrong types and impossible combinations fail at load time with one error that
 names the file, the key path and the reason, before any process or GPU is touched.
 
-    clustertune validate configs/demo.toml --set train.lr=1e-3
+    clustertune validate configs/qwen2.5-1.5b-sft-1gpu.toml --set train.lr=1e-3
 
 This module is imported by the launcher side too, so it must never import torch.
 """
@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clustertune.errors import UserError
+from clustertune.shapes import LORA_TARGETS
 
 
 class RecipeError(UserError):
@@ -119,9 +120,7 @@ class LoraSection(_Section):
     r: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     merge_on_export: bool = True
 
 

@@ -6,7 +6,7 @@ benchmarks all call these, so "MFU" means one thing everywhere.
                           hidden=shape.hidden_size, t_eff=effective_context(document_lengths))
     mfu(cluster_tokens_per_s=50_407, flops_per_tok=fpt, world_size=2, peak_flops_per_gpu=989e12)
 
-DESIGN.md's convention: FLOPs per token = 6 * N_matmul + 12 * L * h * T_eff, with N_matmul the
+The convention: FLOPs per token = 6 * N_matmul + 12 * L * h * T_eff, with N_matmul the
 parameters minus the input embedding (lm_head counted), T_eff = sum(l^2) / sum(l) over the
 documents of a packed batch (attention only sees its own document), real tokens only; the
 recompute of gradient checkpointing is not counted. MFU divides the FLOPs the whole cluster does

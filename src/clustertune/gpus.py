@@ -28,7 +28,7 @@ class GpuSpec:
     name: str
     vendor_gb: int  # the marketing number ("H20 96 GB")
     mem_gib: float  # nvidia-smi memory.total in MiB / 1024: what the process can use at most
-    bf16_tflops: float  # dense bf16 tensor-core peak (no sparsity), for MFU (DESIGN.md's convention)
+    bf16_tflops: float  # dense bf16 tensor-core peak (no sparsity), for MFU (clustertune.flops)
 
     @property
     def peak_flops(self) -> float:

@@ -1,8 +1,8 @@
 """One-machine commands: `clustertune demo`, `train`, `validate`, `export`.
 
     clustertune                                   # the embedded demo
-    clustertune train configs/qwen2.5-0.5b-sft.toml --set train.lr=1e-5
-    clustertune validate configs/demo.toml
+    clustertune train configs/qwen2.5-1.5b-sft-1gpu.toml --set train.lr=1e-5
+    clustertune validate configs/qwen2.5-1.5b-sft-1gpu.toml
 
 `train` starts one worker per local GPU (or 2 on CPU) directly, streams their output with
 rank prefixes into RUN_DIR/logs/, and stops all of them when one fails or on Ctrl-C. This side

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clustertune.errors import UserError
-from clustertune.shapes import Shape
+from clustertune.shapes import LORA_TARGETS, Shape
 
 GIB = 1024**3
 
@@ -66,8 +66,6 @@ DEFAULT_SAFETY_MARGIN = 0.10
 # Hugging Face shards weights into files of at most ~5 GB; under zero.Init every rank
 # materializes one shard at a time, never the whole model.
 DEFAULT_CHECKPOINT_SHARD_GIB = 5.0
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class PlanError(UserError):

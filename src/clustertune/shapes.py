@@ -9,6 +9,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# The linear layers of a Qwen2 decoder layer, in module order: LoRA's default targets and what
+# the planner counts adapters for.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -49,7 +53,7 @@ class Shape:
 
     def matmul_parameter_count(self) -> int:
         """Parameters that take part in matmuls per token: all but the input embedding, with
-        lm_head counted even when tied (the MFU convention of DESIGN.md)."""
+        lm_head counted even when tied (the MFU convention of clustertune.flops)."""
         tied_head = self.vocab_size * self.hidden_size if self.tie_word_embeddings else 0
         return self.parameter_count() - self.vocab_size * self.hidden_size + tied_head
 
