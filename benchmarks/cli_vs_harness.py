@@ -41,19 +41,40 @@ def write_jsonl(path: Path, lengths: list[int]) -> None:
             f.write(json.dumps({"messages": frame(text[:user], text[user:])}) + "\n")
 
 
+def write_recipe(a, data: Path, run_dir: Path) -> Path:
+    """The recipe a user would write for this work (every other key at its default)."""
+    text = f"""[run]
+output_dir = {json.dumps(str(run_dir))}
+
+[model]
+path = {json.dumps(a.shape)}
+
+[data]
+train_files = [{json.dumps(str(data))}]
+max_length = {a.seq}
+packing = true
+
+[train]
+max_steps = {a.steps}
+global_batch_size = {a.batch}
+micro_batch_tokens = {max(a.budget, a.seq)}
+gradient_checkpointing = {"true" if a.gc else "false"}
+schedule = "constant"
+lr = 1e-5
+adam_beta2 = 0.999
+{f"profile_step = {a.steps - 2}" if a.profile else ""}
+
+[zero]
+stage = {a.stage}
+"""
+    path = run_dir.parent / "cli_recipe.toml"
+    path.write_text(text)
+    return path
+
+
 def run_cli(a, data: Path, run_dir: Path) -> dict:
-    sets = {"model.path": json.dumps(a.shape), "data.train_files": json.dumps([str(data)]),
-            "data.packing": "true", "data.max_length": str(a.seq), "data.overlength": '"drop"',
-            "train.device": '"cuda"', "train.precision": '"bf16"', "train.max_steps": str(a.steps),
-            "train.global_batch_size": str(a.batch), "train.micro_batch_tokens": str(max(a.budget, a.seq)),
-            "train.gradient_checkpointing": "true" if a.gc else "false", "train.schedule": '"constant"',
-            "train.lr": "1e-5", "train.adam_beta2": "0.999", "zero.stage": str(a.stage),
-            "checkpoint.every_steps": "0", "run.output_dir": json.dumps(str(run_dir))}
-    if a.profile:
-        sets["train.profile_step"] = str(a.steps - 2)
-    cmd = [sys.executable, "-m", "clustertune.cli", "train", "--nproc", "1"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
+    recipe = write_recipe(a, data, run_dir)
+    cmd = [sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", "1"]
     subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL if not a.verbose else None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
     measured = [r for r in records if r["step"] > 5]

@@ -54,7 +54,7 @@ def demo_recipe_dict() -> dict[str, Any]:
     2-layer model, 3e-3 needs twice the steps."""
     return {
         "run": {"name": "demo", "output_dir": "runs/demo"},
-        "model": {"path": "tiny", "attn_implementation": "sdpa"},
+        "model": {"path": "tiny"},  # attention "auto": sdpa on CPU, flash varlen for packed rows on GPU
         "data": {"train_files": [str(DEMO_TRAIN_FILE)], "format": "messages", "max_length": 64},
         "train": {
             "max_steps": 800,

@@ -15,12 +15,20 @@ from typing import Iterator
 import torch
 
 
-def busy_summary(averages, wall_s: float) -> str:
-    kernel_us = sum(e.self_device_time_total for e in averages)
+def busy_summary(events, wall_s: float) -> str:
+    """GPU busy share of the step: the union of kernel intervals (kernels on several streams
+    overlap; summing op rows would count a kernel and its aten op twice)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy_us += stop - max(start, end)
+            end = stop
     wall_us = wall_s * 1e6
-    busy = 100 * kernel_us / wall_us if wall_us else 0.0
-    return (f"profiled step wall {wall_us / 1e3:.1f} ms; GPU busy (sum of kernel self time) "
-            f"{kernel_us / 1e3:.1f} ms = {busy:.1f}% of wall; idle {100 - busy:.1f}%\n")
+    share = 100 * busy_us / wall_us if wall_us else 0.0
+    return (f"profiled step wall {wall_us / 1e3:.1f} ms; GPU busy (union of kernel intervals) "
+            f"{busy_us / 1e3:.1f} ms = {share:.1f}% of wall; idle {100 - share:.1f}%\n")
 
 
 @contextlib.contextmanager
@@ -43,7 +51,7 @@ def profile_step(out_dir: Path, step: int, *, enabled: bool) -> Iterator[None]:
         wall = time.perf_counter() - started
     averages = prof.key_averages()
     sort_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    text = busy_summary(averages, wall) + "\n" + averages.table(sort_by=sort_key, row_limit=45)
+    text = busy_summary(prof.events(), wall) + "\n" + averages.table(sort_by=sort_key, row_limit=45)
     (out_dir / f"step_{step}.txt").write_text(text)
     prof.export_chrome_trace(str(out_dir / f"step_{step}.trace.json"))
     print(f"profile of step {step}: {out_dir / f'step_{step}.txt'}", flush=True)
