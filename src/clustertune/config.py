@@ -102,17 +102,38 @@ class ZeroSection(_Section):
     # (`clustertune plan` shows it). Default: DeepSpeed's 1e9.
     sub_group_size: int | None = Field(default=None, ge=1)
     overlap_comm: bool = True
+    # ZeRO++ (ZeRO-3 only), for slow links between nodes. hpz_partition_size = GPUs per node: each
+    # node keeps a second copy of the bf16 weights partitioned over its own GPUs, so the per-layer
+    # all-gathers of forward and backward stay inside the node (DeepSpeed zero_hpz_partition_size;
+    # costs params * 2 / gpus_per_node bytes per GPU, counted by `clustertune plan`).
+    hpz_partition_size: int | None = Field(default=None, ge=1)
+    # Weights all-gathered in int8 and gradients reduce-scattered in int4/int8 blocks (CUDA only).
+    quantized_weights: bool = False
+    quantized_gradients: bool = False
 
     @model_validator(mode="after")
     def _offload(self) -> "ZeroSection":
         if self.stage != 3:
-            for key in ("offload_params", "prefetch_bucket_size", "param_persistence_threshold", "sub_group_size"):
+            for key in ("offload_params", "prefetch_bucket_size", "param_persistence_threshold", "sub_group_size",
+                        "hpz_partition_size", "quantized_weights", "quantized_gradients"):
                 if getattr(self, key):
                     raise ValueError(f"zero.{key} needs zero.stage = 3 (got stage {self.stage}): it is a "
                                      "ZeRO-3 setting")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("zero.offload_optimizer needs zero.stage >= 1 (got stage 0)")
         return self
+
+
+def check_zero_topology(zero: ZeroSection, *, world_size: int, gpus_per_node: int) -> None:
+    """ZeRO++'s hierarchical partition spans exactly one node: zero.hpz_partition_size must equal
+    the GPUs per node (ranks of a node are consecutive) and divide the world size."""
+    hpz = zero.hpz_partition_size
+    if hpz is None or hpz == 1:
+        return
+    if hpz != gpus_per_node or world_size % hpz:
+        raise RecipeError(f"zero.hpz_partition_size = {hpz}: it must equal the GPUs per node ({gpus_per_node}) "
+                          f"and divide the world size ({world_size}), so that each secondary partition is one "
+                          f"node's GPUs; set zero.hpz_partition_size = {gpus_per_node}")
 
 
 class LoraSection(_Section):

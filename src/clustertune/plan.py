@@ -115,6 +115,9 @@ class PlanInput:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     buckets: ZeroBuckets = field(default_factory=ZeroBuckets)
     overlap_comm: bool = True
+    # ZeRO++ zero.hpz_partition_size (stage 3): a second copy of the weights partitioned over
+    # this many ranks (the GPUs of a node), param bytes x total / hpz per rank.
+    hpz_partition_size: int = 1
     # More than one micro-batch per optimizer step on a rank (always assumed with packing: the
     # rows per step depend on the data). Stage 1/2 gradients then exist during the forward and
     # loss of every micro-batch after the first; without accumulation they appear in backward.
@@ -559,6 +562,8 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
             params = persistent
         else:
             params = b.param * total / n + (persistent if n > 1 else 0.0)
+            if inp.hpz_partition_size > 1:  # ZeRO++ secondary partition, inside the node
+                params += b.param * total / inp.hpz_partition_size
     else:
         params = b.param * total
     # The step converts the gradients it updates: a flattened copy in the gradient dtype, then

@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from clustertune.config import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_toml
+from clustertune.config import Recipe, RecipeError, check_zero_topology, load_recipe, recipe_from_dict, recipe_to_toml
 from clustertune.gpus import known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
                               ZeroBuckets, plan)
@@ -187,6 +187,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         param_persistence_threshold=(10 * shape.hidden_size if zero.param_persistence_threshold is None
                                      else zero.param_persistence_threshold),
         **({"sub_group_size": zero.sub_group_size} if zero.sub_group_size else {}))
+    check_zero_topology(zero, world_size=job.world_size, gpus_per_node=job.gpus_per_node)
     # Packed: the rows per step depend on the data, assume several; padded: global / (micro x world).
     accumulation = recipe.data.packing or (
         recipe.train.global_batch_size > recipe.train.micro_batch_size * job.world_size)
@@ -199,6 +200,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
+        hpz_partition_size=zero.hpz_partition_size or 1,
         checkpoint_shard_gib=checkpoint_shard_gib)
 
 

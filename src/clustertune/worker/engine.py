@@ -85,6 +85,12 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
         zero_block["stage3_param_persistence_threshold"] = (
             10 * hidden_size if zero.param_persistence_threshold is None else zero.param_persistence_threshold)
         zero_block["sub_group_size"] = zero.sub_group_size or DEEPSPEED_SUB_GROUP_SIZE
+        if zero.hpz_partition_size and zero.hpz_partition_size > 1:  # ZeRO++ hierarchical partitioning
+            zero_block["zero_hpz_partition_size"] = zero.hpz_partition_size
+        if zero.quantized_weights:
+            zero_block["zero_quantized_weights"] = True
+        if zero.quantized_gradients:
+            zero_block["zero_quantized_gradients"] = True
         zero_block["stage3_max_live_parameters"] = int(1e9)
         zero_block["stage3_max_reuse_distance"] = int(1e9)
         # We gather weights ourselves, shard by shard, at export (checkpoint.export_hf_model).

@@ -1,0 +1,84 @@
+"""ZeRO++ recipe keys (zero.hpz_partition_size, quantized_weights, quantized_gradients): validation,
+the DeepSpeed config they produce, the planner's memory for the secondary partition, and the
+inter-node communication estimate that recommends them (clustertune.cluster.interconnect)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from pydantic import ValidationError
+
+from clustertune.batch_math import batch_layout
+from clustertune.cluster.interconnect import (COMM_SHARE_WARN, step_comm_estimate, zero_volume_factor,
+                                              zeropp_advice)
+from clustertune.config import RecipeError, TrainSection, ZeroSection, check_zero_topology
+from clustertune.plan import Option, PlanInput, gpu_memory
+from clustertune.shapes import SHAPES
+from clustertune.worker.engine import build_deepspeed_config
+
+ZEROPP = dict(stage=3, hpz_partition_size=8, quantized_weights=True, quantized_gradients=True)
+
+
+@pytest.mark.parametrize("key, value", [("hpz_partition_size", 8), ("quantized_weights", True),
+                                        ("quantized_gradients", True)])
+def test_zeropp_keys_need_stage_3(key, value):
+    with pytest.raises(ValidationError, match=f"zero.{key} needs zero.stage = 3"):
+        ZeroSection(stage=2, **{key: value})
+    ZeroSection(stage=3, **{key: value})
+
+
+def test_hpz_must_be_the_gpus_of_one_node():
+    check_zero_topology(ZeroSection(**ZEROPP), world_size=16, gpus_per_node=8)
+    check_zero_topology(ZeroSection(stage=3), world_size=16, gpus_per_node=8)
+    with pytest.raises(RecipeError, match=r"GPUs per node \(8\).*world size \(16\).*hpz_partition_size = 8"):
+        check_zero_topology(ZeroSection(stage=3, hpz_partition_size=4), world_size=16, gpus_per_node=8)
+    with pytest.raises(RecipeError, match="divide the world size"):
+        check_zero_topology(ZeroSection(stage=3, hpz_partition_size=8), world_size=12, gpus_per_node=8)
+
+
+def _zero_block(zero: ZeroSection) -> dict:
+    train = TrainSection(max_steps=1, global_batch_size=8, micro_batch_size=4)
+    layout = batch_layout(train, world_size=2, packing=False)
+    return build_deepspeed_config(train, zero, layout=layout, precision="bf16", hidden_size=64)["zero_optimization"]
+
+
+def test_deepspeed_config_gets_zeropp_keys_only_when_asked():
+    z = _zero_block(ZeroSection(**ZEROPP))
+    assert (z["zero_hpz_partition_size"], z["zero_quantized_weights"], z["zero_quantized_gradients"]) == (8, True, True)
+    plain = _zero_block(ZeroSection(stage=3))
+    assert not any(k.startswith("zero_") for k in plain)
+
+
+def test_planner_counts_the_secondary_partition():
+    shape = SHAPES["qwen2.5-7b"]
+    inp = PlanInput(shape, tokens_per_micro_batch=4096, seq_len=4096, world_size=16, gpus_per_node=8,
+                    gpu_mem_gib=80, host_mem_gib=None)
+    option = Option(3, False, False, True)
+    plain = gpu_memory(inp, option)
+    hpz = gpu_memory(dataclasses.replace(inp, hpz_partition_size=8), option)
+    expected_gib = 2 * shape.parameter_count() / 8 / 2**30  # bf16 params / GPUs per node
+    assert hpz.params - plain.params == pytest.approx(expected_gib)
+    assert hpz.grads == plain.grads and hpz.optimizer == plain.optimizer
+
+
+def test_volume_factors_match_the_zeropp_paper():
+    assert zero_volume_factor(stage=3) == 3.0
+    assert zero_volume_factor(stage=3, hpz=True, quantized_weights=True, quantized_gradients=True) == 0.75
+
+
+def test_slow_link_recommends_zeropp_fast_link_does_not():
+    shape = SHAPES["qwen2.5-7b"]
+    common = dict(tokens_per_micro_batch=4096, world_size=16, gpus_per_node=8, peak_flops_per_gpu=989e12)
+    slow = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=2.7, **common)
+    fast = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=400, **common)
+    assert slow.share > COMM_SHARE_WARN > fast.share
+    advice = zeropp_advice(slow, ZeroSection(stage=3), gpus_per_node=8)
+    assert advice and "zero.hpz_partition_size = 8" in advice and "quantized_gradients" in advice
+    assert zeropp_advice(fast, ZeroSection(stage=3), gpus_per_node=8) is None
+    # ZeRO++ moves a quarter of ZeRO-3's bytes between nodes
+    pp = step_comm_estimate(shape, ZeroSection(**ZEROPP), inter_node_busbw_gbs=2.7, **common)
+    assert pp.comm_s == pytest.approx(slow.comm_s / 4)
+    one_node = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=2.7,
+                                  **{**common, "world_size": 8})
+    assert one_node.comm_s == 0
