@@ -11,8 +11,8 @@ stage's communication. Pure arithmetic (no torch, no I/O besides reading the bun
 The model, kept simple and printed with every estimate:
 
   compute = cluster tokens per step x FLOPs per token / (GPUs x per-GPU peak x achieved MFU)
-      FLOPs per token and the peak are clustertune.flops / clustertune.gpus (the MFU definition of
-      DESIGN.md); the achieved MFU comes from data_tables/achieved_mfu.toml: single-GPU runs
+      FLOPs per token and the peak are clustertune.flops / clustertune.gpus (the one MFU
+      definition); the achieved MFU comes from data_tables/achieved_mfu.toml: single-GPU runs
       measured here, so it holds the kernels' and the framework's efficiency and no communication.
   communication per optimizer step (ring collectives: a rank moves (n-1)/n of each tensor):
       ZeRO-1: gradients reduce-scattered once per step + updated params all-gathered once (2 x P).
