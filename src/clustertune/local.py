@@ -87,7 +87,7 @@ def cmd_export(args) -> int:
     recipe = load_recipe(recipe_file)
     world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
     out = Path(args.out) if args.out else run_dir / "export"
-    from clustertune.worker.checkpoint import export_from_checkpoint
+    from clustertune.worker.export import export_from_checkpoint
     step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
                                   precision=world.get("precision", "bf16"), best=getattr(args, "best", False))
     which = "best " if getattr(args, "best", False) else ""

@@ -94,7 +94,8 @@ def test_a_model_path_that_is_not_there_is_a_user_error_not_file_not_found():
 
 def test_export_without_a_checkpoint_is_a_user_error(tmp_path):
     from clustertune.config import LoraSection, ModelSection
-    from clustertune.worker.checkpoint import CheckpointError, export_from_checkpoint
+    from clustertune.worker.checkpoint import CheckpointError
+    from clustertune.worker.export import export_from_checkpoint
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         export_from_checkpoint(tmp_path, tmp_path / "out", model_section=ModelSection(), lora_section=LoraSection(),
                                precision="fp32")

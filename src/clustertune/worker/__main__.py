@@ -23,15 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    secrets_file = os.environ.get("CLUSTERTUNE_SECRETS_FILE")
+    from clustertune import contract
+    secrets_file = os.environ.get(contract.SECRETS_FILE_ENV)
     if secrets_file:
         from clustertune.secrets import load_secrets_file
         load_secrets_file(secrets_file)
 
     from clustertune.config import load_recipe
     from clustertune.errors import UserError
-    from clustertune.worker.engine import PeerFailed, shutdown_distributed
-    rank = os.environ.get("RANK", "0")
+    from clustertune.worker.distributed import PeerFailed, shutdown_distributed
+    rank = os.environ.get(contract.RANK, "0")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.worker.loop import run
