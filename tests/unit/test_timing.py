@@ -127,3 +127,18 @@ def test_unknown_gpu_has_no_estimate():
                                            (3 * 86400 + 7200, "3d02h")])
 def test_format_duration(seconds, text):
     assert timing.format_duration(seconds) == text
+
+
+def test_zeropp_moves_and_shrinks_zero3_traffic():
+    p = 1000
+    plain = timing.communication_per_step(zero_stage=3, parameters=p, trainable=p, micro_batches=1)
+    zpp = timing.communication_per_step(zero_stage=3, parameters=p, trainable=p, micro_batches=1, hpz=True,
+                                        quantized_weights=True, quantized_gradients=True)
+    assert plain.bytes_per_step == 3 * 2000
+    assert zpp.bytes_per_step == 0.75 * 2000  # the ZeRO++ paper's 0.75M across the job
+    assert zpp.bytes_within_node_per_step == 2000  # the backward gather, inside the node
+    kwargs = dict(gpu="h20", world_size=16, gpus_per_node=8, zero_stage=3, gradient_checkpointing=True,
+                  tokens_per_step=16 * 4096, t_eff=2048, tokens_per_micro_batch=4096, table=TABLE, inter_node_gbps=25)
+    slow = timing.estimate_run_time(R1_32B, **kwargs)
+    fast = timing.estimate_run_time(R1_32B, hpz=True, quantized_weights=True, quantized_gradients=True, **kwargs)
+    assert fast.communication_s < slow.communication_s / 3
