@@ -3,6 +3,7 @@ milliseconds, and reports what a rank sees (rank env, interface, node address, s
 
     CLUSTERTUNE_WORKER_MODULE=ct_fake_worker PYTHONPATH=tests/cluster/fakeworker clustertune launch ...
 
+CLUSTERTUNE_FAKE_SHOW=NAME,NAME: also report those variables' values.
 CLUSTERTUNE_FAKE_MODE: ok (report, exit 0) | fail:R (rank R exits 3, the others wait) | sleep |
 bar (a progress bar on stderr, redrawn with \r as tqdm does, then exit 0)
 """
@@ -45,7 +46,8 @@ def main(argv):
                   hf_token_sha=hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
                   my_token_sha=hashlib.sha256(os.environ.get("MY_TOKEN", "").encode()).hexdigest()[:16],
                   secret_on_cmdline=on_cmdline, pid=os.getpid(), secrets_in_environ=secrets_in_environ,
-                  env_names=sorted(os.environ))
+                  env_names=sorted(os.environ),
+                  shown={k: os.environ.get(k) for k in os.environ.get("CLUSTERTUNE_FAKE_SHOW", "").split(",") if k})
     print("FAKE " + json.dumps(report), flush=True)
     mode = os.environ.get("CLUSTERTUNE_FAKE_MODE", "ok")
     rank = int(os.environ["RANK"])
