@@ -83,6 +83,7 @@ class MfuEntry:
     gradient_checkpointing: bool
     mfu: float
     tokens_per_s: float
+    tokens_per_gpu_step: int
     source: str
 
 
@@ -100,8 +101,12 @@ def load_mfu_table(text: str | None = None) -> list[MfuEntry]:
     return [MfuEntry(**row) for row in tomllib.loads(text)["measured"]]
 
 
+# Tokens per GPU per optimizer step beyond this factor from the measurement's are worth a note.
+TOKENS_PER_STEP_NOTE_FACTOR = 2.0
+
+
 def lookup_achieved_mfu(table: list[MfuEntry], *, gpu: str | None, hidden: int, zero_stage: int,
-                        gradient_checkpointing: bool) -> ChosenMfu:
+                        gradient_checkpointing: bool, tokens_per_gpu_step: float | None = None) -> ChosenMfu:
     """The measured MFU that best matches the job (see the table's header for the order)."""
     notes = []
     spec = lookup_gpu(gpu) if gpu else None
@@ -120,6 +125,12 @@ def lookup_achieved_mfu(table: list[MfuEntry], *, gpu: str | None, hidden: int, 
     entry = min(rows, key=lambda e: (abs(math.log(e.hidden / hidden)), -e.hidden))
     if abs(math.log(entry.hidden / hidden)) > math.log(1.1):
         notes.append(f"measured at hidden {entry.hidden}, the job's is {hidden}")
+    if tokens_per_gpu_step:
+        ratio = tokens_per_gpu_step / entry.tokens_per_gpu_step
+        if ratio < 1 / TOKENS_PER_STEP_NOTE_FACTOR or ratio > TOKENS_PER_STEP_NOTE_FACTOR:
+            direction = "optimistic" if ratio < 1 else "pessimistic"
+            notes.append(f"measured at {entry.tokens_per_gpu_step:,} tokens per GPU per step, the job has "
+                         f"{tokens_per_gpu_step:,.0f}: fixed per-step costs make this {direction}")
     mfu = entry.mfu
     if entry.gradient_checkpointing != gradient_checkpointing:
         if gradient_checkpointing:
@@ -232,7 +243,8 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
         raise ValueError(f"overlap must be in [0, 1) (got {overlap})")
     chosen = lookup_achieved_mfu(table if table is not None else load_mfu_table(), gpu=gpu,
                                  hidden=shape.hidden_size, zero_stage=zero_stage,
-                                 gradient_checkpointing=gradient_checkpointing)
+                                 gradient_checkpointing=gradient_checkpointing,
+                                 tokens_per_gpu_step=tokens_per_step / world_size)
     if achieved_mfu is not None:
         chosen = ChosenMfu(achieved_mfu, chosen.entry, ("given, not from the table",))
     fpt = flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,

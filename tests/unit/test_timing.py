@@ -18,6 +18,7 @@ zero_stage = 2
 gradient_checkpointing = true
 mfu = 0.2
 tokens_per_s = 1
+tokens_per_gpu_step = 30000
 source = "test"
 
 [[measured]]
@@ -28,6 +29,7 @@ zero_stage = 3
 gradient_checkpointing = true
 mfu = 0.4
 tokens_per_s = 1
+tokens_per_gpu_step = 30000
 source = "test"
 """)
 
@@ -142,3 +144,12 @@ def test_zeropp_moves_and_shrinks_zero3_traffic():
     slow = timing.estimate_run_time(R1_32B, **kwargs)
     fast = timing.estimate_run_time(R1_32B, hpz=True, quantized_weights=True, quantized_gradients=True, **kwargs)
     assert fast.communication_s < slow.communication_s / 3
+
+
+def test_far_fewer_tokens_per_gpu_step_than_measured_is_said():
+    chosen = timing.lookup_achieved_mfu(TABLE, gpu="h100", hidden=1536, zero_stage=2, gradient_checkpointing=True,
+                                        tokens_per_gpu_step=8_000)
+    assert any("30,000 tokens per GPU per step, the job has 8,000" in n and "optimistic" in n for n in chosen.notes)
+    near = timing.lookup_achieved_mfu(TABLE, gpu="h100", hidden=1536, zero_stage=2, gradient_checkpointing=True,
+                                      tokens_per_gpu_step=40_000)
+    assert near.notes == ()
