@@ -80,6 +80,9 @@ class TrainSection(_Section):
     deterministic: bool = False
     # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
     profile_step: int | None = Field(default=None, ge=1)
+    # A step with a non-finite loss or gradient norm changes no weight and is logged; this many in a
+    # row stop the run (exit 4), its last complete checkpoint intact (worker/nonfinite.py).
+    max_nonfinite_steps: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":

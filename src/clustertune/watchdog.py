@@ -153,7 +153,7 @@ def _who(rank: int, s: _RankState) -> str:
 # ------------------------------------------------------------------- fault injection (TEST-ONLY)
 
 
-def fault_point(point: str, *, rank: int, step: int) -> None:
+def fault_point(point: str, *, rank: int, step: int) -> bool:
     """TEST-ONLY hook for the fault-injection tests (tests/cluster/test_faults*.py,
     tests/integration/test_resume.py); a no-op unless CLUSTERTUNE_FAULT is set to
 
@@ -163,18 +163,30 @@ def fault_point(point: str, *, rank: int, step: int) -> None:
       written, before the completion marker);
     * sleep:<point>:<rank>:<seconds>: that rank sleeps there (points data_preparation and
       universal_conversion: one process's work that outlasts run.collective_timeout_s, as
-      tokenizing a large dataset or converting a 32B checkpoint does).
+      tokenizing a large dataset or converting a 32B checkpoint does);
+    * nan:<point>:<rank>:<first>[-<last>]: returns True at that point of those (1-based) optimizer
+      steps, and the caller makes its value NaN (point loss: the rank's first micro-batch loss of
+      the step, so the step's loss and gradients are non-finite; tests of the non-finite guard).
+
+    Returns False except where a `nan` fault applies.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return False
     kind, _, rest = spec.partition(":")
     want_point, want_rank, value = (rest.split(":") + ["", "", ""])[:3]
     if want_point != point or str(rank) != want_rank:
-        return
+        return False
+    if kind == "nan":
+        first, _, last = value.partition("-")
+        if int(first) <= step <= int(last or first):
+            _write_stdout(f"fault injection: rank {rank} makes its {point} NaN at step {step}")
+            return True
+        return False
     if kind == "kill_during_save" and str(step) == value:
         _write_stdout(f"fault injection: rank {rank} SIGKILLs itself at {point} of the step-{step} save")
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "sleep":
         _write_stdout(f"fault injection: rank {rank} sleeps {value} s at {point}")
         time.sleep(float(value))
+    return False

@@ -58,7 +58,8 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 # Recipe fields that may legitimately change on resume (see the module docstring).
 _UNHASHED_SECTIONS = {"run", "checkpoint", "eval"}
-_UNHASHED_FIELDS = {"train.max_steps", "train.epochs", "train.log_every", "data.cache_dir"}
+_UNHASHED_FIELDS = {"train.max_steps", "train.epochs", "train.log_every", "train.max_nonfinite_steps",
+                    "data.cache_dir"}
 
 
 def recipe_fingerprint(recipe) -> dict[str, Any]:

@@ -8,6 +8,7 @@ every number (no "auto") so the JSON written to the run directory is exactly wha
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,19 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(engine) -> float:
-    """Apply the accumulated gradients; returns the global gradient norm before clipping."""
+@dataclass(frozen=True)
+class OptimizerStep:
+    grad_norm: float | None  # global gradient norm before clipping (None: this path reports none)
+    applied: bool  # False: DeepSpeed skipped the update (non-finite gradients), weights unchanged
+
+
+def optimizer_step(engine) -> OptimizerStep:
+    """Apply the accumulated gradients. DeepSpeed's ZeRO optimizers check the gradient norm first
+    and, when it is not finite, drop the gradients instead (its overflow path; see
+    worker/nonfinite.py): the step counts, the weights and optimizer states stay as they were."""
     engine.step()
     norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+    return OptimizerStep(grad_norm=float(norm) if norm is not None else None, applied=engine.was_step_applied())
 
 
 def save_checkpoint(engine, directory: Path, tag: str, client_state: dict[str, Any]) -> None:

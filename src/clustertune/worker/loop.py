@@ -24,6 +24,7 @@ from clustertune.worker.assemble import TrainingParts, assemble
 from clustertune.worker.dataset import prepare_data
 from clustertune.worker.export import export_hf_model
 from clustertune.worker.model import describe, load_tokenizer, model_dtype
+from clustertune.worker.nonfinite import NonFiniteGuard, is_nonfinite
 from clustertune.worker.objectives import Objective, objective_for
 from clustertune.worker.profiling import profile_step
 from clustertune.worker.resume import find_resume_point, resume_from
@@ -98,21 +99,28 @@ class TrainingLoop:
         self.flops_base = dict(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
                                hidden=shape.hidden_size)
         self.peak_flops = metrics.detect_peak_flops()
+        self.guard = NonFiniteGuard(max_in_row=recipe.train.max_nonfinite_steps)
 
     def train(self, start_step: int) -> None:
         train, every = self.recipe.train, self.recipe.checkpoint.every_steps
         for step in range(start_step, self.total_steps):
             self.heartbeat.beat(step, "train")
             done = step + 1  # optimizer steps completed after this one (1-based, as logged and saved)
-            record = self.step(step)
-            if self.rt.is_main and (done % train.log_every == 0 or done == self.total_steps):
+            record, outcome = self.step(step)
+            nonfinite = is_nonfinite(record["loss"], outcome.grad_norm)
+            if nonfinite:
+                record["skipped"] = not outcome.applied
+            if self.rt.is_main and (nonfinite or done % train.log_every == 0 or done == self.total_steps):
                 self.sink.log(record)
+            # Raises TrainingDiverged on every rank together: all see the same all-reduced values.
+            if self.guard.check(step=done, loss=record["loss"], grad_norm=outcome.grad_norm, applied=outcome.applied):
+                self.sink.write(self.guard.message(done, loss=record["loss"], grad_norm=outcome.grad_norm))
             self.evaluator.maybe_run(done, total_steps=self.total_steps)
             if every and done % every == 0 and done < self.total_steps:
                 self.save(done)
 
-    def step(self, step: int) -> dict[str, Any]:
-        """One optimizer step; returns its metrics record."""
+    def step(self, step: int) -> tuple[dict[str, Any], engine.OptimizerStep]:
+        """One optimizer step; returns its metrics record and the optimizer's outcome."""
         train, rt, ds_engine = self.recipe.train, self.rt, self.parts.ds_engine
         indices = batching.step_sample_indices(step, num_samples=len(self.samples),
                                                global_batch_size=train.global_batch_size, seed=train.seed)
@@ -123,19 +131,20 @@ class TrainingLoop:
         with profile_step(self.run_dir / "profile", step + 1, enabled=rt.is_main and train.profile_step == step + 1):
             engine.set_lr(ds_engine, lr)
             result = forward_backward(ds_engine, self.objective, plan, self.samples, rt=rt)
-            grad_norm = engine.optimizer_step(ds_engine)
+            outcome = engine.optimizer_step(ds_engine)
         if rt.on_gpu:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         doc_lengths = [self.lengths[i] for i in indices]
-        record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, "loss": result.loss, "lr": lr,
+                  **({} if outcome.grad_norm is None else {"grad_norm": outcome.grad_norm}),
                   "tokens": sum(doc_lengths), **self.objective.step_metrics(result.metric_sums, plan),
                   "step_time_s": elapsed,
                   **metrics.throughput(document_lengths=doc_lengths, elapsed_s=elapsed, world_size=rt.world_size,
                                        peak_flops_per_gpu=self.peak_flops, **self.flops_base)}
         if rt.on_gpu:
             record["mem_gib"] = metrics.peak_memory_gib()
-        return record
+        return record, outcome
 
     def save(self, step: int) -> None:
         save_checkpoint(self.parts.ds_engine, self.run_dir, step, self.recipe, self.rt,

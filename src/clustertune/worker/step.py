@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from clustertune import watchdog
 from clustertune.worker import engine
 from clustertune.worker.batching import StepPlan
 from clustertune.worker.objectives import Objective
@@ -35,6 +36,8 @@ def forward_backward(ds_engine: Any, objective: Objective, plan: StepPlan, sampl
     metric_sums: dict[str, torch.Tensor] = {}
     for m, group in enumerate(mine):
         out = objective.micro_batch_loss(ds_engine, [samples[i] for i in group], device=rt.device)
+        if m == 0 and watchdog.fault_point("loss", rank=rt.rank, step=plan.step + 1):  # TEST-ONLY hook
+            out.loss_sum = out.loss_sum * float("nan")
         engine.backward(ds_engine, out.loss_sum * scale, is_last_micro_batch=m == len(mine) - 1)
         loss_sum += out.loss_sum.detach().double()
         for name, value in out.metric_sums.items():  # the same names on every micro-batch and rank
