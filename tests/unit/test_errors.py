@@ -107,3 +107,16 @@ def test_worker_entry_point_turns_a_user_error_into_one_line_and_its_exit_code(t
     monkeypatch.setenv("RANK", "0")
     assert main([str(tmp_path / "missing.toml")]) == 2
     assert capsys.readouterr().err == f"error (rank 0): {tmp_path / 'missing.toml'}: recipe file not found\n"
+
+
+def test_worker_entry_point_reports_an_unsafe_secrets_file_as_one_line(tmp_path, capsys, monkeypatch):
+    from clustertune.worker.__main__ import main
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("HF_TOKEN=hf_x\n")
+    secrets.chmod(0o644)
+    monkeypatch.setenv("CLUSTERTUNE_SECRETS_FILE", str(secrets))
+    monkeypatch.setenv("RANK", "1")
+    assert main([str(tmp_path / "recipe.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error (rank 1): secrets file {secrets} is readable or writable by group/others")
+    assert err.count("\n") == 1 and "hf_x" not in err

@@ -24,16 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     from clustertune import contract
-    secrets_file = os.environ.get(contract.SECRETS_FILE_ENV)
-    if secrets_file:
-        from clustertune.secrets import load_secrets_file
-        load_secrets_file(secrets_file)
-
     from clustertune.config import load_recipe
     from clustertune.errors import UserError
     from clustertune.worker.distributed import PeerFailed, shutdown_distributed
     rank = os.environ.get(contract.RANK, "0")
     try:
+        secrets_file = os.environ.get(contract.SECRETS_FILE_ENV)
+        if secrets_file:  # an unsafe or malformed file is a SecretsFileError: one line, below
+            from clustertune.secrets import load_secrets_file
+            load_secrets_file(secrets_file)
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.worker.loop import run
         run(recipe, resume=args.resume)
