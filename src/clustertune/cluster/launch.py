@@ -61,7 +61,7 @@ from clustertune.contract import env_file_text
 from clustertune.errors import UserError
 from clustertune.secrets import is_secret_name, secret_env, secrets_file_text
 from clustertune.gpus import local_gpu_count
-from clustertune.supervisor import RunProcesses, StageError, check_data_before_start, free_port, run_plan
+from clustertune.supervisor import RunProcesses, check_data_before_start, free_port, run_plan
 
 # ------------------------------------------------------------------------------- environment
 
@@ -597,7 +597,4 @@ def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
 def run_plan_with_notes(plan: LaunchPlan) -> int:
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
-    try:
-        return run_plan(plan)
-    except StageError as err:
-        raise LaunchError(str(err)) from None
+    return run_plan(plan)  # a StageError (a node unreachable) is a UserError: cli.main reports it
