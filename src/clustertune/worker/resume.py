@@ -56,7 +56,7 @@ def find_resume_point(run_dir: Path, rt: Runtime, recipe: Recipe, *, total_steps
     if universal:
         node_local = checkpoint.node_local_dir() is not None
         if node_local and max(int(marker.get("nodes", 1)), distributed.node_count(rt.world_size)) > 1:
-            raise RuntimeError(
+            raise checkpoint.CheckpointError(  # every rank reaches it alike: one line each, exit 2
                 f"resume: checkpoint step {step} was saved by world size {old_world} (ZeRO-{old_stage}) and this "
                 f"run has world size {rt.world_size} (ZeRO-{recipe.zero.stage}); changing it needs every rank's "
                 f"shards in one directory, but {checkpoint.NODE_LOCAL_ENV} keeps them per node. Copy every "
