@@ -40,7 +40,8 @@ NODE_LOCAL_ENV = contract.NODE_LOCAL_DIR_ENV
 
 
 class CheckpointError(UserError):
-    """A run directory whose checkpoints cannot be exported (none complete, no best, shards missing)."""
+    """Checkpoints that cannot be used as asked: none complete, no best one, shards missing (export),
+    or a world-size change that node-local checkpoints cannot follow (resume)."""
 
 
 def node_local_dir() -> Path | None:
