@@ -470,11 +470,14 @@ def render_time(recipe: Recipe, shape: Shape, job: Job, option: Option, data: Da
     if train.max_steps is not None:
         steps, steps_text = train.max_steps, "train.max_steps"
     elif data.samples is None:
-        steps, steps_text = None, data.samples_source
+        steps, steps_text = None, f"the number of samples is {data.samples_source}"
     else:
-        steps = total_steps(num_samples=data.samples, global_batch_size=train.global_batch_size,
-                            max_steps=None, epochs=train.epochs)
-        steps_text = f"{train.epochs:g} epochs x {data.samples:,} samples / {train.global_batch_size} per step"
+        try:
+            steps = total_steps(num_samples=data.samples, global_batch_size=train.global_batch_size,
+                                max_steps=None, epochs=train.epochs)
+            steps_text = f"{train.epochs:g} epochs x {data.samples:,} samples / {train.global_batch_size} per step"
+        except RecipeError as err:  # fewer samples than one global batch: said, the plan stands
+            steps, steps_text = None, str(err)
     comm = est.communication
     link = "between nodes" if job.nodes > 1 else "inside the node"
     link_source = bw.inter_source if job.nodes > 1 else bw.intra_source
@@ -494,7 +497,7 @@ def render_time(recipe: Recipe, shape: Shape, job: Job, option: Option, data: Da
         f"{est.tokens_per_s_per_gpu:,.0f} per GPU, {est.mfu:.1%} MFU end to end",
     ]
     if steps is None:
-        lines.append(f"  wall time: unknown: samples {steps_text}")
+        lines.append(f"  wall time: unknown: {steps_text}")
     else:
         lines.append(f"  wall time: {timing.format_duration(est.wall_seconds(steps))} for {steps:,} steps "
                      f"({steps_text}); training steps only: evaluation, checkpoint saves and start-up not included")

@@ -275,3 +275,17 @@ def test_time_estimate_counts_and_measures_the_data_when_it_is_here(tmp_path, ca
     out = capsys.readouterr().out
     assert "200 train samples [counted in data.train_files]" in out
     assert "records tokenized with" in out and "12 steps (1 epochs x 200 samples / 16 per step)" in out
+
+
+def test_wall_time_needs_the_sample_count_and_says_so(tmp_path, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.replace("max_steps = 10", "epochs = 1.0").replace(
+        '"train.jsonl"', f'"{tmp_path / "missing.jsonl"}"'))
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64",
+                     "--tokens-per-sample", "100") == 0
+    out = capsys.readouterr().out
+    assert "wall time: unknown: the number of samples is unknown (" in out and "pass --samples N" in out
+    assert "step: " in out  # the step time stands without it
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64",
+                     "--tokens-per-sample", "100", "--samples", "3") == 0
+    assert "wall time: unknown: the training set has 3 samples, fewer than one global batch" in capsys.readouterr().out
