@@ -127,8 +127,10 @@ class OutputRouter:
                     self.monitor.record(beat.rank, node, beat.step, beat.phase)
                 return
             ended = contract.parse_exit(body)
-            if ended is not None:
+            if ended is not None:  # for the logs; the console gets the run's summary instead
                 self._rank_exited(rank, node, ended.code)  # type: ignore[arg-type]
+                self.log(rank, node, body, echo=False)
+                return
         body = _latest_redraw(body)
         self.log(rank, node, body, echo=rank is not None or not _DS_INFO.match(body))
 

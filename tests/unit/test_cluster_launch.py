@@ -194,6 +194,10 @@ def test_output_router_prefixes_masks_and_detects_failure(tmp_path):
                   "WORLD INFO DICT\n[rank 0] train: 100% loss 1.0\n")
     assert not any("WORLD INFO" in s for s in shown)  # DeepSpeed's INFO lines: log only
     assert "hf_secretvalue" not in "".join(shown) and any(s.startswith("gpu1 r0") for s in shown)
+    # exit tags: in the logs (node and rank), not on the console (the run's summary says it)
+    assert not any("clustertune-rank-exit" in s for s in shown)
+    assert "clustertune-rank-exit rank=8" in (tmp_path / "gpu2.log").read_text()
+    assert (tmp_path / "rank8.log").read_text() == "clustertune-rank-exit rank=8 node=1 code=1 seconds=3.0\n"
     assert "runner.py" in (tmp_path / "launcher.log").read_text()
 
 
