@@ -115,3 +115,46 @@ def test_train_stops_every_rank_when_one_fails(tmp_path):
     assert "rank 1 on localhost exited with code 3" in out.stderr
     log0 = (tmp_path / "runs" / "fake" / "logs" / "rank0.log").read_text()
     assert "FAKE sleeping" in log0 and "clustertune-rank-exit rank=0 node=0 code=-15" in log0  # stopped
+
+
+def _run_pids(run_id: str) -> list[int]:
+    """Live processes whose environment carries this run's id."""
+    marker = f"CLUSTERTUNE_RUN_ID={run_id}".encode()
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            alive = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if alive and marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def test_ctrl_c_stops_every_rank_of_train(tmp_path):
+    import signal
+    import time
+    (tmp_path / "r.toml").write_text(RECIPE)
+    (tmp_path / "train.jsonl").write_text(RECORD)
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    env.update(PYTHONPATH=str(FAKE_WORKER_DIR), CLUSTERTUNE_WORKER_MODULE="ct_fake_worker", CLUSTERTUNE_FAKE_MODE="sleep")
+    proc = subprocess.Popen([sys.executable, "-m", "clustertune.cli", "train", "r.toml", "--nproc", "2"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    logs = tmp_path / "runs" / "fake" / "logs"
+    try:
+        deadline = time.monotonic() + 60
+        while not all((logs / f"rank{r}.log").exists() and "FAKE sleeping" in (logs / f"rank{r}.log").read_text()
+                      for r in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the ranks did not start"
+            time.sleep(0.1)
+        run_id = json.loads((tmp_path / "runs" / "fake" / "launch" / "run.json").read_text())["run_id"]
+        assert len(_run_pids(run_id)) >= 4  # a wrapper and a worker per rank
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err.decode()[-2000:]
+        assert "interrupted" in err.decode()
+        assert _run_pids(run_id) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
