@@ -636,7 +636,7 @@ def _recipe_paths(recipe: Any, workdir: str) -> list[str]:
     if recipe is None:
         return []
     out = []
-    for p in [recipe.model.path, *recipe.data.train_files, *recipe.data.eval_files]:
+    for p in [recipe.model.path, *recipe.data.train_paths, *recipe.data.eval_files]:
         full = os.path.abspath(os.path.join(workdir, p))
         if os.path.exists(full):
             out.append(full)

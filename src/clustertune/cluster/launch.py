@@ -219,9 +219,7 @@ def resolve_recipe(recipe: Any, workdir: str, *, cpu: bool) -> Any:
         "model": recipe.model.model_copy(update={"path": absolute(recipe.model.path),
                                                  **({"tokenizer": absolute(recipe.model.tokenizer)}
                                                     if recipe.model.tokenizer else {})}),
-        "data": recipe.data.model_copy(update={
-            "train_files": [absolute(p) for p in recipe.data.train_files],
-            "eval_files": [absolute(p) for p in recipe.data.eval_files],
+        "data": recipe.data.with_paths(absolute).model_copy(update={
             **({"cache_dir": os.path.abspath(os.path.join(workdir, recipe.data.cache_dir))}
                if recipe.data.cache_dir else {})}),
     }
@@ -557,8 +555,8 @@ def launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume:
     if ssh_config is not None and launcher != "slurm" and not ssh_config.exists():
         raise LaunchError(f"no ssh config for cluster {cluster.name!r} ({ssh_config}): run "
                           f"`clustertune cluster ssh --cluster ...` first")
-    data_files = [*recipe.data.train_files, *recipe.data.eval_files]
-    if local or all(Path(f).is_file() for f in data_files):
+    data_files = [*recipe.data.train_paths, *recipe.data.eval_files]
+    if local or all(Path(f).exists() for f in data_files):  # a file, or a saved-dataset directory
         check_data_before_start(recipe)
     else:
         print("note: the data files are not all on this machine; the doctor checks they exist on every node "
