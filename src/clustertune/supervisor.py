@@ -315,23 +315,27 @@ def run_plan(plan: LaunchPlan) -> int:
         return 0
 
     run = RunProcesses(plan.cluster, plan.local, plan.run_id, plan.ssh_config)
-    stage(run, plan.staged_files())
     names = plan.node_names
     echo = None if plan.console == "node" else (lambda s: print(s, file=sys.stderr, flush=True))
     router = OutputRouter(names, files.logs_dir, list(plan.secrets.values()), echo=echo, console=plan.console,
                           monitor=StallMonitor(plan.stall_timeout_s))
-    print(f"clustertune: run {plan.run_id}: {plan.cluster.world_size} rank(s) on {len(names)} node(s) "
-          f"({', '.join(names)}), master {plan.cluster.rendezvous_addr}:{plan.cluster.master_port}, launcher "
-          f"{plan.launcher}; logs in {files.logs_dir}", flush=True)
-    started: list[_Started] = []
     try:
-        for spec in plan.processes:
-            started.append(_start(spec, plan.workdir, router))
-        run.procs.extend(s.proc for s in started)
+        stage(run, plan.staged_files())
+        print(f"clustertune: run {plan.run_id}: {plan.cluster.world_size} rank(s) on {len(names)} node(s) "
+              f"({', '.join(names)}), master {plan.cluster.rendezvous_addr}:{plan.cluster.master_port}, launcher "
+              f"{plan.launcher}; logs in {files.logs_dir}", flush=True)
+        started: list[_Started] = []
+        try:
+            for spec in plan.processes:
+                started.append(_start(spec, plan.workdir, router))
+        finally:
+            run.procs.extend(s.proc for s in started)
+            if len(started) < len(plan.processes):  # a start failed: nothing of the run may stay
+                run.stop(f"could not start {plan.processes[len(started)].argv[0]}")
         code = _supervise(run, router, started, plan.cluster.world_size)
     finally:
         router.close()
-        if plan.secrets:
+        if plan.secrets:  # on every node, whatever happened (a failed copy may have reached some)
             files.secrets.unlink(missing_ok=True)
             try:
                 stage(run, [], remove=[str(files.secrets)])

@@ -158,3 +158,20 @@ def test_ctrl_c_stops_every_rank_of_train(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_run_that_cannot_start_leaves_no_secrets_file(tmp_path):
+    import pytest
+
+    from clustertune.cluster.launch import build_launch_plan
+    from clustertune.config import recipe_from_dict
+    from clustertune.supervisor import run_plan
+    recipe = recipe_from_dict({"run": {"output_dir": str(tmp_path / "run")}, "data": {"train_files": ["t.jsonl"]}})
+    plan = build_launch_plan(recipe, localhost_cluster(2, "cpu", master_port=4000), launcher="local", local=True,
+                             resume=False, run_id="rid1", environ={"HF_TOKEN": HF_TOKEN}, nics=None,
+                             workdir=str(tmp_path), python=str(tmp_path / "no-such-python"), ssh_config=None,
+                             cpu_count=2)
+    with pytest.raises(FileNotFoundError):
+        run_plan(plan)
+    assert not plan.files.secrets.exists()
+    assert plan.files.recipe.is_file()  # the run files were written; only the secrets go
