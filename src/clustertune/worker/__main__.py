@@ -1,7 +1,7 @@
 """Per-rank entry point, started by a launcher (never by hand):
 
     RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
-        python -m clustertune.worker runs/demo/launch_recipe.toml [--set train.lr=1e-3] [--resume]
+        python -m clustertune.worker runs/demo/launch/recipe.toml [--set train.lr=1e-3] [--resume]
 
 Secrets reach the worker only through the 0600 file named by CLUSTERTUNE_SECRETS_FILE.
 """
