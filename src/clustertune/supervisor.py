@@ -362,7 +362,7 @@ def write_run_files(plan: LaunchPlan) -> None:
     if plan.secrets:
         write_secrets_file(files.secrets, plan.secrets)
     info = dict(plan.info, started=time.time())
-    for path, text, _mode in plan.run_files():
+    for path, text in plan.run_files():
         _write(path, text)
     _write(files.info, json.dumps(info, indent=2) + "\n")
 

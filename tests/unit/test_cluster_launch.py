@@ -325,9 +325,9 @@ def test_plan_deepspeed_one_runner_over_pdsh():
     assert plan.secrets == {"HF_TOKEN": "hf_secretvalue", "MY_TOKEN": "mytoken", "WANDB_API_KEY": "wandbsecret"}
     files = {p.name: (text, mode) for p, text, mode in plan.staged_files()}
     assert files["secrets.env"][1] == 0o600 and "HF_TOKEN=hf_secretvalue\n" in files["secrets.env"][0]
-    written = "".join(text for _p, text, _m in plan.run_files())
+    written = "".join(text for _p, text in plan.run_files())
     assert not any(s in written for s in ("hf_secretvalue", "mytoken", "wandbsecret", "awssecret"))
-    assert {p.name for p, _t, _m in plan.run_files()} == {"recipe.toml", "run.env", "hostfile", "cluster.toml",
+    assert {p.name for p, _t in plan.run_files()} == {"recipe.toml", "run.env", "hostfile", "cluster.toml",
                                                            "command.txt"}
     assert plan.info["secret_names"] == ["HF_TOKEN", "MY_TOKEN", "WANDB_API_KEY"] and plan.console == "node"
     assert any("TORCH_EVIL" in n for n in plan.notes)
@@ -355,7 +355,7 @@ def test_plan_torchrun_one_ssh_per_node():
 def test_plan_slurm_starts_nothing():
     plan = _plan("slurm")
     assert plan.processes == () and "#SBATCH --nodes=2" in plan.sbatch_text
-    assert "job.sbatch" in {p.name for p, _t, _m in plan.run_files()}
+    assert "job.sbatch" in {p.name for p, _t in plan.run_files()}
 
 
 def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
@@ -377,5 +377,5 @@ def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
             "CLUSTERTUNE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT"}
     assert "HF_TOKEN" not in plan.run_env and plan.secrets["HF_TOKEN"] == "hf_secretvalue"
-    with pytest.raises(LaunchError, match="local launcher"):
+    with pytest.raises(ValueError, match="local launcher"):
         _plan("local")  # a cluster file's nodes are never started by the one-machine launcher

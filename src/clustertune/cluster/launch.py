@@ -376,16 +376,16 @@ class LaunchPlan:
     def env_file_text(self) -> str:
         return env_file_text(self.run_env)
 
-    def run_files(self) -> list[tuple[Path, str, int]]:
-        """(path, text, mode) of RUN/launch/*, written here; the secrets file is written apart."""
+    def run_files(self) -> list[tuple[Path, str]]:
+        """(path, text) of RUN/launch/*, written here; the secrets file is written apart (0600)."""
         files = self.files
-        out = [(files.recipe, self.recipe_text, 0o644), (files.env, self.env_file_text, 0o644),
-               (files.hostfile, hostfile_text(self.cluster), 0o644),
-               (files.launch_dir / "cluster.toml", cluster_to_toml(self.cluster), 0o644)]  # the run describes its cluster
+        out = [(files.recipe, self.recipe_text), (files.env, self.env_file_text),
+               (files.hostfile, hostfile_text(self.cluster)),
+               (files.launch_dir / "cluster.toml", cluster_to_toml(self.cluster))]  # the run describes its cluster
         if self.command_text:
-            out.append((files.command, self.command_text, 0o644))
+            out.append((files.command, self.command_text))
         if self.sbatch_text is not None:
-            out.append((files.sbatch, self.sbatch_text, 0o644))
+            out.append((files.sbatch, self.sbatch_text))
         return out
 
     def staged_files(self) -> list[tuple[Path, str, int]]:
@@ -409,10 +409,10 @@ def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bo
     """The launch of a resolved recipe (see resolve_recipe) on `cluster`, as a value: the env file
     (allow-listed from `environ`), the secrets, the run files, the processes to start. Starts
     nothing and writes nothing; LaunchError when a launch with these inputs cannot work."""
-    if launcher not in LAUNCHERS:
-        raise LaunchError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+    if launcher not in LAUNCHERS:  # the CLI offers only these: a bug, not a user error
+        raise ValueError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
     if launcher == "local" and (not local or len(cluster.nodes) != 1):
-        raise LaunchError("internal: the local launcher runs on this machine only")
+        raise ValueError("the local launcher starts ranks on this machine only")
     cpu = cluster.accelerator == "cpu" or recipe.train.device == "cpu"
     files = RunFiles(Path(recipe.run.output_dir))
     if launcher != "slurm":
