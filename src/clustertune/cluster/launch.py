@@ -69,7 +69,7 @@ from clustertune.supervisor import RunProcesses, check_data_before_start, free_p
 # The same list for every launch, `clustertune train` on one machine included.
 ALLOW_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "PYTORCH_", "CUDA_", "OMP_", "MKL_",
                   "KMP_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "CLUSTERTUNE_", "WANDB_")
-ALLOW_NAMES = frozenset({"PYTHONPATH", "TMPDIR", "TZ"})
+ALLOW_NAMES = frozenset({"PYTHONPATH", "TMPDIR", "TZ", "XDG_CACHE_HOME"})
 # Decided per node by the launcher itself, never copied from the launching shell.
 DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", contract.RUN_ID_ENV, contract.SECRETS_FILE_ENV,
                         contract.NODE_NICS_ENV, contract.LOCAL_RANK, contract.RANK, contract.WORLD_SIZE,
@@ -78,7 +78,7 @@ DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", contract.RUN_ID_E
                         contract.NODE_LOCAL_DIR_ENV})
 # What the processes started here (DeepSpeed's runner, ssh, the ranks of `train`) get from the
 # launching session besides the env file: enough to run the same Python, nothing else.
-SESSION_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM")
+SESSION_NAMES = ("PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM")
 # Characters DeepSpeed's add_export leaves unquoted, plus space (quoted by it, and inert inside "...").
 SAFE_VALUE_RE = re.compile(r"^[\w@%+=:,./ -]*$")
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
