@@ -91,7 +91,8 @@ def test_json_array_errors_name_the_line_and_the_record(tmp_path):
 
 
 @pytest.mark.parametrize("text,where", [
-    ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a",\n]\n', ":4: bad JSON in the array (record [1])"),
+    ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a",\n]\n',
+     ":4: bad JSON in the array (record [1])"),
     ('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "a", "output": "b"}\n]\n',
      ":3: bad JSON in the array: expected ',' or ']' after record [0] at column 3"),
     ('[{"instruction": "a", "output": "b"},]', ":1: bad JSON in the array (record [1]): Expecting value at column 38"),

@@ -1,4 +1,5 @@
-"""Data pipeline: JSONL records -> validated conversations -> chat-template rendering with an
+"""Data pipeline: data files (JSONL, JSON arrays, .gz/.zst, Parquet, Arrow, saved datasets: see
+sources.py) -> validated conversations (records.py) -> chat-template rendering with an
 assistant-only loss mask -> length policy -> cached, seeded, identical on every rank.
 
     from clustertune.data import prepare_dataset
