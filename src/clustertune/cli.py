@@ -1,17 +1,19 @@
 """clustertune command line. Thin: parse, then call one function per subcommand.
 
-    clustertune                      # the embedded demo (same as `clustertune demo`)
+    clustertune                      # this usage; `clustertune demo` trains the embedded demo
+    clustertune demo [--nproc N]
     clustertune train [RECIPE] [--set section.key=value ...] [--nproc N] [--resume]
-    clustertune validate RECIPE [--set ...]
-    clustertune plan RECIPE [--cluster cluster.toml] [--gpu h100 | --gpu-mem GB] [--write]
+    clustertune validate RECIPE [--set ...] [--nproc N | --cluster cluster.toml] [--no-data]
+    clustertune plan RECIPE [--cluster cluster.toml] [--gpu h100 | --gpu-mem GiB] [--write]
     clustertune launch RECIPE --cluster cluster.toml [--launcher deepspeed|torchrun|slurm]
     clustertune cluster init|ssh|doctor|stop ...   (see `clustertune cluster CMD --help`)
-    clustertune sandbox up|down ...
+    clustertune sandbox up|down|list|revoke-bootstrap|exec ...
     clustertune export RUN_DIR [--out DIR] [--best]
     clustertune report RUN_DIR
 
-The launcher side never imports torch: every handler imports its module lazily, and only the
-worker (clustertune.worker, started by the launcher) loads torch and DeepSpeed.
+The launcher side never imports torch: every handler imports its module lazily (the cluster and
+sandbox parsers come from their torch-free modules), and only the worker (clustertune.worker,
+started by the launcher) loads torch and DeepSpeed.
 """
 
 from __future__ import annotations
@@ -40,40 +42,77 @@ HANDLERS = {
 def _add_recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("recipe", nargs=None if required else "?", help="recipe TOML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any recipe field (repeatable)")
+                   help="override any recipe field, value as a TOML literal (repeatable): --set train.lr=1e-5")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (--nproc): 0 and negatives are errors, never a silent default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clustertune", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
+    from clustertune.cluster.commands import add_cluster_subcommands
+    from clustertune.cluster.sandbox import add_sandbox_subcommands
 
-    p = sub.add_parser("demo", help="train the bundled tiny model on the bundled task (CPU, 2 processes)")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    parser = argparse.ArgumentParser(
+        prog="clustertune",
+        description="Fine-tune Hugging Face causal LMs with DeepSpeed: on this machine (train), or across the "
+                    "nodes of a cluster (cluster init/ssh/doctor, plan, launch), then export and report.",
+        epilog="New here? `clustertune demo` trains a tiny model on this machine's CPU in a few minutes. "
+               "`clustertune COMMAND --help` explains each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a recipe on this machine (all local GPUs, or CPU)")
+    p = sub.add_parser("demo", help="train the bundled tiny model on the bundled task (CPU, 2 processes, a few "
+                                    "minutes) and show its accuracy before and after")
+    p.add_argument("--nproc", type=positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a field of the demo recipe (repeatable)")
+
+    p = sub.add_parser("train", help="train a recipe on this machine (all local GPUs, or CPU)",
+                       description="Train on this machine: one worker per local GPU, or 2 on the CPU. Without "
+                                   "RECIPE the recipe defaults are used (train.device = auto: the GPUs when "
+                                   "present; train.max_steps = 100 unless --set gives it or train.epochs) and "
+                                   "--set must give at least data.train_files. `clustertune demo` runs the "
+                                   "bundled demo.")
     _add_recipe_args(p, required=False)
-    p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="worker processes (default: one per local GPU, or 2 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 
-    p = sub.add_parser("validate", help="validate a recipe and its data, print the resolved recipe")
+    p = sub.add_parser("validate", help="check a recipe, its model files, batch arithmetic and data; print the resolved recipe")
+
     _add_recipe_args(p, required=True)
-    p.add_argument("--no-data", action="store_true", help="check the recipe only, not the data files")
+    p.add_argument("--no-data", action="store_true", help="check the recipe and model files only, not the data")
+    world = p.add_mutually_exclusive_group()
+    world.add_argument("--nproc", type=positive_int, default=None,
+                       help="check the batch arithmetic for this many processes (default: what `train` starts here)")
+    world.add_argument("--cluster", default=None, metavar="CLUSTER.toml",
+                       help="check the batch arithmetic for this cluster's slots")
 
     p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("run_dir", help="the run's output directory (run.output_dir)")
+    p.add_argument("--out", default=None, help="model directory to write (default: RUN_DIR/export)")
     p.add_argument("--best", action="store_true",
                    help="the checkpoint with the best eval loss (checkpoint.keep_best) instead of the newest")
 
     p = sub.add_parser("plan", help="memory/feasibility per ZeRO option, with a recommendation")
     _add_recipe_args(p, required=True)
-    p.add_argument("--cluster", default=None)
-    p.add_argument("--gpu", default=None, help="h20, h100, h200, a100, ...")
-    p.add_argument("--gpu-mem", type=float, default=None, help="GPU memory in GB")
-    p.add_argument("--host-mem", type=float, default=None, help="host RAM per node in GB")
-    p.add_argument("--nodes", type=int, default=None)
-    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--cluster", default=None, metavar="CLUSTER.toml",
+                   help="take the nodes and GPUs per node from this cluster file")
+    p.add_argument("--gpu", default=None, help="GPU model: h20, h100, h200, a100, ... (default: this machine's)")
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GIB",
+                   help="GPU memory per GPU in GiB (instead of --gpu)")
+    p.add_argument("--host-mem", type=float, default=None, metavar="GIB",
+                   help="host RAM per node in GiB (default: this machine's when planning for it; for other "
+                        "machines the host check is skipped)")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (instead of --cluster)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (instead of --cluster)")
     p.add_argument("--write", action="store_true", help="write the recommendation into the recipe")
     # The time estimate (clustertune.timing): data size and bandwidth.
     p.add_argument("--samples", type=int, default=None, metavar="N",
@@ -87,27 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "that cluster doctor reports (default: 100, one 100 Gb/s NIC per node)")
 
     p = sub.add_parser("report", help="plots and a summary of a run's metrics")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run's output directory (run.output_dir)")
 
     p = sub.add_parser("launch", help="launch a recipe across the nodes of a cluster file")
     _add_recipe_args(p, required=True)
-    p.add_argument("--cluster", default=None, help="cluster.toml (default: this machine only)")
-    p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], default="deepspeed")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--skip-doctor", action="store_true")
+    p.add_argument("--cluster", default=None, metavar="CLUSTER.toml", help="cluster file (default: this machine only)")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun", "slurm"], default="deepspeed",
+                   help="how ranks are started on the nodes (default: deepspeed, over pdsh and ssh)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--skip-doctor", action="store_true", help="launch without the pre-flight checks on every node")
 
-    p = sub.add_parser("cluster", help="cluster inventory, ssh setup, pre-flight doctor")
-    p.add_argument("cluster_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("cluster", help="cluster inventory, ssh setup, pre-flight doctor, stop a run",
+                       description="Cluster inventory, ssh setup, pre-flight doctor, stop a run.")
+    add_cluster_subcommands(p)
 
-    p = sub.add_parser("sandbox", help="a multi-node cluster on this machine from network namespaces")
-    p.add_argument("sandbox_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("sandbox", help="a multi-node cluster on this machine from network namespaces",
+                       description="A multi-node cluster on this machine from network namespaces (needs root).")
+    add_sandbox_subcommands(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["demo"])
+        parser.print_help()
+        return 0
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -287,11 +287,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def format_validation_error(err: ValidationError, source: str, what: str = "recipe") -> str:
+def format_validation_error(err: ValidationError, source: str, what: str = "recipe",
+                            overrides: list[str] | tuple[str, ...] = ()) -> str:
     """One user-facing message for all of a pydantic error's items: `file: invalid what` and a
-    line per key path (`nodes[1].slots: ...`), with the offending value where it helps."""
-    lines = [f"{source}: invalid {what}"]
+    line per key path (`nodes[1].slots: ...`), with the offending value where it helps.
+
+    A key set by a `--set` override is blamed on the override, not on the file: its line says
+    `(from --set train.lr=abc)`, and when every problem comes from overrides the first line
+    names them instead of the file."""
+    set_paths = [(tuple(parse_override(text)[0]), text) for text in overrides]
+    lines: list[str] = []
+    all_from_overrides = True
     for item in err.errors():
+        path = tuple(str(p) for p in item["loc"])
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -299,15 +307,31 @@ def format_validation_error(err: ValidationError, source: str, what: str = "reci
         got = item.get("input")
         show = item["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list))
         suffix = f" (got {got!r})" if show and repr(got) not in msg else ""
-        lines.append(f"  {loc}: {msg}{suffix}" if loc else f"  {msg}")
-    return "\n".join(lines)
+        setting = next((text for p, text in set_paths if path[:len(p)] == p
+                        # an unknown section named by --set: the override created it
+                        or (item["type"] == "extra_forbidden" and p[:len(path)] == path)), None)
+        if setting is not None:
+            suffix += f" (from --set {setting})"
+        else:
+            all_from_overrides = False
+            # A section-level check (e.g. train.max_steps vs train.epochs) an override took part in.
+            involved = [text for p, text in set_paths if path and p[:len(path)] == path]
+            suffix += "".join(f" (with --set {text})" for text in involved)
+        lines.append(f"  {loc}: {msg}{suffix}" if loc else f"  {msg}{suffix}")
+    if set_paths and all_from_overrides:
+        head = f"invalid --set value{'s' if len(lines) > 1 else ''} for {source}"
+    else:
+        head = f"{source}: invalid {what}"
+    return "\n".join([head, *lines])
 
 
-def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
+def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe tree; `overrides` (the `--set` texts already applied to it) are named in
+    the error for the keys they set."""
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, source)) from None
+        raise RecipeError(format_validation_error(err, source, overrides=overrides or ())) from None
 
 
 def read_toml_file(path: Path, error: type[UserError], missing: str) -> dict[str, Any]:
@@ -317,6 +341,10 @@ def read_toml_file(path: Path, error: type[UserError], missing: str) -> dict[str
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory; give the TOML file itself") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied (cannot read the file)") from None
     except tomllib.TOMLDecodeError as err:
         raise error(f"{path}: not valid TOML: {err}") from None
     except UnicodeDecodeError as err:
@@ -332,7 +360,30 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(path)
         tree = read_toml_file(Path(path), RecipeError, "recipe file not found")
     tree = apply_overrides(tree, overrides or [])
-    return recipe_from_dict(tree, source)
+    return recipe_from_dict(tree, source, overrides)
+
+
+DEFAULT_MAX_STEPS = 100  # a recipe-less run's length unless --set gives train.max_steps or train.epochs
+
+
+def default_recipe(overrides: list[str] | None = None) -> Recipe:
+    """The defaults of the sections above plus `--set` overrides: what `clustertune train` runs
+    without a recipe file. train.device "auto" uses the GPUs when present, train.max_steps is
+    DEFAULT_MAX_STEPS unless train.max_steps or train.epochs is set; data.train_files has no
+    default and must be set."""
+    tree = apply_overrides({}, overrides or [])
+    train = tree.setdefault("train", {})
+    if isinstance(train, dict) and "max_steps" not in train and "epochs" not in train:
+        train["max_steps"] = DEFAULT_MAX_STEPS
+    return recipe_from_dict(tree, "the recipe defaults", overrides)
+
+
+def tokenized_cache_dir(recipe: Recipe) -> Path:
+    """Where tokenized data is cached: data.cache_dir, else <run.output_dir>/../.cache/tokenized
+    (shared by the runs beside it). `validate` fills the same cache the workers read."""
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir)
+    return Path(recipe.run.output_dir).parent / ".cache" / "tokenized"
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

@@ -1,6 +1,6 @@
 """One-machine commands: `clustertune demo`, `train`, `validate`, `export`.
 
-    clustertune                                   # the embedded demo
+    clustertune demo                              # the embedded demo
     clustertune train configs/qwen2.5-1.5b-sft-1gpu.toml --set train.lr=1e-5
     clustertune validate configs/qwen2.5-1.5b-sft-1gpu.toml
 
@@ -34,11 +34,22 @@ def default_nproc(on_gpu: bool) -> int:
 
 
 def cmd_train(args) -> int:
+    """clustertune train RECIPE [--set ...] [--nproc N] [--resume]; without RECIPE, the recipe
+    defaults (config.default_recipe: the GPUs when present) plus --set, e.g.
+    clustertune train --set model.path=/models/Qwen2.5-0.5B --set data.train_files='["train.jsonl"]'"""
+    from clustertune.config import RecipeError, default_recipe
+    from clustertune.preflight import check_before_workers, note_cpu_with_gpus
     if args.recipe is None and not args.overrides:
-        return cmd_demo(args)
-    recipe = load_recipe(args.recipe, args.overrides)
-    on_gpu = recipe.train.device == "cuda" or (recipe.train.device == "auto" and local_gpu_count() > 0)
+        raise RecipeError("train needs a recipe file (clustertune train RECIPE.toml), or --set keys over the recipe "
+                          "defaults (at least --set data.train_files='[\"train.jsonl\"]'); to see a run first: "
+                          "clustertune demo")
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else default_recipe(args.overrides)
+    gpus = local_gpu_count()
+    on_gpu = recipe.train.device == "cuda" or (recipe.train.device == "auto" and gpus > 0)
+    note_cpu_with_gpus(on_gpu=on_gpu, visible_gpus=gpus, device=recipe.train.device)
     nproc = args.nproc or default_nproc(on_gpu)
+    source = f"--nproc {nproc}" if args.nproc else f"the default --nproc: {nproc}, {'local GPUs' if on_gpu else 'CPU'}"
+    check_before_workers(recipe, world_size=nproc, world_source=source)
     return run_local_workers(recipe, nproc=nproc, resume=args.resume, on_gpu=on_gpu)
 
 
@@ -46,6 +57,8 @@ def cmd_demo(args) -> int:
     """Accuracy of a fresh model, 2-process ZeRO-2 training on CPU, accuracy of the export."""
     recipe = load_recipe(None, getattr(args, "overrides", []))
     nproc = getattr(args, "nproc", None) or 2
+    from clustertune.preflight import check_before_workers
+    check_before_workers(recipe, world_size=nproc, world_source=f"--nproc {nproc}")
     run_dir = Path(recipe.run.output_dir)
     started = time.monotonic()
     evaluate = [sys.executable, "-m", "clustertune.worker.demo_eval"]
@@ -61,18 +74,43 @@ def cmd_demo(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """clustertune validate RECIPE [--set ...] [--nproc N | --cluster cluster.toml] [--no-data]:
+    the resolved recipe, the model and tokenizer files, the batch arithmetic for the world size
+    the run will have, and (unless --no-data) every record tokenized as the workers will."""
+    from clustertune.preflight import check_before_workers, model_on_this_machine
     recipe = load_recipe(args.recipe, args.overrides)
     print(recipe_to_toml(recipe))
-    if args.no_data:
+    world_size, world_source = _validate_world(recipe, args)
+    model_here = not args.cluster or model_on_this_machine(recipe.model)
+    check_before_workers(recipe, world_size=world_size, world_source=world_source, model_here=model_here)
+    print(f"ok: {'model files, ' if model_here else ''}batch arithmetic for world size {world_size} "
+          f"({world_source})", file=sys.stderr)
+    if args.no_data or not model_here:
         return 0
+    from clustertune.config import RecipeError, tokenized_cache_dir
     from clustertune.data import prepare_dataset
     from clustertune.worker.model import load_tokenizer
-    import tempfile
-    tokenizer = load_tokenizer(recipe.model)
-    with tempfile.TemporaryDirectory() as cache:
-        # prepare_dataset prints its report (counts per reason) through `log`
-        prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=Path(cache))
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+    except (OSError, ValueError) as err:  # files are there (checked above) but transformers refuses them
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"model.path {recipe.model.path!r}: the tokenizer does not load: {first}") from None
+    # The cache the workers use, so the path printed is real and a later `train` starts from it.
+    prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=tokenized_cache_dir(recipe))
     return 0
+
+
+def _validate_world(recipe: Recipe, args) -> tuple[int, str]:
+    """The world size validate checks the batch arithmetic for, and where it came from: the
+    cluster file's slots, --nproc, or what `clustertune train` would start here."""
+    if args.cluster:
+        from clustertune.cluster.inventory import load_cluster
+        cluster = load_cluster(args.cluster)
+        return cluster.world_size, f"{args.cluster}: {len(cluster.nodes)} node(s)"
+    if args.nproc:
+        return args.nproc, f"--nproc {args.nproc}"
+    on_gpu = recipe.train.device == "cuda" or (recipe.train.device == "auto" and local_gpu_count() > 0)
+    return default_nproc(on_gpu), f"what `clustertune train` starts here, {'local GPUs' if on_gpu else 'CPU'}; see --nproc"
 
 
 def cmd_export(args) -> int:
@@ -87,6 +125,10 @@ def cmd_export(args) -> int:
     recipe = load_recipe(recipe_file)
     world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
     out = Path(args.out) if args.out else run_dir / "export"
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is an existing file; give a directory (new or existing) for the model",
+              file=sys.stderr)
+        return 2
     from clustertune.worker.export import export_from_checkpoint
     step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
                                   precision=world.get("precision", "bf16"), best=getattr(args, "best", False))

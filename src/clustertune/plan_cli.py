@@ -63,6 +63,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     shape, shape_note = resolve_shape(recipe.model.path)
     job = resolve_job(args)
+    from clustertune.preflight import check_batch_arithmetic
+    check_batch_arithmetic(recipe.train, packing=recipe.data.packing, world_size=job.world_size,
+                           world_source=job.topology_source)
     inp = plan_input(recipe, shape, job, checkpoint_shard_gib=_largest_shard_gib(recipe.model.path))
     result = plan(inp)
     print(render(result, recipe, job, shape_note))

@@ -25,49 +25,53 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clustertune.cluster.inventory import (Cluster, ClusterError, Node, cluster_from_dict, cluster_to_toml,
-                                           load_cluster, parse_node_spec)
+                                           load_cluster, network_warnings, parse_node_spec)
 from pydantic import ValidationError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clustertune cluster", description="cluster inventory, ssh, pre-flight doctor")
+def add_cluster_subcommands(p: argparse.ArgumentParser) -> None:
+    """`init`, `ssh`, `doctor`, `stop` under `clustertune cluster` (so its --help lists them)."""
     sub = p.add_subparsers(dest="action", required=True)
 
     init = sub.add_parser("init", help="write a cluster file from flags, or interactively")
-    init.add_argument("--out", "--cluster", dest="out", default="cluster.toml")
+    init.add_argument("--out", "--cluster", dest="out", default="cluster.toml",
+                      help="cluster file to write (default: cluster.toml)")
     init.add_argument("--name", default=None, help="cluster name (default: the file's stem)")
-    init.add_argument("--node", action="append", default=[], metavar="NAME=[USER@]ADDR[:PORT[:SLOTS[:NIC]]]")
+    init.add_argument("--node", action="append", default=[], metavar="NAME=[USER@]ADDR[:PORT[:SLOTS[:NIC]]]",
+                      help="one node (repeatable), e.g. gpu1=root@10.0.0.11:22:8; IPv6 in brackets")
     init.add_argument("--user", default=None, help="default ssh user (default: you)")
     init.add_argument("--slots", type=int, default=1, help="default slots (GPUs) per node")
     init.add_argument("--master", default=None, help="master node name (default: the first)")
     init.add_argument("--master-addr", default=None, help="rendezvous address, if not the master's ssh address")
-    init.add_argument("--master-port", type=int, default=29500)
-    init.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu")
+    init.add_argument("--master-port", type=int, default=29500,
+                      help="torch.distributed rendezvous port on the master (default: 29500)")
+    init.add_argument("--accelerator", choices=["gpu", "cpu"], default="gpu",
+                      help="gpu: slots are GPUs (NCCL); cpu: gloo on the CPU (default: gpu)")
     init.add_argument("--interactive", action="store_true", help="ask even when stdin is not a terminal")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     ssh = sub.add_parser("ssh", help="passwordless, mutual, host-key-verified ssh between all nodes")
-    ssh.add_argument("--cluster", default="cluster.toml")
+    ssh.add_argument("--cluster", default="cluster.toml", help="cluster file (default: cluster.toml)")
     ssh.add_argument("--identity", "-i", default=None,
                      help="an existing private key that already logs in to the nodes (else: agent, default "
                           "keys, or a password typed once per node on a terminal)")
     ssh.add_argument("--check", action="store_true", help="only verify the mutual matrix")
 
     doc = sub.add_parser("doctor", help="pre-flight checks on every node, one table")
-    doc.add_argument("--cluster", default="cluster.toml")
+    doc.add_argument("--cluster", default="cluster.toml", help="cluster file (default: cluster.toml)")
     doc.add_argument("--recipe", default=None, help="check the recipe's paths and disk needs too")
-    doc.add_argument("--set", dest="overrides", action="append", default=[])
+    doc.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a field of --recipe (repeatable)")
     doc.add_argument("--fast", action="store_true", help="skip the mutual ssh matrix and the interconnect test")
     doc.add_argument("--timeout", type=int, default=10, help="ssh connect timeout, seconds")
 
     stop = sub.add_parser("stop", help="stop every process of a run on every node (e.g. after the launcher died)")
     stop.add_argument("run_dir", help="the run's output directory (holds launch/run.json)")
-    stop.add_argument("--cluster", default="cluster.toml")
-    return p
+    stop.add_argument("--cluster", default="cluster.toml", help="cluster file (default: cluster.toml)")
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
-    a = _parser().parse_args(args.cluster_args)
+def cmd_cluster(a: argparse.Namespace) -> int:
+    """`clustertune cluster ACTION ...`, parsed by the main parser (add_cluster_subcommands)."""
     if a.action == "init":
         return cmd_init(a)
     cluster = load_cluster(a.cluster)
@@ -172,8 +176,13 @@ def build_from_flags(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_init(a: argparse.Namespace, read: Callable[[str], str] | None = None) -> int:
     out = Path(a.out)
+    if out.is_dir():
+        raise ClusterError(f"--out {out} is a directory; give the cluster file's path, e.g. {out / 'cluster.toml'}")
     if out.exists() and not a.force:
         raise ClusterError(f"{out} exists; use --force to overwrite")
+    if not out.parent.is_dir():  # checked before asking anything, not after
+        raise ClusterError(f"--out {out}: directory {out.parent} does not exist; create it first or choose "
+                           "another path")
     if a.node:
         tree = build_from_flags(a)
     elif a.interactive or sys.stdin.isatty():
@@ -183,6 +192,8 @@ def cmd_init(a: argparse.Namespace, read: Callable[[str], str] | None = None) ->
                            "or run on a terminal to be asked")
     cluster = cluster_from_dict(tree, "<cluster init>")
     out.write_text(cluster_to_toml(cluster))
+    for warning in network_warnings(cluster):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out}: {len(cluster.nodes)} nodes, {cluster.world_size} slots, master {cluster.master_node.name} "
           f"({cluster.rendezvous_addr}:{cluster.master_port})")
     print(f"next: clustertune cluster ssh --cluster {out}")

@@ -26,8 +26,9 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -53,7 +54,9 @@ SHELL_META = set("`$&|;<>()[]{}\\\"' \t\n*?!#~^%,=")
 
 def check_address(value: str) -> str:
     """An IPv4/IPv6 address or a DNS host name; anything else (spaces, shell metacharacters,
-    `user@host`, `host:port`) is an error that names the offending character."""
+    `user@host`, `host:port`) is an error that names the offending character. Numbers that only
+    look like an IPv4 address (`10.0.0.256`, `172.16.80`, `010.0.0.1`) are errors, not host names,
+    and so are addresses no node can have (0.0.0.0, ::, multicast, broadcast)."""
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
     bad = sorted(set(value) & (SHELL_META | {"@", "/"}))
@@ -62,14 +65,87 @@ def check_address(value: str) -> str:
                          "with no shell metacharacters, user@ or :port (use the user/port keys)")
     try:
         ip = ipaddress.ip_address(value)
-        return str(ip)
     except ValueError:
-        pass
+        ip = None
+    if ip is not None:
+        _check_usable_ip(value, ip)
+        return str(ip)
     if ":" in value:
         raise ValueError(f"{value!r} is not an IPv6 address; write the ssh port in `port`, not after a colon")
+    _check_not_a_broken_ipv4(value)
     if not HOSTNAME_RE.match(value):
         raise ValueError(f"{value!r} is not an IP address or a valid host name")
     return value
+
+
+def _check_usable_ip(value: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    if ip.is_unspecified:
+        raise ValueError(f"{value!r} is the unspecified (zero) address, not a host: give the node's own address")
+    if ip.is_multicast:
+        raise ValueError(f"{value!r} is a multicast address, not a host: give the node's own address")
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{value!r} is the broadcast address, not a host: give the node's own address")
+
+
+def _check_not_a_broken_ipv4(value: str) -> None:
+    """A name whose last label is all digits is no host name (RFC 1123 top-level labels are not
+    numeric): it is a mistyped IPv4 address, and the resolver would read it in surprising ways
+    (`172.16.80` is 172.16.0.80, `010.0.0.1` is 8.0.0.1 to inet_aton)."""
+    parts = value.rstrip(".").split(".")
+    if not parts[-1].isdigit():
+        return
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"{value!r} is neither an IPv4 address nor a host name (a host name cannot end in a "
+                         "number)")
+    if len(parts) != 4:
+        raise ValueError(f"{value!r} has {len(parts)} number(s), an IPv4 address has 4 (a.b.c.d): a digit group "
+                         "is missing or extra")
+    for part in parts:
+        if len(part) > 1 and part.startswith("0"):
+            plain = ".".join(str(int(p)) for p in parts)
+            raise ValueError(f"{value!r}: the leading zero in {part!r} is ambiguous (octal for some tools, decimal "
+                             f"for others); write {plain!r} if that is the address you mean")
+        if int(part) > 255:
+            raise ValueError(f"{value!r}: {part} is not an IPv4 number (each of the 4 is 0-255)")
+    raise ValueError(f"{value!r} is not a valid IPv4 address")
+
+
+def same_host_key(address: str) -> str:
+    """How two addresses are compared for duplicates: host names ignore case (DNS does); IPs are
+    already in canonical form (check_address)."""
+    return address.rstrip(".").lower()
+
+
+def network_warnings(cluster: "Cluster") -> list[str]:
+    """Nodes whose IP address looks like it is on another network than the master's: one is in a
+    private range and the other public, or both IPv4 but in different /16s. Usually a typo (the
+    seed article typed 172.168.x.y, a public address, for a node of a 172.16.0.0/12 network), so a
+    warning, not an error."""
+    master = cluster.master_node
+    try:
+        master_ip = ipaddress.ip_address(master.address)
+    except ValueError:
+        return []  # a host name: its network is known only after DNS
+    warnings = []
+    for i, node in enumerate(cluster.nodes):
+        try:
+            ip = ipaddress.ip_address(node.address)
+        except ValueError:
+            continue
+        if node.name == master.name or ip.version != master_ip.version or ip.is_loopback:
+            continue
+        reason = None
+        if ip.is_private != master_ip.is_private and (ip.is_global or master_ip.is_global):
+            reason = (f"{ip} is a {'private' if ip.is_private else 'public'} address and the master's "
+                      f"{master_ip} a {'private' if master_ip.is_private else 'public'} one")
+        elif ip.version == 4 and ip.is_private == master_ip.is_private \
+                and ipaddress.ip_network(f"{ip}/16", strict=False) != ipaddress.ip_network(f"{master_ip}/16", strict=False):
+            reason = f"{ip} and the master's {master_ip} are in different /16 networks"
+        if reason:
+            warnings.append(f"nodes[{i}] ({node.name}) address {ip} is on another network than the master "
+                            f"{master.name} ({master_ip}): {reason}. A typo? Nodes of one cluster are "
+                            "normally on one network; fix the address, or ignore this if they reach each other")
+    return warnings
 
 
 def is_loopback(address: str) -> bool:
@@ -154,21 +230,28 @@ class Cluster(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Cluster":
+        # Names and host names are compared ignoring case: ssh matches Host aliases and DNS
+        # resolves names that way, so `GPU1` and `gpu1` are one node listed twice.
         seen_names: dict[str, int] = {}
         seen_addr: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
-            if node.name in seen_names:
-                raise ValueError(f"nodes[{i}].name: duplicate node name {node.name!r} "
-                                 f"(also nodes[{seen_names[node.name]}])")
-            seen_names[node.name] = i
-            if node.address in seen_addr:
+            name_key = node.name.lower()
+            if name_key in seen_names:
+                j = seen_names[name_key]
+                raise ValueError(f"nodes[{i}].name: duplicate node name {node.name!r} (also nodes[{j}]: "
+                                 f"{self.nodes[j].name!r}; names are compared ignoring case)")
+            seen_names[name_key] = i
+            addr_key = same_host_key(node.address)
+            if addr_key in seen_addr:
+                j = seen_addr[addr_key]
                 raise ValueError(f"nodes[{i}].address: duplicate address {node.address!r} "
-                                 f"(also nodes[{seen_addr[node.address]}].address): each node must be "
-                                 "listed once")
-            seen_addr[node.address] = i
-        if self.master is not None and self.master not in seen_names:
+                                 f"(also nodes[{j}].address {self.nodes[j].address!r}; host names are compared "
+                                 "ignoring case): each node must be listed once")
+            seen_addr[addr_key] = i
+        names = [n.name for n in self.nodes]
+        if self.master is not None and self.master not in names:
             raise ValueError(f"master: {self.master!r} is not one of the nodes "
-                             f"({', '.join(seen_names)})")
+                             f"({', '.join(names)})")
         if len(self.nodes) > 1:
             for i, node in enumerate(self.nodes):
                 if is_loopback(node.address):
@@ -215,10 +298,19 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
         raise ClusterError(format_validation_error(err, source, "cluster file")) from None
 
 
-def load_cluster(path: str | Path) -> Cluster:
+def load_cluster(path: str | Path, warn: Callable[[str], None] | None = None) -> Cluster:
+    """The validated cluster file; its warnings (network_warnings) go to `warn`, by default
+    stderr, so every command that reads the file shows them."""
     path = Path(path)
     tree = read_toml_file(path, ClusterError, "cluster file not found (create one with `clustertune cluster init`)")
-    return cluster_from_dict(tree, str(path))
+    cluster = cluster_from_dict(tree, str(path))
+    for text in network_warnings(cluster):
+        (warn or _warn_stderr)(f"{path}: {text}")
+    return cluster
+
+
+def _warn_stderr(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def localhost_cluster(slots: int, accelerator: Literal["gpu", "cpu"], master_port: int = 29500) -> Cluster:

@@ -535,12 +535,20 @@ def stop_run(cluster: Cluster, run_dir: Path) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from clustertune.config import load_recipe
+    from clustertune.preflight import check_before_workers, model_on_this_machine, note_cpu_with_gpus
     recipe = load_recipe(args.recipe, args.overrides)
     if args.cluster:
         cluster, local = load_cluster(args.cluster), False
     else:
         gpus = local_gpu_count() if recipe.train.device != "cpu" else 0
         cluster, local = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port()), True
+        if recipe.train.device == "cpu":
+            note_cpu_with_gpus(on_gpu=False, visible_gpus=local_gpu_count(), device="cpu")
+    # Model files and batch arithmetic for this cluster's world size, before the doctor or any rank.
+    check_before_workers(recipe, world_size=cluster.world_size,
+                         world_source=f"{args.cluster}: {len(cluster.nodes)} node(s)" if args.cluster
+                         else f"this machine: {cluster.world_size} {cluster.accelerator} rank(s)",
+                         model_here=local or model_on_this_machine(recipe.model))
     return launch(recipe, cluster, local=local, launcher=args.launcher, resume=args.resume,
                   skip_doctor=args.skip_doctor)
 
