@@ -91,9 +91,10 @@ def check_batch_arithmetic(train: TrainSection, *, packing: bool, world_size: in
                           f"({train.global_batch_size}): a micro-batch cannot hold more samples than the "
                           f"whole step; lower train.micro_batch_size or raise train.global_batch_size")
     if not packing and train.global_batch_size % world_size:
-        raise RecipeError(f"train.global_batch_size ({train.global_batch_size}) % world size ({world_size}) = "
-                          f"{train.global_batch_size % world_size} != 0 ({where}): every rank takes the same "
-                          "number of samples per step; make train.global_batch_size a multiple of the world size")
+        g = train.global_batch_size
+        raise RecipeError(f"train.global_batch_size ({g}) must be a multiple of the world size: {g} % world size "
+                          f"({world_size}) = {g % world_size} != 0 ({where}); every rank takes the same number of "
+                          "samples per step")
     try:
         batch_layout(train, world_size=world_size, packing=packing)
     except RecipeError as err:
@@ -107,15 +108,18 @@ def check_before_workers(recipe: Recipe, *, world_size: int, world_source: str, 
     if model_here:
         check_model_files(recipe.model)
     else:
-        print(f"note: model.path {recipe.model.path!r} is not on this machine; `clustertune cluster doctor "
-              "--recipe ...` checks it on every node", file=sys.stderr)
+        tokenizer = f" / model.tokenizer {recipe.model.tokenizer!r}" if recipe.model.tokenizer else ""
+        print(f"note: model.path {recipe.model.path!r}{tokenizer} is not on this machine; `clustertune cluster "
+              "doctor --recipe ...` checks the paths on every node", file=sys.stderr)
     check_batch_arithmetic(recipe.train, packing=recipe.data.packing, world_size=world_size,
                            world_source=world_source)
 
 
 def model_on_this_machine(model: ModelSection) -> bool:
-    """A built-in shape, or a model.path that exists here (then its files are checked here)."""
-    return lookup_shape(model.path) is not None or Path(model.path).exists()
+    """model.path (a built-in shape, or a path that exists here) and model.tokenizer (unset, or a
+    path that exists here) are on this machine, so their files can be checked here."""
+    path_here = lookup_shape(model.path) is not None or Path(model.path).exists()
+    return path_here and (model.tokenizer is None or Path(model.tokenizer).exists())
 
 
 def note_cpu_with_gpus(*, on_gpu: bool, visible_gpus: int, device: str) -> None:

@@ -111,8 +111,8 @@ def test_a_complete_model_directory_passes_the_file_checks(here, capsys):
 # ------------------------------------------------------------------ batch arithmetic (item 5)
 
 BATCH_CASES = [
-    ("global_batch_size = 30\nmicro_batch_size = 2", "train.global_batch_size (30) % world size (4) = 2 != 0 "
-                                                     "(world size 4 from "),
+    ("global_batch_size = 30\nmicro_batch_size = 2", "train.global_batch_size (30) must be a multiple of the "
+                                                     "world size: 30 % world size (4) = 2 != 0 (world size 4 from "),
     ("global_batch_size = 4\nmicro_batch_size = 8", "train.micro_batch_size (8) > train.global_batch_size (4)"),
     ("global_batch_size = 12\nmicro_batch_size = 2", "train.global_batch_size (12) must be a multiple of "
                                                      "train.micro_batch_size (2) x world size (4) = 8"),
@@ -295,3 +295,15 @@ def test_the_recipe_defaults_use_the_gpus_and_keep_a_length_when_train_keys_are_
     assert recipe.train.device == "auto" and recipe.train.precision == "auto"
     assert recipe.train.max_steps == DEFAULT_MAX_STEPS and recipe.train.lr == 1e-4
     assert default_recipe(["data.train_files=['t.jsonl']", "train.epochs=2"]).train.max_steps is None
+
+
+def test_a_cluster_launch_leaves_a_model_that_is_only_on_the_nodes_to_the_doctor(here, capsys):
+    """On the launching machine the model may be absent (it lives on the nodes): a note, and the
+    checks that need no files (batch arithmetic) still run."""
+    (here / "cluster.toml").write_text('[[nodes]]\nname = "a"\naddress = "10.0.0.1"\nslots = 2\n'
+                                       '[[nodes]]\nname = "b"\naddress = "10.0.0.2"\nslots = 2\n', encoding="utf-8")
+    recipe = write_recipe(here / "r.toml", model="/models/only-on-the-nodes",
+                          train="global_batch_size = 30\nmicro_batch_size = 2")
+    for command in (["launch", "--cluster", "cluster.toml"], ["validate", "--cluster", "cluster.toml"]):
+        err = fails(capsys, [*command, str(recipe)], "30 % world size (4)")
+        assert "note: model.path '/models/only-on-the-nodes' is not on this machine" in err
