@@ -1,8 +1,9 @@
 """The worker's run, one process per rank: set up -> data -> model assembly -> (resume) -> the
 training loop -> final checkpoint -> export.
 
-Started by a launcher (clustertune.local for one machine, the DeepSpeed launcher across nodes),
-never directly by users; see clustertune.worker for the command line.
+Started through clustertune.supervisor (`train` on one machine, `launch` with DeepSpeed's launcher,
+torchrun or Slurm across nodes) and the per-rank wrapper cluster/rankexec.py, never directly by
+users; see clustertune.worker for the command line.
 
 The loop core is the same for every objective (worker/objectives): step plan -> forwards and
 backwards (worker/step.py) -> optimizer step -> metrics, eval, checkpoint.
