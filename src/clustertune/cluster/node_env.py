@@ -26,14 +26,17 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+from clustertune import contract
+
 PREFIX = "CLUSTERTUNE_NODEENV_"
 _ENTRY_RE = re.compile(r"^" + PREFIX + r"(?P<node>\d+)_(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Values travel on a remote shell's command line: only characters a shell leaves alone.
 VALUE_RE = re.compile(r"^[\w@%+=:,./-]*$")
 # Set per rank by the launchers, or by clustertune itself: a cluster file cannot decide them.
-RESERVED = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "DS_ENV_FILE", "PATH",
+RESERVED = frozenset({contract.RANK, contract.LOCAL_RANK, contract.WORLD_SIZE, contract.LOCAL_WORLD_SIZE,
+                      contract.MASTER_ADDR, contract.MASTER_PORT, contract.DEEPSPEED_LOCAL_SIZE,
+                      contract.DEEPSPEED_NODE_RANK, "CROSS_SIZE", contract.GROUP_RANK, "DS_ENV_FILE", "PATH",
                       "LD_LIBRARY_PATH", "LD_PRELOAD", "HOME", "PYTHONPATH"})
 VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
@@ -70,7 +73,7 @@ def apply(environ: Mapping[str, str], node_rank: str | None) -> dict[str, str]:
         if not m or m["node"] != str(node_rank):
             continue
         name = m["name"]
-        if name == VISIBLE_DEVICES and "LOCAL_SIZE" in environ and environ.get(VISIBLE_DEVICES):
+        if name == VISIBLE_DEVICES and contract.DEEPSPEED_LOCAL_SIZE in environ and environ.get(VISIBLE_DEVICES):
             value = compose_visible_devices(value, environ[VISIBLE_DEVICES])
         env[name] = value
     return env
