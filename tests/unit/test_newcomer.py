@@ -64,6 +64,36 @@ def model_dir(root: Path, *, config: bool = True, weights: bool = True, tokenize
     return root
 
 
+# ------------------------------------------------ every subcommand, the plain mistakes
+
+EVERY_SUBCOMMAND = [
+    (["demo", "--set", "train.lr=abc"], ["--set train.lr=abc"]),
+    (["train", "nofile.toml"], ["nofile.toml: recipe file not found"]),
+    (["validate", "bad.toml"], ["bad.toml: not valid TOML"]),
+    (["validate", "r.toml", "--set", "train.lr"], ["expected section.key=value"]),
+    (["plan", "nofile.toml", "--gpu", "h100"], ["nofile.toml: recipe file not found"]),
+    (["plan", "r.toml", "--gpu", "nope"], ["--gpu 'nope': unknown GPU"]),
+    (["launch", "r.toml", "--cluster", "nofile.toml"], ["nofile.toml: cluster file not found"]),
+    (["export", "nodir"], ["not a clustertune run directory"]),
+    (["report", "nodir"], ["nodir"]),
+    (["cluster"], ["required"]),
+    (["cluster", "init", "--out", "c.toml"], ["--node"]),
+    (["cluster", "ssh", "--cluster", "nofile.toml"], ["cluster file not found"]),
+    (["cluster", "doctor", "--cluster", "nofile.toml"], ["cluster file not found"]),
+    (["cluster", "stop", "runs/x", "--cluster", "nofile.toml"], ["cluster file not found"]),
+    (["sandbox"], ["required"]),
+    (["sandbox", "down", "--name", "no-such-sandbox-newcomer"], ["no sandbox named 'no-such-sandbox-newcomer'"]),
+    (["frobnicate"], ["invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("argv, expected", EVERY_SUBCOMMAND, ids=[" ".join(argv) for argv, _ in EVERY_SUBCOMMAND])
+def test_every_subcommand_answers_a_plain_mistake_with_one_line(here, capsys, argv, expected):
+    write_recipe(here / "r.toml")
+    (here / "bad.toml").write_text("not toml [", encoding="utf-8")
+    fails(capsys, argv, *expected)
+
+
 # ---------------------------------------------------------------- model files (items 2 and 3)
 
 @pytest.mark.parametrize("command", [["validate"], ["validate", "--no-data"], ["train"], ["launch"]])
