@@ -360,6 +360,7 @@ def test_plan_slurm_starts_nothing():
 
 def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
     from clustertune.cluster.inventory import localhost_cluster
+    from clustertune.cluster.launch import build_launch_plan
     environ = dict(ENV, CUDA_VISIBLE_DEVICES="2,3")
     plan = _plan("local", cluster=localhost_cluster(2, "gpu", master_port=4000), local=True, environ=environ,
                  terminal_columns=120)
@@ -377,5 +378,16 @@ def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
             "CLUSTERTUNE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT"}
     assert "HF_TOKEN" not in plan.run_env and plan.secrets["HF_TOKEN"] == "hf_secretvalue"
+    # no shell between the supervisor and train's ranks: a path with a space is fine there
+    spaced = build_launch_plan(recipe_from_dict({"run": {"output_dir": "/my runs/x"},
+                                                 "data": {"train_files": ["t.jsonl"]}}),
+                               localhost_cluster(1, "cpu", master_port=4000), launcher="local", local=True,
+                               resume=False, run_id="r", environ={}, nics=None, workdir="/my work",
+                               python="/my venv/bin/python", ssh_config=None, cpu_count=2)
+    assert spaced.processes[0].argv[0] == "/my venv/bin/python"
+    with pytest.raises(LaunchError, match="remote shell"):  # the same path through ssh: refused
+        build_launch_plan(recipe_from_dict({"run": {"output_dir": "/my runs/x"}, "data": {"train_files": ["t.jsonl"]}}),
+                          CLUSTER, launcher="torchrun", local=False, resume=False, run_id="r", environ={}, nics=None,
+                          workdir="/w", python="/p", ssh_config=Path("/s"), cpu_count=2)
     with pytest.raises(ValueError, match="local launcher"):
         _plan("local")  # a cluster file's nodes are never started by the one-machine launcher

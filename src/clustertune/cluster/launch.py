@@ -415,7 +415,7 @@ def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bo
         raise ValueError("the local launcher starts ranks on this machine only")
     cpu = cluster.accelerator == "cpu" or recipe.train.device == "cpu"
     files = RunFiles(Path(recipe.run.output_dir))
-    if launcher != "slurm":
+    if launcher in ("deepspeed", "torchrun"):  # their paths pass through a (remote) shell; local's do not
         for path, what in ((python, "the Python interpreter"), (workdir, "the working directory"),
                            (str(files.run_dir), "run.output_dir")):
             check_safe_path(path, what)
