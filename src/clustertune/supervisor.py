@@ -22,6 +22,7 @@ Launcher side: never imports torch.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,7 +196,7 @@ def _pump_lines(stream, router: OutputRouter, node: str | None) -> None:
     stream.close()
 
 
-def _pump_raw_stderr(stream, router: OutputRouter, rank: int, node: str, terminal: IO[bytes]) -> None:
+def _pump_raw_stderr(fd: int, router: OutputRouter, rank: int, node: str, terminal: IO[bytes]) -> None:
     """A rank's stderr as it comes, chunk by chunk, to the terminal (a progress bar redraws in
     place with \\r and never ends its line, so line-by-line routing would show nothing until
     the end) and, line by line, to its logs. Secret values are masked per chunk: the worker never
@@ -202,7 +204,10 @@ def _pump_raw_stderr(stream, router: OutputRouter, rank: int, node: str, termina
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     pending = ""
     while True:
-        chunk = stream.read1(65536)
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pseudo-terminal's other side is closed, i.e. end of stream
+            chunk = b""
         text = decoder.decode(chunk, final=not chunk)
         if text:
             text = router.mask(text)
@@ -219,7 +224,22 @@ def _pump_raw_stderr(stream, router: OutputRouter, rank: int, node: str, termina
             break
     if pending.strip():
         router.log(rank, node, _latest_redraw(pending), echo=False)
-    stream.close()
+    os.close(fd)
+
+
+def _stderr_for_the_terminal() -> tuple[int, int]:
+    """(ours, the rank's) ends of what carries a rank's stderr to our terminal: a pseudo-terminal
+    of the terminal's size when our stderr is one (tqdm then draws a bar as wide as the terminal,
+    as it did when the rank owned the terminal), else a pipe."""
+    if not sys.stderr.isatty():
+        return os.pipe()
+    ours, theirs = os.openpty()
+    size = fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+    fcntl.ioctl(theirs, termios.TIOCSWINSZ, size)
+    attrs = termios.tcgetattr(theirs)
+    attrs[1] &= ~termios.OPOST  # bytes as written: no \n -> \r\n
+    termios.tcsetattr(theirs, termios.TCSANOW, attrs)
+    return ours, theirs
 
 
 # ----------------------------------------------------------------------- the run's processes
@@ -391,14 +411,22 @@ def _write(path: Path, text: str) -> None:
 
 
 def _start(spec: LaunchProcess, workdir: str, router: OutputRouter) -> _Started:
-    proc = subprocess.Popen(list(spec.argv), env=dict(spec.env), cwd=workdir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if spec.raw_stderr else subprocess.STDOUT,
-                            start_new_session=True)
+    ours, theirs = _stderr_for_the_terminal() if spec.raw_stderr else (-1, subprocess.STDOUT)
+    try:
+        proc = subprocess.Popen(list(spec.argv), env=dict(spec.env), cwd=workdir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=theirs, start_new_session=True)
+    except OSError:
+        if spec.raw_stderr:
+            os.close(ours)
+        raise
+    finally:
+        if spec.raw_stderr:
+            os.close(theirs)  # the rank holds its copy; our end sees the end of stream when it exits
     pumps = [threading.Thread(target=_pump_lines, args=(proc.stdout, router, spec.node), daemon=True)]
     if spec.raw_stderr:
         assert spec.rank is not None and spec.node is not None
         pumps.append(threading.Thread(target=_pump_raw_stderr, daemon=True,
-                                      args=(proc.stderr, router, spec.rank, spec.node, sys.stderr.buffer)))
+                                      args=(ours, router, spec.rank, spec.node, sys.stderr.buffer)))
     for t in pumps:
         t.start()
     return _Started(spec, proc, pumps)

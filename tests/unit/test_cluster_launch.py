@@ -362,8 +362,7 @@ def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
     from clustertune.cluster.inventory import localhost_cluster
     from clustertune.cluster.launch import build_launch_plan
     environ = dict(ENV, CUDA_VISIBLE_DEVICES="2,3")
-    plan = _plan("local", cluster=localhost_cluster(2, "gpu", master_port=4000), local=True, environ=environ,
-                 terminal_columns=120)
+    plan = _plan("local", cluster=localhost_cluster(2, "gpu", master_port=4000), local=True, environ=environ)
     r0, r1 = plan.processes
     assert (r0.rank, r1.rank) == (0, 1) and r0.raw_stderr and not r1.raw_stderr and plan.console == "rank"
     assert r0.argv == ("/venv/bin/python", "-u", "-m", "clustertune.cluster.rankexec", "--env-file",
@@ -371,10 +370,9 @@ def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
     assert "--raw-stderr" not in r1.argv
     assert r1.env["RANK"] == "1" and r1.env["WORLD_SIZE"] == "2" and r1.env["MASTER_PORT"] == "4000"
     assert r1.env["CLUSTERTUNE_RUN_ID"] == "rid0" and r1.env["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert r0.env["COLUMNS"] == "120" and "COLUMNS" not in r1.env
     # the same allow-list as every launch: nothing of the shell beyond it, no secret in any env
     for proc in plan.processes:
-        assert set(proc.env) - {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "COLUMNS", "GROUP_RANK"} <= {
+        assert set(proc.env) - {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "GROUP_RANK"} <= {
             "CLUSTERTUNE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT"}
     assert "HF_TOKEN" not in plan.run_env and plan.secrets["HF_TOKEN"] == "hf_secretvalue"

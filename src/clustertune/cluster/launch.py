@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field, replace
@@ -405,7 +404,7 @@ def new_run_id() -> str:
 
 def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bool, resume: bool, run_id: str,
                       environ: Mapping[str, str], nics: list[str | None] | None, workdir: str, python: str,
-                      ssh_config: Path | None, cpu_count: int, terminal_columns: int | None = None) -> LaunchPlan:
+                      ssh_config: Path | None, cpu_count: int) -> LaunchPlan:
     """The launch of a resolved recipe (see resolve_recipe) on `cluster`, as a value: the env file
     (allow-listed from `environ`), the secrets, the run files, the processes to start. Starts
     nothing and writes nothing; LaunchError when a launch with these inputs cannot work."""
@@ -436,7 +435,7 @@ def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bo
                       console="rank" if launcher == "local" else "node",
                       stall_timeout_s=recipe.run.stall_timeout_s)
     how = _LAUNCHER_PLANS[launcher]
-    return how(plan, environ=environ, python=python, resume=resume, terminal_columns=terminal_columns,
+    return how(plan, environ=environ, python=python, resume=resume,
                run_name=recipe.run.name)
 
 
@@ -481,7 +480,7 @@ def _plan_slurm(plan: LaunchPlan, *, python: str, resume: bool, run_name: str, *
 
 
 def _plan_local(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, resume: bool,
-                terminal_columns: int | None, **_: Any) -> LaunchPlan:
+                **_: Any) -> LaunchPlan:
     """`clustertune train`: the supervisor starts each rank's wrapper itself, so rank 0's stderr
     (the live progress bar) can reach the terminal as it is drawn."""
     node = plan.cluster.nodes[0]
@@ -496,8 +495,6 @@ def _plan_local(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, re
                     contract.WORLD_SIZE: str(world), contract.LOCAL_WORLD_SIZE: str(world), contract.GROUP_RANK: "0",
                     contract.MASTER_ADDR: plan.cluster.rendezvous_addr,
                     contract.MASTER_PORT: str(plan.cluster.master_port)})
-        if rank == 0 and terminal_columns:
-            env["COLUMNS"] = str(terminal_columns)  # its stderr is a pipe now: tell tqdm the terminal's width
         argv = rank_command(python=python, env_file=str(plan.files.env), recipe=str(plan.files.recipe),
                             resume=resume, raw_stderr=rank == 0)
         procs.append(LaunchProcess(tuple(argv), env, node=node.name, rank=rank, raw_stderr=rank == 0))
@@ -593,10 +590,9 @@ def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
     workdir = os.getcwd()
     recipe = resolve_recipe(recipe, workdir, cpu=not on_gpu)
     cluster = localhost_cluster(nproc, "gpu" if on_gpu else "cpu", master_port=free_port())
-    columns = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
     plan = build_launch_plan(recipe, cluster, launcher="local", local=True, resume=resume, run_id=new_run_id(),
                              environ=os.environ, nics=None, workdir=workdir, python=sys.executable, ssh_config=None,
-                             cpu_count=os.cpu_count() or 2, terminal_columns=columns)
+                             cpu_count=os.cpu_count() or 2)
     return run_plan_with_notes(plan)
 
 
