@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from clustertune.cluster.inventory import localhost_cluster
@@ -175,3 +176,32 @@ def test_a_run_that_cannot_start_leaves_no_secrets_file(tmp_path):
         run_plan(plan)
     assert not plan.files.secrets.exists()
     assert plan.files.recipe.is_file()  # the run files were written; only the secrets go
+
+
+def test_train_rank0_stderr_is_a_terminal_of_the_terminals_size_when_ours_is_one(tmp_path):
+    """tqdm sizes its bar from the stream it writes to: rank 0 must see a terminal as wide as ours."""
+    import fcntl
+    import struct
+    import termios
+    (tmp_path / "r.toml").write_text(RECIPE)
+    (tmp_path / "train.jsonl").write_text(RECORD)
+    ours, theirs = os.openpty()
+    fcntl.ioctl(theirs, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 50, 0, 0))  # rows, columns
+    drained = threading.Thread(target=lambda: _drain(ours), daemon=True)
+    drained.start()
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    env.update(PYTHONPATH=str(FAKE_WORKER_DIR), CLUSTERTUNE_WORKER_MODULE="ct_fake_worker")
+    code = subprocess.run([sys.executable, "-m", "clustertune.cli", "train", "r.toml", "--nproc", "2"], cwd=tmp_path,
+                          env=env, stdout=subprocess.DEVNULL, stderr=theirs, timeout=120).returncode
+    os.close(theirs)
+    assert code == 0
+    reports = _reports(tmp_path / "runs" / "fake")
+    assert reports[0]["stderr_size"] == [50, 20] and reports[1]["stderr_size"] is None
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:
+        pass

@@ -46,6 +46,7 @@ def main(argv):
                   hf_token_sha=hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
                   my_token_sha=hashlib.sha256(os.environ.get("MY_TOKEN", "").encode()).hexdigest()[:16],
                   secret_on_cmdline=on_cmdline, pid=os.getpid(), secrets_in_environ=secrets_in_environ,
+                  stderr_size=list(os.get_terminal_size(2)) if os.isatty(2) else None,
                   env_names=sorted(os.environ),
                   shown={k: os.environ.get(k) for k in os.environ.get("CLUSTERTUNE_FAKE_SHOW", "").split(",") if k})
     print("FAKE " + json.dumps(report), flush=True)
