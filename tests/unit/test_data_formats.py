@@ -106,6 +106,7 @@ def test_broken_json_array_is_one_error_with_line_and_column(tmp_path, text, whe
         with pytest.raises(DataError) as err:
             check_records(DataSection(train_files=[str(path)], skip_invalid=skip))
         assert str(err.value).startswith(f"{path}{where}"), str(err.value)
+        assert str(err.value).endswith("(the file starts with '[', so it is read as one JSON array)")
 
 
 def test_table_errors_name_the_row(tmp_path):

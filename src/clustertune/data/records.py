@@ -151,8 +151,9 @@ def parse_value(obj: Any, fmt: str) -> list[Message]:
 
 def record_to_messages(obj: dict[str, Any], fmt: str) -> list[Message]:
     kind = _detect(obj) if fmt == "auto" else fmt
-    readers = {"messages": _from_messages, "alpaca": _from_alpaca, "sharegpt": _from_sharegpt}
-    return readers[kind](obj)
+    if kind == "messages":
+        return _from_messages(obj)
+    return _from_alpaca(obj) if kind == "alpaca" else _from_sharegpt(obj)
 
 
 def _detect(obj: dict[str, Any]) -> str:

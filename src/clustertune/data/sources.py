@@ -34,9 +34,8 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from clustertune.data.types import DataError
 
@@ -47,10 +46,11 @@ _PARQUET_MAGIC = b"PAR1"
 _ARROW_FILE_MAGIC = b"ARROW1"
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (json.loads skips exactly this)
 _ROWS_PER_BATCH = 1024
+# Said with an array's syntax error, for a JSON Lines file whose broken first line starts with `[`.
+_AS_ARRAY = " (the file starts with '[', so it is read as one JSON array)"
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):  # a tuple: one is made per record, and this is the cheapest immutable kind
     """A record's place in its file, as the user finds it in an editor or a dataframe."""
 
     line: int | None = None  # 1-based line of a text file
@@ -136,37 +136,40 @@ class _ZstdReader(io.RawIOBase):
         super().__init__()
         self._raw, self._zstd = raw, zstandard
         self._dobj = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
+        self._pending = b""  # decompressed, not yet read from position _taken on
+        self._taken = 0
         self._in_frame = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        while not self._pending:
+        while self._taken == len(self._pending):
             chunk = self._raw.read(1 << 20)
             if not chunk:
                 if self._in_frame:
                     raise _CorruptData("the zstd data ends in the middle of a frame (truncated file?)")
                 return 0
-            self._decompress(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            self._pending, self._taken = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._pending) - self._taken)
+        buffer[:n] = memoryview(self._pending)[self._taken:self._taken + n]
+        self._taken += n
         return n
 
-    def _decompress(self, chunk: bytes) -> None:
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
         while chunk:
             self._in_frame = True
             try:
-                self._pending += self._dobj.decompress(chunk)
+                out.append(self._dobj.decompress(chunk))
             except self._zstd.ZstdError as err:
                 raise _CorruptData(f"corrupt zstd data: {err}") from None
             if not self._dobj.eof:
-                return
+                break
             self._in_frame = False
             chunk = self._dobj.unused_data
             self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+        return b"".join(out)
 
     def close(self) -> None:
         self._raw.close()
@@ -251,9 +254,10 @@ def _array_items(path: Path, data: bytes) -> Iterator[tuple[Where, Any]]:
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{err.lineno}: bad JSON in the array (record [{index}]): {err.msg} "
-                                f"at column {err.colno}") from None
+                                f"at column {err.colno}{_AS_ARRAY}") from None
             except RecursionError:
-                raise DataError(f"{path}:{line}: bad JSON in the array (record [{index}]): nested too deeply") from None
+                raise DataError(f"{path}:{line}: bad JSON in the array (record [{index}]): nested too deeply"
+                                f"{_AS_ARRAY}") from None
             yield Where(line, index), value
             index += 1
             pos = _skip_ws(text, end)
@@ -275,7 +279,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _array_syntax_error(path: Path, text: str, pos: int, what: str) -> DataError:
     line = text.count("\n", 0, pos) + 1
     column = pos - text.rfind("\n", 0, pos)
-    return DataError(f"{path}:{line}: bad JSON in the array: {what} at column {column}")
+    return DataError(f"{path}:{line}: bad JSON in the array: {what} at column {column}{_AS_ARRAY}")
 
 
 def spans_lines(path: Path) -> bool:
