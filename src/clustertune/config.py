@@ -378,12 +378,12 @@ def default_recipe(overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(tree, "the recipe defaults", overrides)
 
 
-def tokenized_cache_dir(recipe: Recipe) -> Path:
+def tokenized_cache_dir(data: DataSection, *, run_dir: Path) -> Path:
     """Where tokenized data is cached: data.cache_dir, else <run.output_dir>/../.cache/tokenized
-    (shared by the runs beside it). `validate` fills the same cache the workers read."""
-    if recipe.data.cache_dir:
-        return Path(recipe.data.cache_dir)
-    return Path(recipe.run.output_dir).parent / ".cache" / "tokenized"
+    (shared by the runs beside it). The workers and `validate` use the same cache."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    return Path(run_dir).parent / ".cache" / "tokenized"
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

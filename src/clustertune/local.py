@@ -96,7 +96,8 @@ def cmd_validate(args) -> int:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(f"model.path {recipe.model.path!r}: the tokenizer does not load: {first}") from None
     # The cache the workers use, so the path printed is real and a later `train` starts from it.
-    prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=tokenized_cache_dir(recipe))
+    prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed,
+                    cache_dir=tokenized_cache_dir(recipe.data, run_dir=Path(recipe.run.output_dir)))
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from clustertune import watchdog
-from clustertune.config import DataSection
+from clustertune.config import DataSection, tokenized_cache_dir
 from clustertune.data import PreparedData, prepare_dataset
 from clustertune.worker import distributed
 from clustertune.worker.runtime import Runtime
@@ -15,7 +15,7 @@ from clustertune.worker.runtime import Runtime
 
 def prepare_data(data: DataSection, tokenizer: Any, *, seed: int, rt: Runtime, run_dir: Path) -> PreparedData:
     """Collective: every rank returns the same samples (one tokenizing process per node)."""
-    cache_dir = Path(data.cache_dir) if data.cache_dir else run_dir.parent / ".cache" / "tokenized"
+    cache_dir = tokenized_cache_dir(data, run_dir=run_dir)
 
     def tokenize() -> PreparedData:
         watchdog.fault_point("data_preparation", rank=rt.rank, step=0)  # TEST-ONLY hook

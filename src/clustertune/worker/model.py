@@ -6,7 +6,6 @@ trains.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,23 +14,16 @@ from torch import nn
 
 from clustertune.config import LoraSection, ModelSection, RecipeError
 from clustertune.data.types import IGNORE_INDEX
+from clustertune.preflight import tokenizer_location
 from clustertune.shapes import lookup_shape
 
 
-def tokenizer_dir(model: ModelSection) -> Path:
-    if model.tokenizer:
-        return Path(model.tokenizer)
-    if lookup_shape(model.path) is not None:
-        from clustertune.demo import demo_tokenizer_dir
-        return demo_tokenizer_dir()
-    return Path(model.path)
-
-
 def load_tokenizer(model: ModelSection):
+    """From preflight.tokenizer_location's directory (the one rule launcher and worker share)."""
     from transformers import AutoTokenizer
-    directory = tokenizer_dir(model)
+    directory, key = tokenizer_location(model)
     if not directory.is_dir():
-        raise RecipeError(f"model.tokenizer: {directory} is not a directory")
+        raise RecipeError(f"{key} {str(directory)!r} is not a directory (the tokenizer is read from it)")
     tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=model.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
