@@ -59,6 +59,7 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from clustertune.cluster.commands import add_cluster_subcommands
     from clustertune.cluster.sandbox import add_sandbox_subcommands
+    from clustertune.config import DEFAULT_MAX_STEPS
 
     parser = argparse.ArgumentParser(
         prog="clustertune",
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe on this machine (all local GPUs, or CPU)",
                        description="Train on this machine: one worker per local GPU, or 2 on the CPU. Without "
                                    "RECIPE the recipe defaults are used (train.device = auto: the GPUs when "
-                                   "present; train.max_steps = 100 unless --set gives it or train.epochs) and "
+                                   f"present; train.max_steps = {DEFAULT_MAX_STEPS} unless --set gives it or "
+                                   "train.epochs) and "
                                    "--set must give at least data.train_files. `clustertune demo` runs the "
                                    "bundled demo.")
     _add_recipe_args(p, required=False)
