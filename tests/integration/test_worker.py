@@ -100,7 +100,7 @@ def test_bad_recipe_fails_before_any_process_starts(tmp_path, task_dir):
     recipe = write_recipe(tmp_path / "r.toml", task_dir, tmp_path / "run", train={"global_batch_size": 7})
     proc = run_train(recipe)
     assert proc.returncode != 0
-    assert "global_batch_size (7) must be a multiple" in proc.stderr
+    assert "train.global_batch_size (7)" in proc.stderr and "multiple" in proc.stderr
 
 
 def test_offline_export_of_a_zero3_checkpoint_equals_the_run_export(tmp_path, task_dir):
