@@ -54,7 +54,7 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
             zero_block["zero_quantized_gradients"] = True
         zero_block["stage3_max_live_parameters"] = int(1e9)
         zero_block["stage3_max_reuse_distance"] = int(1e9)
-        # We gather weights ourselves, shard by shard, at export (checkpoint.export_hf_model).
+        # We gather weights ourselves, shard by shard, at export (export.export_hf_model).
         zero_block["stage3_gather_16bit_weights_on_model_save"] = False
     if zero.offload_optimizer:
         zero_block["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
