@@ -82,3 +82,24 @@ def test_slow_link_recommends_zeropp_fast_link_does_not():
     one_node = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=2.7,
                                   **{**common, "world_size": 8})
     assert one_node.comm_s == 0
+
+
+def test_launch_refuses_an_hpz_partition_that_is_not_one_node():
+    from pathlib import Path
+
+    from clustertune.cluster.inventory import cluster_from_dict
+    from clustertune.cluster.launch import build_launch_plan
+    from clustertune.config import recipe_from_dict
+    cluster = cluster_from_dict({"name": "c", "nodes": [{"name": "a", "address": "10.0.0.1", "slots": 4},
+                                                        {"name": "b", "address": "10.0.0.2", "slots": 4}]})
+
+    def plan(hpz: int):
+        recipe = recipe_from_dict({"run": {"output_dir": "/runs/x"}, "data": {"train_files": ["/d.jsonl"]},
+                                   "train": {"max_steps": 2, "global_batch_size": 8, "micro_batch_size": 1},
+                                   "zero": {"stage": 3, "hpz_partition_size": hpz}})
+        return build_launch_plan(recipe, cluster, launcher="deepspeed", local=False, resume=False, run_id="r",
+                                 environ={}, nics=None, workdir="/w", python="/p", ssh_config=Path("/c"), cpu_count=8)
+
+    with pytest.raises(RecipeError, match=r"GPUs per node \(4\).*set zero.hpz_partition_size = 4"):
+        plan(2)
+    plan(4)

@@ -57,6 +57,7 @@ from clustertune.cluster import node_env
 from clustertune.cluster.inventory import (Cluster, cluster_to_toml, hostfile_text, load_cluster,
                                           localhost_cluster)
 from clustertune.contract import env_file_text
+from clustertune.config import check_zero_topology
 from clustertune.errors import UserError
 from clustertune.secrets import is_secret_name, secret_env, secrets_file_text
 from clustertune.gpus import local_gpu_count
@@ -413,6 +414,8 @@ def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bo
     if launcher == "local" and (not local or len(cluster.nodes) != 1):
         raise ValueError("the local launcher starts ranks on this machine only")
     cpu = cluster.accelerator == "cpu" or recipe.train.device == "cpu"
+    # ZeRO++'s secondary partition must be one node's GPUs (RecipeError otherwise)
+    check_zero_topology(recipe.zero, world_size=cluster.world_size, gpus_per_node=max(n.slots for n in cluster.nodes))
     files = RunFiles(Path(recipe.run.output_dir))
     if launcher in ("deepspeed", "torchrun"):  # their paths pass through a (remote) shell; local's do not
         for path, what in ((python, "the Python interpreter"), (workdir, "the working directory"),
