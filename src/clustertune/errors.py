@@ -11,4 +11,6 @@ from __future__ import annotations
 class UserError(Exception):
     """Something the user can fix; the message names the file/line/key/node and the fix."""
 
+    # 2: bad input. A subclass whose fix is on the machines rather than in the input uses 1
+    # (SshSetupError, SandboxError, StageError); TrainingDiverged uses 4. README "Exit codes".
     exit_code = 2
