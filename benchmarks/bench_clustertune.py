@@ -21,6 +21,7 @@ p.add_argument("--no-pack", action="store_true", help="padded micro-batches of -
 p.add_argument("--mbs", type=int, default=4)
 p.add_argument("--persist", type=int, default=None, help="zero.param_persistence_threshold")
 p.add_argument("--subgroup", type=int, default=None, help="zero.sub_group_size (ZeRO-3)")
+p.add_argument("--compile", action="store_true", help="train.compile (regional torch.compile)")
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
 p.add_argument("--profile", default=None, help="directory: profile step N-2 into DIR/step_K.txt (+ trace)")
@@ -55,7 +56,7 @@ recipe = recipe_from_dict({
     "data": {"train_files": ["<synthetic: benchmarks/workload.py>"], "packing": not a.no_pack, "max_length": a.seq},
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
-              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device},
+              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device, "compile": a.compile},
     "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
              **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
 })

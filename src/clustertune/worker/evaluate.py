@@ -178,7 +178,7 @@ def eval_loss(ds_engine, samples, plan: list[list[int]], *, device, packing: boo
     with torch.no_grad():
         for group in plan:
             batch = batching.collate([samples[i] for i in group], packing=packing, pad_id=pad_id)
-            batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+            batch = batching.to_device(batch, device)
             totals[0] += ds_engine(**batch).detach().double()
             totals[1] += sum(samples[i].num_trained for i in group)
     if dist.is_initialized():

@@ -217,6 +217,9 @@ def build_training_engine(recipe: Recipe, rt: Runtime, *, load_universal: bool =
     lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
                          gradient_checkpointing=recipe.train.gradient_checkpointing, attn=attn,
                          liger=use_liger(recipe.model, on_gpu=rt.on_gpu))
+    if recipe.train.compile:
+        from clustertune.worker.kernels import compile_decoder_layers
+        compile_decoder_layers(lm)
     lm = apply_lora(lm, recipe.lora)
     module = TokenLossModel(lm, varlen=attn == VARLEN_ATTENTION)
     ds_engine = engine.initialize(module, ds_config=ds_config, train=recipe.train, on_gpu=rt.on_gpu)
@@ -233,8 +236,7 @@ def train_step(ds_engine, plan: batching.StepPlan, samples, *, rt: Runtime, pack
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     for m, group in enumerate(mine):
         batch = batching.collate([samples[i] for i in group], packing=packing, pad_id=pad_id)
-        batch = {k: (v.to(rt.device) if v is not None else None) for k, v in batch.items()}
-        total = ds_engine(**batch)
+        total = ds_engine(**batching.to_device(batch, rt.device))
         engine.backward(ds_engine, total * scale, is_last_micro_batch=m == len(mine) - 1)
         loss_sum += total.detach().double()
     if dist.is_initialized():
