@@ -1,5 +1,5 @@
 """clustertune's own training path on one GPU, on the benchmark workload (benchmarks/workload.py):
-the real engine builder, step plans, packing, kernels and loop step from src/clustertune.
+the real model assembly, step plans, packing, kernels and forward/backward step from src/clustertune.
 
     PYTHONPATH=src python3 benchmarks/bench_clustertune.py --shape qwen2.5-1.5b --stage 2 \
         --mode var --seq 4096 --batch 32 --budget 16384 --gc --steps 30
@@ -36,7 +36,11 @@ if "MASTER_PORT" not in os.environ:
 import torch  # noqa: E402
 
 from clustertune import shapes  # noqa: E402
-from clustertune.worker import batching, engine, loop as train  # noqa: E402
+from clustertune.worker import batching, engine  # noqa: E402
+from clustertune.worker.assemble import assemble  # noqa: E402
+from clustertune.worker.objectives import objective_for  # noqa: E402
+from clustertune.worker.runtime import setup_runtime  # noqa: E402
+from clustertune.worker.step import forward_backward  # noqa: E402
 from clustertune.worker.profiling import profile_step  # noqa: E402
 from pathlib import Path  # noqa: E402
 from clustertune.config import recipe_from_dict  # noqa: E402
@@ -60,8 +64,9 @@ recipe = recipe_from_dict({
     "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
              **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
 })
-rt = train.setup_runtime(recipe)
-parts = train.build_training_engine(recipe, rt)
+rt = setup_runtime(recipe.train, collective_timeout_s=recipe.run.collective_timeout_s)
+objective = objective_for(packing=recipe.data.packing, pad_id=0)
+parts = assemble(recipe, rt, objective)
 shape = parts.shape
 
 n_samples = a.steps * a.batch
@@ -70,7 +75,7 @@ samples = []
 for i, n in enumerate(lengths):
     ids = sample_tokens(i, n, vocab=shape.vocab_size).tolist()
     samples.append(Sample(ids, ids[1:] + [-100]))
-trained = [s.num_trained for s in samples]
+units = [objective.loss_units(s) for s in samples]
 
 def sync():
     if torch.cuda.is_available():
@@ -80,14 +85,14 @@ def sync():
 times, losses = [], []
 for step in range(a.steps):
     indices = list(range(step * a.batch, (step + 1) * a.batch))
-    plan = batching.plan_step(step, indices, lengths=lengths, trained=trained, layout=parts.layout,
+    plan = batching.plan_step(step, indices, lengths=lengths, units=units, layout=parts.layout,
                               packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
     sync(); t0 = time.perf_counter()
     # the CLI's own profiler (train.profile_step) on the same step number, written to the same layout
     with profile_step(Path(a.profile or "."), step + 1, enabled=bool(a.profile) and step == a.steps - 3):
-        engine.set_lr(parts.engine, a.lr)
-        losses.append(train.train_step(parts.engine, plan, samples, rt=rt, packing=recipe.data.packing, pad_id=0))
-        engine.optimizer_step(parts.engine)
+        engine.set_lr(parts.ds_engine, a.lr)
+        losses.append(forward_backward(parts.ds_engine, objective, plan, samples, rt=rt).loss)
+        engine.optimizer_step(parts.ds_engine)
     sync(); times.append(time.perf_counter() - t0)
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)

@@ -30,6 +30,7 @@ m = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
 train = [r for r in m if "loss" in r]
 evals = [r for r in m if "eval_loss" in r]
 print(f"final vs offline export max |logit diff| = {diff:.3g}")
-print(f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}; tokens/s {train[-1]['tokens_per_s']:.0f}; "
-      f"MFU {100*train[-1]['mfu']:.1f}%; peak {train[-1].get('mem_gb')} GB; evals {[round(e['eval_loss'],3) for e in evals]}")
+print(f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}; tokens/s {train[-1]['tokens_per_s']:.0f} "
+      f"({train[-1].get('tokens_per_s_per_gpu', 0):.0f} per GPU); MFU {100*train[-1]['mfu']:.1f}% per GPU; "
+      f"peak {train[-1].get('mem_gib', 0):.1f} GiB; evals {[round(e['eval_loss'],3) for e in evals]}")
 PY

@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=None)
     p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--write", action="store_true", help="write the recommendation into the recipe")
+    # The time estimate (clustertune.timing): data size and bandwidth.
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="training samples (default: counted in data.train_files when they are here)")
+    p.add_argument("--tokens-per-sample", type=float, default=None, metavar="T",
+                   help="average tokens per sample (default: measured with model.path's tokenizer when here)")
+    p.add_argument("--intra-node-gbps", type=float, default=None, metavar="Gbps",
+                   help="bus bandwidth between the GPUs of a node in Gb/s (default: 1600, NVLink-class)")
+    p.add_argument("--inter-node-gbps", type=float, default=None, metavar="Gbps",
+                   help="bus bandwidth between nodes in Gb/s: 8 x the all-gather bus bandwidth in gigabytes/s "
+                        "that cluster doctor reports (default: 100, one 100 Gb/s NIC per node)")
 
     p = sub.add_parser("report", help="plots and a summary of a run's metrics")
     p.add_argument("run_dir")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from clustertune.errors import UserError
 from clustertune.shapes import LORA_TARGETS
@@ -44,9 +45,31 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
 
 
+class TrainFile(_Section):
+    """The table form of a data.train_files entry: `{path = "extra.jsonl", weight = 2.0}`.
+
+    The weight scales how many of the file's samples go into the train set: floor(weight)
+    copies of each, plus round(frac(weight) * n) distinct samples picked with train.seed
+    (clustertune.data.prepare.apply_weights says exactly how). A plain string has weight 1."""
+
+    path: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+
+
+# A data.train_files entry: a path, or a {path, weight} table. Dispatching on the input's type
+# gives one error for a bad entry instead of one per union member.
+TrainFileEntry = Annotated[
+    Annotated[str, Tag("str")] | Annotated[TrainFile, Tag("table")],
+    Discriminator(lambda v: "table" if isinstance(v, (dict, TrainFile)) else "str"),
+]
+
+
 class DataSection(_Section):
-    train_files: list[str] = Field(min_length=1)  # JSONL files; required
-    format: Literal["auto", "messages", "alpaca"] = "auto"
+    # Required. Files (JSONL, a JSON array, Parquet, Arrow, any of them .gz/.zst) or a directory
+    # written by `datasets.save_to_disk`; a plain path or {path, weight}. A relative path is
+    # resolved against the current directory (where clustertune is started).
+    train_files: list[TrainFileEntry] = Field(min_length=1)
+    format: Literal["auto", "messages", "alpaca", "sharegpt"] = "auto"
     max_length: int = Field(default=2048, ge=8)
     overlength: Literal["truncate", "drop"] = "truncate"
     skip_invalid: bool = False
@@ -56,6 +79,20 @@ class DataSection(_Section):
     cache_dir: str | None = None  # default: <output_dir>/../.cache/tokenized
     eval_files: list[str] = Field(default_factory=list)
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @property
+    def train_paths(self) -> list[str]:
+        return [f if isinstance(f, str) else f.path for f in self.train_files]
+
+    @property
+    def train_weights(self) -> list[float]:
+        return [1.0 if isinstance(f, str) else f.weight for f in self.train_files]
+
+    def with_paths(self, resolve: Callable[[str], str]) -> "DataSection":
+        """A copy with every train and eval path passed through `resolve`; weights are kept."""
+        train = [resolve(f) if isinstance(f, str) else f.model_copy(update={"path": resolve(f.path)})
+                 for f in self.train_files]
+        return self.model_copy(update={"train_files": train, "eval_files": [resolve(f) for f in self.eval_files]})
 
 
 class TrainSection(_Section):
@@ -83,6 +120,9 @@ class TrainSection(_Section):
     compile: bool = False
     # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
     profile_step: int | None = Field(default=None, ge=1)
+    # A step with a non-finite loss or gradient norm changes no weight and is logged; this many in a
+    # row stop the run (exit 4), its last complete checkpoint intact (worker/nonfinite.py).
+    max_nonfinite_steps: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":
@@ -318,4 +358,6 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. a weighted data.train_files entry
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")

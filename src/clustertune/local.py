@@ -4,150 +4,29 @@
     clustertune train configs/qwen2.5-1.5b-sft-1gpu.toml --set train.lr=1e-5
     clustertune validate configs/qwen2.5-1.5b-sft-1gpu.toml
 
-`train` starts one worker per local GPU (or 2 on CPU) directly, streams their output with
-rank prefixes into RUN_DIR/logs/, and stops all of them when one fails or on Ctrl-C. This side
-never imports torch: workers are separate processes (python -m clustertune.worker).
+`train` starts one worker per local GPU (or 2 on CPU) through the one supervisor of every launch
+(clustertune.supervisor, the `local` launcher of cluster.launch): the same allow-listed
+environment and 0600 secrets file as a cluster run, output with rank prefixes saved in
+RUN_DIR/logs/, rank 0's progress bar live on the terminal, every rank stopped when one fails or
+on Ctrl-C. This side never imports torch: workers are separate processes (python -m clustertune.worker).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from clustertune.config import Recipe, load_recipe, recipe_to_toml
 from clustertune.gpus import local_gpu_count
-from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_launch_recipe(recipe: Recipe) -> Path:
-    """The resolved recipe every worker reads, so overrides are applied once, in one place."""
-    run_dir = Path(recipe.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "launch_recipe.toml"
-    path.write_text(recipe_to_toml(recipe))
-    return path
-
-
-def worker_env(*, rank: int, world: int, port: int, on_gpu: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
-    if not on_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        # Two ranks on a small CPU box: one thread each avoids oversubscription.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // world)))
-    return env
-
-
-def _pump(stream, prefix: str, log_file, echo, monitor: StallMonitor) -> None:
-    for line in iter(stream.readline, ""):
-        beat = parse_heartbeat(line)
-        if beat is not None:  # liveness for the stall monitor, not for the user or the log
-            monitor.record(beat[0], None, beat[1], beat[2])
-            continue
-        log_file.write(line)
-        log_file.flush()
-        if echo:
-            sys.stderr.write(f"{prefix}{line}")
-    stream.close()
-
-
-def check_data_before_start(recipe: Recipe) -> None:
-    """Every record of the data files parsed and validated here, so bad input is one clear
-    error (file:line) before any worker takes a GPU."""
-    from clustertune.data import check_records
-    report = check_records(recipe.data)
-    print(f"data: {report.valid} records in {len(report.files)} file(s) read"
-          + (f", {report.total_lines - report.valid} invalid skipped (data.skip_invalid)"
-             if report.total_lines > report.valid else ""), file=sys.stderr)
 
 
 def run_local_workers(recipe: Recipe, *, nproc: int, resume: bool, on_gpu: bool) -> int:
-    """Start `nproc` workers on this machine and supervise them; returns the run's exit code."""
-    check_data_before_start(recipe)
-    launch_recipe = write_launch_recipe(recipe)
-    logs = Path(recipe.run.output_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = [sys.executable, "-m", "clustertune.worker", str(launch_recipe)] + (["--resume"] if resume else [])
-    procs: list[subprocess.Popen] = []
-    pumps: list[threading.Thread] = []
-    monitor = StallMonitor(timeout=recipe.run.stall_timeout_s)
-    for rank in range(nproc):
-        log_file = open(logs / f"rank{rank}.log", "w", encoding="utf-8")
-        # Rank 0 keeps the terminal's stderr for its progress bar; its stdout and every other
-        # rank's output are prefixed and saved.
-        proc = subprocess.Popen(cmd, env=worker_env(rank=rank, world=nproc, port=port, on_gpu=on_gpu),
-                                stdout=subprocess.PIPE, stderr=None if rank == 0 else subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        procs.append(proc)
-        thread = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", log_file, True, monitor),
-                                  daemon=True)
-        thread.start()
-        pumps.append(thread)
-    return _supervise(procs, pumps, monitor)
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """SIGTERM each worker's process group (started with start_new_session), SIGKILL stragglers."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-
-
-def _supervise(procs: list[subprocess.Popen], pumps: list[threading.Thread], monitor: StallMonitor) -> int:
-    failed: tuple[int, int] | None = None
-    try:
-        while True:
-            hang = monitor.check()
-            if hang is not None:
-                print(f"error: {hang}; stopping all workers", file=sys.stderr)
-                _stop(procs)
-                return STALL_EXIT_CODE
-            codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                failed = bad[0]
-                break
-            if all(c == 0 for c in codes):
-                break
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping all workers", file=sys.stderr)
-        _stop(procs)
-        return 130
-    if failed is not None:
-        rank, code = failed
-        print(f"error: rank {rank} exited with code {code}; stopping the other workers", file=sys.stderr)
-        _stop(procs)
-    for t in pumps:
-        t.join(timeout=5)
-    return failed[1] if failed else 0
+    """`nproc` ranks on this machine through the one supervisor (clustertune.supervisor); the
+    run's exit code."""
+    from clustertune.cluster.launch import launch_here
+    return launch_here(recipe, nproc=nproc, on_gpu=on_gpu, resume=resume)
 
 
 def default_nproc(on_gpu: bool) -> int:
@@ -208,7 +87,7 @@ def cmd_export(args) -> int:
     recipe = load_recipe(recipe_file)
     world = json.loads((run_dir / "world.json").read_text()) if (run_dir / "world.json").is_file() else {}
     out = Path(args.out) if args.out else run_dir / "export"
-    from clustertune.worker.checkpoint import export_from_checkpoint
+    from clustertune.worker.export import export_from_checkpoint
     step = export_from_checkpoint(run_dir, out, model_section=recipe.model, lora_section=recipe.lora,
                                   precision=world.get("precision", "bf16"), best=getattr(args, "best", False))
     which = "best " if getattr(args, "best", False) else ""

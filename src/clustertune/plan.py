@@ -39,6 +39,7 @@ on one H100 (benchmarks/plan_validation.py, benchmarks/RESULTS.md "Planner valid
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -107,7 +108,7 @@ class PlanInput:
     world_size: int
     gpus_per_node: int
     gpu_mem_gib: float
-    host_mem_gib: float  # per node
+    host_mem_gib: float | None  # per node; None: unknown, the host check is skipped (and said)
     precision: Literal["bf16", "fp32"] = "bf16"
     liger: bool = True  # fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy
     attention: Literal["sdpa", "eager"] = "sdpa"  # sdpa/flash/flex: no seq^2 memory
@@ -129,9 +130,10 @@ class PlanInput:
         for name in ("tokens_per_micro_batch", "seq_len", "world_size", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("gpu_mem_gib", "host_mem_gib"):
-            if not getattr(self, name) > 0:
-                raise PlanError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not self.gpu_mem_gib > 0:
+            raise PlanError(f"gpu_mem_gib must be > 0 (got {self.gpu_mem_gib})")
+        if self.host_mem_gib is not None and not self.host_mem_gib > 0:
+            raise PlanError(f"host_mem_gib must be > 0 (got {self.host_mem_gib})")
         if not 0 <= self.safety_margin < 1:
             raise PlanError(f"safety_margin must be in [0, 1) (got {self.safety_margin})")
         if self.precision not in PRECISIONS:
@@ -512,35 +514,73 @@ class Plan:
     estimates: list[Estimate]  # fastest first
     checkpoint: CheckpointSize
     gpu_budget_gib: float
-    host_budget_gib: float
+    host_budget_gib: float | None  # None: host RAM unknown, not checked
+    # Nothing fits: the smallest world size (same GPUs, same ranks per node) at which an option
+    # would, None when none up to MAX_WORLD_SEARCHED does (or something fits already).
+    smallest_fitting_world: int | None = None
 
     @property
     def recommended(self) -> Estimate | None:
         return next((e for e in self.estimates if e.fits), None)
 
+    def _host_text(self) -> str:
+        return "host RAM not checked" if self.host_budget_gib is None else f"{self.host_budget_gib:.0f} GiB host/node"
+
     def why(self) -> str:
-        """One line: why the recommendation (or why nothing fits)."""
+        """One line: why the recommendation (or why nothing fits, and what would)."""
         best = self.recommended
         if best is None:
             least = min(self.estimates, key=lambda e: e.gpu.total)
+            host = "" if self.host_budget_gib is None else (
+                f" and {least.host.peak:.0f} GiB host/node (budget {self.host_budget_gib:.0f})")
             return (f"nothing fits: the leanest option, {least.option.label}, needs {least.gpu.total:.1f} GiB/GPU "
-                    f"(budget {self.gpu_budget_gib:.1f}) and {least.host.peak:.0f} GiB host/node "
-                    f"(budget {self.host_budget_gib:.0f}); add GPUs, use LoRA or fewer tokens per micro-batch")
+                    f"(budget {self.gpu_budget_gib:.1f}){host}; {self.advice()}")
         faster = self.estimates[: self.estimates.index(best)]
-        text = (f"fastest option that fits {self.gpu_budget_gib:.1f} GiB/GPU and "
-                f"{self.host_budget_gib:.0f} GiB host/node")
+        text = f"fastest option that fits {self.gpu_budget_gib:.1f} GiB/GPU and {self._host_text()}"
         if not faster:
             return text
         # Name the faster option that misses by the least, and what it misses.
         closest = min(faster, key=self._overshoot)
-        if closest.gpu.total / self.gpu_budget_gib >= closest.host.peak / self.host_budget_gib:
+        host_share = 0.0 if self.host_budget_gib is None else closest.host.peak / self.host_budget_gib
+        if closest.gpu.total / self.gpu_budget_gib >= host_share:
             need = f"{closest.gpu.total:.1f} GiB/GPU"
         else:
             need = f"{closest.host.peak:.0f} GiB host/node"
         return f"{text}; every faster option is over budget, the closest being {closest.option.label} at {need}"
 
+    def advice(self) -> str:
+        """What would make something fit, from what the options miss. LoRA is suggested only
+        when it is off; with LoRA on, the frozen base weights are what must shrink per GPU."""
+        inp = self.input
+        tips = []
+        if self.smallest_fitting_world is not None:
+            world, per_node = self.smallest_fitting_world, inp.gpus_per_node
+            nodes = f" = {world // per_node} nodes x {per_node}" if world > per_node else ""
+            tips.append(f"{world} GPUs{nodes} of this size would fit (now {inp.world_size})")
+        else:
+            tips.append(f"more GPUs of this size do not fit it either (up to {MAX_WORLD_SEARCHED} searched)")
+        if inp.lora_rank is None:
+            tips.append("use LoRA (lora.enabled = true)")
+        elif not any(e.fits_gpu for e in self.estimates):
+            base = inp.bytes.param * inp.shape.parameter_count() / GIB
+            tips.append(f"LoRA is already on: its frozen {inp.precision} base weights alone are {base:.0f} GiB, "
+                        f"which ZeRO-3 splits over the GPUs, so more GPUs (or GPUs with more memory) are "
+                        f"what helps; a smaller lora.r does not")
+        host_ok = [e for e in self.estimates if e.fits_host]
+        largest = max((e.max_tokens for e in host_ok), default=0)
+        if 0 < largest < inp.tokens_per_micro_batch:
+            tips.append(f"or at most {largest} tokens per micro-batch (now {inp.tokens_per_micro_batch})")
+        gpu_ok = [e for e in self.estimates if e.fits_gpu]
+        if gpu_ok and self.host_budget_gib is not None:
+            least = min(gpu_ok, key=lambda e: e.host.peak)
+            need = least.host.peak / (1 - inp.safety_margin)
+            tips.append(f"or {need:.0f} GiB of host RAM per node for {least.option.label} "
+                        f"(now {inp.host_mem_gib:.0f}; offloaded states are per rank)")
+        return "; ".join(tips)
+
     def _overshoot(self, e: Estimate) -> float:
-        return max(e.gpu.total / self.gpu_budget_gib, e.host.peak / self.host_budget_gib)
+        host_share = 0.0 if self.host_budget_gib is None else e.host.peak / self.host_budget_gib
+        return max(e.gpu.total / self.gpu_budget_gib, host_share)
 
 
 # ------------------------------------------------------------------------------------ estimate
@@ -682,15 +722,41 @@ def estimate(inp: PlanInput, option: Option) -> Estimate:
     gpu = gpu_memory(inp, option)
     host = host_memory(inp, option)
     return Estimate(option=option, gpu=gpu, host=host, fits_gpu=_fits_gpu(inp, gpu),
-                    fits_host=host.peak <= inp.host_mem_gib * (1 - inp.safety_margin),
-                    max_tokens=max_tokens(inp, option))
+                    fits_host=_fits_host(inp, host), max_tokens=max_tokens(inp, option))
+
+
+def _fits_host(inp: PlanInput, host: HostMemory) -> bool:
+    """Unknown host RAM (None) is not checked: the plan says so instead of guessing."""
+    return inp.host_mem_gib is None or host.peak <= inp.host_mem_gib * (1 - inp.safety_margin)
+
+
+# Nothing fits: how far to look for a world size that would (128 nodes of 8 GPUs).
+MAX_WORLD_SEARCHED = 1024
+
+
+def smallest_fitting_world(inp: PlanInput) -> int | None:
+    """The smallest world size above the job's, with the same GPUs and ranks per node, at which
+    some option fits the GPU and host budgets: a partial node filled first, then whole nodes."""
+    per_node = inp.gpus_per_node
+    within_node = [w for w in (1, 2, 4, per_node) if w <= per_node]
+    candidates = sorted({w for w in within_node + [per_node * k for k in range(2, MAX_WORLD_SEARCHED // per_node + 1)]
+                         if inp.world_size < w <= MAX_WORLD_SEARCHED})
+    options = all_options(lora=inp.lora_rank is not None)
+    for world in candidates:
+        bigger = dataclasses.replace(inp, world_size=world)
+        if any(_fits_gpu(bigger, gpu_memory(bigger, o)) and _fits_host(bigger, host_memory(bigger, o))
+               for o in options):
+            return world
+    return None
 
 
 def plan(inp: PlanInput) -> Plan:
     """Every option (fastest first) with its memory, and the job's checkpoint sizes."""
     estimates = [estimate(inp, option) for option in all_options(lora=inp.lora_rank is not None)]
+    nothing_fits = not any(e.fits for e in estimates)
     return Plan(input=inp, parameters=inp.shape.parameter_count(),
                 trainable=trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets),
                 estimates=estimates, checkpoint=checkpoint_size(inp),
                 gpu_budget_gib=inp.gpu_mem_gib * (1 - inp.safety_margin),
-                host_budget_gib=inp.host_mem_gib * (1 - inp.safety_margin))
+                host_budget_gib=None if inp.host_mem_gib is None else inp.host_mem_gib * (1 - inp.safety_margin),
+                smallest_fitting_world=smallest_fitting_world(inp) if nothing_fits else None)

@@ -1,11 +1,22 @@
 """`clustertune plan`: print the memory plan of a recipe on a given cluster, optionally write the
 recommended ZeRO settings back into the recipe.
 
-    clustertune plan configs/r1-distill-32b-2x8-h20.toml --nodes 2 --gpus-per-node 8 --gpu h20 --host-mem 1024
+    clustertune plan configs/r1-distill-32b-2x8-h20.toml --nodes 2 --gpus-per-node 8 --gpu h20 --host-mem 1024 \
+        --samples 100000 --tokens-per-sample 2000 --inter-node-gbps 200
     clustertune plan RECIPE --cluster cluster.toml --gpu-mem 80 --write
 
-The arithmetic lives in plan.py; this module resolves the job (recipe, GPU, topology, host RAM)
-and renders. Launcher side: never imports torch.
+The arithmetic lives in plan.py (memory) and timing.py (time); this module resolves the job
+(recipe, GPU, topology, host RAM, data size, bandwidth) and renders. Launcher side: never imports
+torch.
+
+Host RAM: --host-mem when given; else, only when the plan is for this machine (no --cluster,
+--nodes, --gpus-per-node, --gpu or --gpu-mem), this machine's RAM. For other machines it is
+unknown (the cluster file has no such key): the host check is skipped and the plan says so,
+rather than judging 2 x 8 H20 servers by the laptop that runs `plan`.
+
+--write changes only the ZeRO/checkpointing keys whose value differs, in place (toml_edit.py):
+comments and every other line stay as written; the previous file is kept as RECIPE.bak (then
+.bak.1, .bak.2, ...: a backup is never overwritten).
 """
 
 from __future__ import annotations
@@ -18,11 +29,16 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from clustertune.config import Recipe, RecipeError, check_zero_topology, load_recipe, recipe_from_dict, recipe_to_toml
+from clustertune import timing
+from clustertune.batch_math import total_steps
+from clustertune.config import Recipe, RecipeError, check_zero_topology, load_recipe, recipe_from_dict
+from clustertune.errors import UserError
+from clustertune.flops import effective_context
 from clustertune.gpus import known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
-                              ZeroBuckets, plan)
+                              ZeroBuckets, plan, trainable_parameters)
 from clustertune.shapes import Shape, lookup_shape, shape_from_model_path
+from clustertune.toml_edit import set_scalars, toml_literal
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,9 @@ class Job:
     nodes: int
     gpus_per_node: int
     topology_source: str
-    host_mem_gib: float
+    host_mem_gib: float | None  # None: unknown (another machine and no --host-mem): not checked
     host_source: str
+    gpu_name: str | None = None  # catalog name (clustertune.gpus): its peak FLOP/s for the time estimate
 
     @property
     def world_size(self) -> int:
@@ -52,10 +69,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     best = result.recommended
     if best is None:
         return 1
+    print()
+    print(render_time(recipe, shape, job, best.option, data_size(recipe, args), bandwidth(args)))
     if args.write:
-        target = write_recommendation(Path(args.recipe), recipe, best.option)
-        note = f" (with --set {', '.join(args.overrides)})" if args.overrides else ""
-        print(f"\nwrote {target}{note}; previous version in {target}.bak")
+        changed, backup = write_recommendation(Path(args.recipe), best.option)
+        if not changed:
+            print(f"\n{args.recipe} already has the recommended settings: not written")
+        else:
+            note = f" (the --set values {', '.join(args.overrides)} were not written)" if args.overrides else ""
+            print(f"\nwrote {', '.join(changed)} into {args.recipe}{note}; previous version in {backup}")
     return 0
 
 
@@ -79,31 +101,52 @@ def resolve_shape(model_path: str) -> tuple[Shape, str]:
         raise RecipeError(f"model.path {model_path!r}: cannot read its config.json: {err}") from None
 
 
+class PlanFlagError(UserError):
+    """Flags of `clustertune plan` that contradict each other or are out of range."""
+
+
+def check_conflicting_flags(args: argparse.Namespace) -> None:
+    """Two flags that say the same thing differently: an error naming both, never one silently ignored."""
+    if args.gpu is not None and args.gpu_mem is not None:
+        raise PlanFlagError(f"--gpu {args.gpu} and --gpu-mem {args.gpu_mem:g} both give the GPU's memory: pass one "
+                            f"(--gpu NAME for a catalog card, --gpu-mem GiB for anything else)")
+    if args.cluster is not None:
+        given = [f"{flag} {value}" for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node))
+                 if value is not None]
+        if given:
+            raise PlanFlagError(f"--cluster {args.cluster} and {' and '.join(given)} both give the topology: pass "
+                                f"the cluster file, or --nodes/--gpus-per-node without it")
+
+
 def resolve_job(args: argparse.Namespace) -> Job:
-    gpu_mem, gpu_source = _resolve_gpu(args.gpu, args.gpu_mem)
+    check_conflicting_flags(args)
+    gpu_mem, gpu_source, gpu_name = _resolve_gpu(args.gpu, args.gpu_mem)
     nodes, per_node, topo_source = _resolve_topology(args.cluster, args.nodes, args.gpus_per_node)
-    host, host_source = _resolve_host(args.host_mem)
-    return Job(gpu_mem, gpu_source, nodes, per_node, topo_source, host, host_source)
+    this_machine = all(value is None for value in (args.cluster, args.nodes, args.gpus_per_node, args.gpu,
+                                                   args.gpu_mem))
+    host, host_source = _resolve_host(args.host_mem, this_machine=this_machine)
+    return Job(gpu_mem, gpu_source, nodes, per_node, topo_source, host, host_source, gpu_name)
 
 
-def _resolve_gpu(name: str | None, mem: float | None) -> tuple[float, str]:
+def _resolve_gpu(name: str | None, mem: float | None) -> tuple[float, str, str | None]:
+    """(memory GiB, where it came from, catalog name or None)."""
     # --gpu-mem is read as GiB: an "80 GB" HBM card is 80 GiB of which the driver shows ~79.6.
     if mem is not None:
         if mem <= 0:
             raise RecipeError(f"--gpu-mem must be > 0 (got {mem})")
-        return mem, f"--gpu-mem {mem:g} (GiB)"
+        return mem, f"--gpu-mem {mem:g} (GiB)", None
     if name is not None:
         spec = lookup_gpu(name)
         if spec is None:
             raise RecipeError(f"--gpu {name!r}: unknown GPU (known: {known_gpu_names()}); pass --gpu-mem GiB instead")
-        return spec.mem_gib, spec.description
+        return spec.mem_gib, spec.description, spec.name
     local = _local_gpu()
     if local is None:
         raise RecipeError("no GPU on this machine to measure: pass --gpu NAME or --gpu-mem GiB")
     return local
 
 
-def _local_gpu() -> tuple[float, str] | None:
+def _local_gpu() -> tuple[float, str, str | None] | None:
     """First local GPU's memory via nvidia-smi (no torch on the launcher side)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
@@ -114,7 +157,9 @@ def _local_gpu() -> tuple[float, str] | None:
     if not lines:
         return None
     name, mib = (part.strip() for part in lines[0].rsplit(",", 1))
-    return float(mib) / 1024, f"{name}, {float(mib) / 1024:.1f} GiB (this machine, nvidia-smi)"
+    spec = lookup_gpu(name)
+    return (float(mib) / 1024, f"{name}, {float(mib) / 1024:.1f} GiB (this machine, nvidia-smi)",
+            spec.name if spec else None)
 
 
 def _resolve_topology(cluster: str | None, nodes: int | None, per_node: int | None) -> tuple[int, int, str]:
@@ -150,16 +195,18 @@ def _topology_from_cluster(path: str) -> tuple[int, int, str]:
     return len(slots), slots[0], path
 
 
-def _resolve_host(mem: float | None) -> tuple[float, str]:
+def _resolve_host(mem: float | None, *, this_machine: bool) -> tuple[float | None, str]:
     if mem is not None:
         if mem <= 0:
             raise RecipeError(f"--host-mem must be > 0 (got {mem})")
         return mem, f"--host-mem {mem:g} (GiB)"
+    if not this_machine:
+        return None, "unknown: the plan is for other machines; pass --host-mem GiB (per node) to check it"
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         raise RecipeError("cannot read this machine's RAM: pass --host-mem GiB") from None
-    return pages * size / GIB, "this machine's RAM (pass --host-mem for the nodes)"
+    return pages * size / GIB, "this machine's RAM"
 
 
 def _largest_shard_gib(model_path: str) -> float:
@@ -242,6 +289,13 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _host_line(result: Plan, job: Job) -> str:
+    if job.host_mem_gib is None or result.host_budget_gib is None:
+        return f"host RAM: NOT CHECKED [{job.host_source}]"
+    return (f"host: {job.host_mem_gib:.0f} GiB/node [{job.host_source}], "
+            f"budget {result.host_budget_gib:.0f} GiB")
+
+
 def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
     inp = result.input
     tuning = "LoRA r=%d (%s)" % (inp.lora_rank, ",".join(inp.lora_targets)) if inp.lora_rank else "full fine-tuning"
@@ -255,8 +309,7 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         f"job: {job.nodes} node(s) x {job.gpus_per_node} GPU = {inp.world_size} ranks [{job.topology_source}]; "
         f"{inp.tokens_per_micro_batch} tokens per micro-batch (max_length {inp.seq_len})",
         f"GPU: {job.gpu_mem_gib:.1f} GiB [{job.gpu_source}], budget {result.gpu_budget_gib:.1f} GiB "
-        f"after the {inp.safety_margin:.0%} margin; host: {job.host_mem_gib:.0f} GiB/node [{job.host_source}], "
-        f"budget {result.host_budget_gib:.0f} GiB",
+        f"after the {inp.safety_margin:.0%} margin; " + _host_line(result, job),
         "",
         "GiB per GPU (rank) and per node (host), fastest option first. GPU = params + grads + optim + the",
         "worst moment (peak at): the loss (saved activations + logits), the backward (activ) or the optimizer",
@@ -287,30 +340,216 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------ time
+
+@dataclass(frozen=True)
+class DataSize:
+    """How many training samples and how long they are, and where each figure came from."""
+
+    samples: int | None
+    samples_source: str
+    tokens_per_sample: float | None
+    t_eff: float | None  # sum(l^2) / sum(l) over the samples (the attention term of FLOPs/token)
+    tokens_source: str
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    intra_node_gbps: float
+    intra_source: str
+    inter_node_gbps: float
+    inter_source: str
+
+
+# Records tokenized to measure the average length (spread over the files), and the chat
+# template's tokens around each message (Qwen's "<|im_start|>role\n ... <|im_end|>\n").
+TOKENIZED_RECORDS = 2000
+TEMPLATE_TOKENS_PER_MESSAGE = 5
+
+
+def bandwidth(args: argparse.Namespace) -> Bandwidth:
+    values = []
+    for flag, attr, default, what in (
+            ("--intra-node-gbps", "intra_node_gbps", timing.DEFAULT_INTRA_NODE_GBPS, "NVLink-class server"),
+            ("--inter-node-gbps", "inter_node_gbps", timing.DEFAULT_INTER_NODE_GBPS, "one 100 Gb/s NIC per node")):
+        given = getattr(args, attr, None)
+        if given is not None and not given > 0:
+            raise PlanFlagError(f"{flag} must be > 0 (got {given})")
+        values += [given, flag] if given is not None else [default, f"ASSUMED ({what}): pass {flag}"]
+    return Bandwidth(*values)
+
+
+def data_size(recipe: Recipe, args: argparse.Namespace) -> DataSize:
+    """Samples: --samples, else counted in the data files (the launcher's record check); tokens per
+    sample: --tokens-per-sample, else measured with the model's tokenizer.json on a spread of records."""
+    samples, tokens = getattr(args, "samples", None), getattr(args, "tokens_per_sample", None)
+    if samples is not None and samples < 1:
+        raise PlanFlagError(f"--samples must be >= 1 (got {samples})")
+    if tokens is not None and not tokens > 0:
+        raise PlanFlagError(f"--tokens-per-sample must be > 0 (got {tokens})")
+    if samples is not None:
+        samples_source = "--samples"
+    else:
+        samples, samples_source = _count_train_samples(recipe)
+    if tokens is not None:
+        return DataSize(samples, samples_source, float(tokens), float(tokens),
+                        "--tokens-per-sample (every sample taken as that long)")
+    tokens, t_eff, tokens_source = _measure_tokens(recipe)
+    return DataSize(samples, samples_source, tokens, t_eff, tokens_source)
+
+
+def _train_files(recipe: Recipe) -> list[tuple[str, float]]:
+    """(path, weight) of each data.train_files entry: a path, or a {path, weight} table."""
+    return [(entry, 1.0) if isinstance(entry, str) else (entry.path, entry.weight) for entry in recipe.data.train_files]
+
+
+def _count_train_samples(recipe: Recipe) -> tuple[int | None, str]:
+    from clustertune.data import check_records
+    data = recipe.data
+    total = 0.0
+    try:
+        for path, weight in _train_files(recipe):
+            one = data.model_copy(update={"train_files": [path], "eval_files": []})
+            total += weight * check_records(one).valid
+    except UserError as err:
+        first = str(err).splitlines()[0]
+        return None, f"unknown ({first}); pass --samples N"
+    held_out = round(total * data.eval_fraction) if data.eval_fraction and not data.eval_files else 0
+    note = f", less {held_out} for eval (data.eval_fraction)" if held_out else ""
+    return int(total) - held_out, f"counted in data.train_files{note}"
+
+
+def _measure_tokens(recipe: Recipe) -> tuple[float | None, float | None, str]:
+    tokenizer_file = Path(recipe.model.path) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None, None, (f"unknown: no {tokenizer_file} on this machine to measure the data with; "
+                            f"pass --tokens-per-sample N")
+    from clustertune.data.records import load_file
+    try:
+        conversations = [r.messages for path, _ in _train_files(recipe)
+                         for r in load_file(Path(path), recipe.data.format)[0]]
+    except (UserError, OSError, ValueError) as err:
+        return None, None, f"unknown (the data could not be read here: {err}); pass --tokens-per-sample N"
+    if not conversations:
+        return None, None, "unknown (no records read); pass --tokens-per-sample N"
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    stride = max(1, len(conversations) // TOKENIZED_RECORDS)
+    chosen = conversations[::stride][:TOKENIZED_RECORDS]
+    lengths = []
+    for messages in chosen:
+        texts = [str(m.get("content", "")) for m in messages]
+        ids = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+        lengths.append(min(recipe.data.max_length, ids + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)))
+    return (sum(lengths) / len(lengths), effective_context(lengths),
+            f"{len(lengths)} records tokenized with {tokenizer_file}, +{TEMPLATE_TOKENS_PER_MESSAGE} template "
+            f"tokens per message, capped at data.max_length (approximate)")
+
+
+def render_time(recipe: Recipe, shape: Shape, job: Job, option: Option, data: DataSize, bw: Bandwidth) -> str:
+    """The time estimate of the recommended option, with every assumption it rests on."""
+    head = f"time estimate ({option.label}, {job.world_size} x {job.gpu_name or 'GPU'}):"
+    if job.gpu_name is None:
+        return f"{head} not made: the GPU's peak FLOP/s is unknown ({job.gpu_source}); pass --gpu NAME"
+    if data.tokens_per_sample is None or data.t_eff is None:
+        return f"{head} not made: tokens per sample {data.tokens_source}"
+    train = recipe.train
+    tokens_per_step = train.global_batch_size * data.tokens_per_sample
+    zero = recipe.zero
+    est = timing.estimate_run_time(
+        shape, gpu=job.gpu_name, world_size=job.world_size, gpus_per_node=job.gpus_per_node,
+        zero_stage=option.stage, gradient_checkpointing=option.gradient_checkpointing,
+        tokens_per_step=tokens_per_step, t_eff=data.t_eff, tokens_per_micro_batch=tokens_per_micro_batch(recipe),
+        trainable=trainable_parameters(shape, recipe.lora.r if recipe.lora.enabled else None,
+                                       tuple(recipe.lora.target_modules)),
+        intra_node_gbps=bw.intra_node_gbps, inter_node_gbps=bw.inter_node_gbps,
+        hpz=bool(getattr(zero, "hpz_partition_size", None) and zero.hpz_partition_size > 1),
+        quantized_weights=bool(getattr(zero, "quantized_weights", False)),
+        quantized_gradients=bool(getattr(zero, "quantized_gradients", False)))
+    chosen = est.achieved_mfu
+    if train.max_steps is not None:
+        steps, steps_text = train.max_steps, "train.max_steps"
+    elif data.samples is None:
+        steps, steps_text = None, f"the number of samples is {data.samples_source}"
+    else:
+        try:
+            steps = total_steps(num_samples=data.samples, global_batch_size=train.global_batch_size,
+                                max_steps=None, epochs=train.epochs)
+            steps_text = f"{train.epochs:g} epochs x {data.samples:,} samples / {train.global_batch_size} per step"
+        except RecipeError as err:  # fewer samples than one global batch: said, the plan stands
+            steps, steps_text = None, str(err)
+    comm = est.communication
+    link = "between nodes" if job.nodes > 1 else "inside the node"
+    link_source = bw.inter_source if job.nodes > 1 else bw.intra_source
+    lines = [
+        head,
+        f"  data: {'unknown' if data.samples is None else f'{data.samples:,}'} train samples [{data.samples_source}]; "
+        f"{data.tokens_per_sample:,.0f} tokens per sample [{data.tokens_source}]",
+        f"  per step: {tokens_per_step:,.0f} tokens ({train.global_batch_size} samples), "
+        f"{est.flops_per_token / 1e9:.0f} GFLOP per token (clustertune.flops)",
+        f"  compute: {est.compute_s:.2f} s at {chosen.mfu:.1%} MFU per GPU"
+        + (f" [{'; '.join(chosen.notes)}]" if chosen.notes else ""),
+        f"    the MFU measured: {chosen.entry.model}; {chosen.entry.source}",
+        f"  communication: {comm.bytes_per_step / 1e9:,.0f} GB per step ({comm.formula}) at "
+        f"{est.bus_gbps:g} Gb/s {link} [{link_source}]: {est.communication_s:.2f} s, "
+        f"{est.exposed_communication_s:.2f} s of it not hidden ({timing.COMM_OVERLAP:.0%} overlap ASSUMED)",
+        f"  step: {est.step_s:.2f} s = compute + exposed communication; {est.tokens_per_s:,.0f} tokens/s, "
+        f"{est.tokens_per_s_per_gpu:,.0f} per GPU, {est.mfu:.1%} MFU end to end",
+    ]
+    if steps is None:
+        lines.append(f"  wall time: unknown: {steps_text}")
+    else:
+        lines.append(f"  wall time: {timing.format_duration(est.wall_seconds(steps))} for {steps:,} steps "
+                     f"({steps_text}); training steps only: evaluation, checkpoint saves and start-up not included")
+    caveats = []
+    if option.offload_optimizer or option.offload_params:
+        caveats.append("offload is not modelled (PCIe traffic and the CPU optimizer step): a lower bound")
+    if not recipe.data.packing:
+        caveats.append("padded batches: the padding's compute is not counted: optimistic")
+    if recipe.lora.enabled:
+        caveats.append("LoRA: the measured MFU is full fine-tuning's, and LoRA skips the frozen weights' "
+                       "gradients: pessimistic")
+    if caveats:
+        lines.append("  caveats: " + "; ".join(caveats))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------- --write
 
-def apply_option(recipe: Recipe, option: Option) -> Recipe:
-    """The recipe with the option's four settings, validated like a freshly loaded one."""
-    zero = recipe.zero.model_copy(update={"stage": option.stage, "offload_optimizer": option.offload_optimizer,
-                                          "offload_params": option.offload_params})
-    train = recipe.train.model_copy(update={"gradient_checkpointing": option.gradient_checkpointing})
-    updated = recipe.model_copy(update={"zero": zero, "train": train})
-    # model_copy does not validate: round-trip through the loader's validation.
-    return recipe_from_dict(updated.to_toml_dict(), "<recommended recipe>")
+# The keys `plan --write` sets: (section, key) -> the option's attribute.
+WRITTEN_KEYS = {("zero", "stage"): "stage", ("zero", "offload_optimizer"): "offload_optimizer",
+                ("zero", "offload_params"): "offload_params",
+                ("train", "gradient_checkpointing"): "gradient_checkpointing"}
 
 
-def write_recommendation(path: Path, recipe: Recipe, option: Option) -> Path:
-    """Rewrite the recipe file (resolved: defaults spelled out, comments dropped), keeping a .bak."""
-    updated = apply_option(recipe, option)
-    text = recipe_to_toml(updated)
-    if load_recipe_text(text) != updated:
-        raise RecipeError(f"{path}: the rewritten recipe would not load back identically; not written")
-    shutil.copy2(path, path.with_name(path.name + ".bak"))
+def next_backup(path: Path) -> Path:
+    """RECIPE.bak, or the first free RECIPE.bak.N: an earlier backup is never overwritten."""
+    candidate = path.with_name(path.name + ".bak")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.bak.{n}")
+        n += 1
+    return candidate
+
+
+def write_recommendation(path: Path, option: Option) -> tuple[list[str], Path | None]:
+    """Set the option's keys that differ from the file's own values (not the --set overrides) in
+    place; returns the keys written and the backup of the previous file (None: nothing to write)."""
+    text = path.read_text(encoding="utf-8")
+    current = load_recipe(path)  # the file alone: what it says, defaults filled in
+    sections = {"zero": current.zero, "train": current.train}
+    changes = {(section, key): getattr(option, attr) for (section, key), attr in WRITTEN_KEYS.items()
+               if getattr(sections[section], key) != getattr(option, attr)}
+    if not changes:
+        return [], None
+    edited = set_scalars(text, changes, where=str(path))
+    written = recipe_from_dict(tomllib.loads(edited), str(path))
+    if any(getattr({"zero": written.zero, "train": written.train}[section], key) != value
+           for (section, key), value in changes.items()):
+        raise RecipeError(f"{path}: the edited recipe would not read back with the recommended values; not written")
+    backup = next_backup(path)
+    shutil.copy2(path, backup)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(edited, encoding="utf-8")
     tmp.replace(path)  # atomic: a crash leaves the old file or the new one, never half of one
-    return path
-
-
-def load_recipe_text(text: str) -> Recipe:
-    return recipe_from_dict(tomllib.loads(text), "<rewritten recipe>")
+    return [f"{section}.{key} = {toml_literal(value)}" for (section, key), value in changes.items()], backup

@@ -209,8 +209,13 @@ def _trained_text(s: dict[str, float | int | None]) -> str:
     return text + ")"
 
 
+def _unit(s: dict[str, float | int | None]) -> str:
+    """GPU when the run logged GPU figures (MFU, memory), else rank (a CPU run)."""
+    return "GPU" if s.get("mean_mfu") is not None or s.get("peak_mem_gib") is not None else "rank"
+
+
 def _world_text(s: dict[str, float | int | None]) -> str:
-    return f", {s['world_size']} GPUs" if s.get("world_size") else ""
+    return f", {s['world_size']} {_unit(s)}s" if s.get("world_size") else ""
 
 
 def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
@@ -219,7 +224,7 @@ def summary_text(s: dict[str, float | int | None], skipped: int = 0) -> str:
         f"loss:             first {_fmt(s['first_loss'], '.4f')}, last {_fmt(s['last_loss'], '.4f')}, "
         f"min {_fmt(s['min_loss'], '.4f')}",
         f"tokens/s:         {_fmt(s['mean_tokens_per_s'], ',.0f')} cluster, "
-        f"{_fmt(s['mean_tokens_per_s_per_gpu'], ',.0f')} per GPU{_world_text(s)} (mean after the first "
+        f"{_fmt(s['mean_tokens_per_s_per_gpu'], ',.0f')} per {_unit(s)}{_world_text(s)} (mean after the first "
         f"{WARMUP_FRACTION:.0%} of logged steps)",
         "peak memory:      " + (f"{s['peak_mem_gib']:.1f} GiB per GPU (rank 0's max_memory_allocated)"
                                  if s["peak_mem_gib"] is not None else "n/a (logged on GPU only)"),

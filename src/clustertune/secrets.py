@@ -6,7 +6,7 @@ The launcher writes the file with `write_secrets_file` (0600 from the first byte
 only its path in CLUSTERTUNE_SECRETS_FILE; each worker calls `load_secrets_file` at start-up.
 
     from clustertune.secrets import load_secrets_file
-    load_secrets_file(os.environ["CLUSTERTUNE_SECRETS_FILE"])
+    load_secrets_file(os.environ[contract.SECRETS_FILE_ENV])
 
 Imported by the launcher side and the worker: standard library only, never torch.
 """
@@ -35,8 +35,6 @@ SECRET_PATTERNS: tuple[str, ...] = (
     "*CREDENTIAL*",
 )
 
-ENV_VAR = "CLUSTERTUNE_SECRETS_FILE"
-
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -59,13 +57,8 @@ def secret_env(env: Mapping[str, str], extra_names: list[str] | tuple[str, ...] 
     return {name: env[name] for name in sorted(wanted) if name in env}
 
 
-def write_secrets_file(path: str | os.PathLike[str], env: Mapping[str, str]) -> None:
-    """Write KEY=VALUE lines to a new file that is 0600 from the moment it exists.
-
-    O_CREAT|O_EXCL|O_NOFOLLOW with mode 0600: the file is never world-readable, not even between
-    create and chmod, and an existing file or symlink at `path` is an error rather than
-    something written through. Remove a previous run's file first.
-    """
+def secrets_file_text(env: Mapping[str, str]) -> str:
+    """The file's content: NAME=VALUE lines (what read_secrets_file parses)."""
     lines = []
     for name, value in env.items():
         if not _NAME_RE.match(name):
@@ -74,13 +67,24 @@ def write_secrets_file(path: str | os.PathLike[str], env: Mapping[str, str]) -> 
             raise SecretsFileError(f"secret {name} contains a newline or NUL byte, which the secrets "
                                    "file format cannot hold")
         lines.append(f"{name}={value}\n")
+    return "".join(lines)
+
+
+def write_secrets_file(path: str | os.PathLike[str], env: Mapping[str, str]) -> None:
+    """Write KEY=VALUE lines to a new file that is 0600 from the moment it exists.
+
+    O_CREAT|O_EXCL|O_NOFOLLOW with mode 0600: the file is never world-readable, not even between
+    create and chmod, and an existing file or symlink at `path` is an error rather than
+    something written through. Remove a previous run's file first.
+    """
+    text = secrets_file_text(env)
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # the umask may only have removed bits; make it exactly 0600
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             fd = -1
-            handle.write("".join(lines))
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
     finally:

@@ -26,7 +26,10 @@ The model, kept simple and printed with every estimate:
               sets to 1e9 elements, more than one layer).
       P = parameters x 2 bytes (bf16), gradients only of trainable parameters (LoRA), the ZeRO-3
       gathers of every parameter (the frozen base is partitioned too). m = micro-batches per rank
-      per step.
+      per step. ZeRO++ (the ZeRO++ paper's volumes, as cluster/interconnect.py counts them):
+      quantized weights halve the forward gather, quantized gradients quarter the reduce-scatter,
+      and hierarchical partitioning (zero.hpz_partition_size) moves the backward gather inside
+      the node.
   bandwidth: one node: the intra-node bus bandwidth (NVLink-class default); several nodes: the
       inter-node one (every ring crosses the nodes' network, which the node's GPUs share).
   step = compute + exposed communication, exposed = max(comm x (1 - overlap), comm - compute):
@@ -80,6 +83,7 @@ class MfuEntry:
     gradient_checkpointing: bool
     mfu: float
     tokens_per_s: float
+    tokens_per_gpu_step: int
     source: str
 
 
@@ -97,8 +101,12 @@ def load_mfu_table(text: str | None = None) -> list[MfuEntry]:
     return [MfuEntry(**row) for row in tomllib.loads(text)["measured"]]
 
 
+# Tokens per GPU per optimizer step beyond this factor from the measurement's are worth a note.
+TOKENS_PER_STEP_NOTE_FACTOR = 2.0
+
+
 def lookup_achieved_mfu(table: list[MfuEntry], *, gpu: str | None, hidden: int, zero_stage: int,
-                        gradient_checkpointing: bool) -> ChosenMfu:
+                        gradient_checkpointing: bool, tokens_per_gpu_step: float | None = None) -> ChosenMfu:
     """The measured MFU that best matches the job (see the table's header for the order)."""
     notes = []
     spec = lookup_gpu(gpu) if gpu else None
@@ -117,6 +125,12 @@ def lookup_achieved_mfu(table: list[MfuEntry], *, gpu: str | None, hidden: int, 
     entry = min(rows, key=lambda e: (abs(math.log(e.hidden / hidden)), -e.hidden))
     if abs(math.log(entry.hidden / hidden)) > math.log(1.1):
         notes.append(f"measured at hidden {entry.hidden}, the job's is {hidden}")
+    if tokens_per_gpu_step:
+        ratio = tokens_per_gpu_step / entry.tokens_per_gpu_step
+        if ratio < 1 / TOKENS_PER_STEP_NOTE_FACTOR or ratio > TOKENS_PER_STEP_NOTE_FACTOR:
+            direction = "optimistic" if ratio < 1 else "pessimistic"
+            notes.append(f"measured at {entry.tokens_per_gpu_step:,} tokens per GPU per step, the job has "
+                         f"{tokens_per_gpu_step:,.0f}: fixed per-step costs make this {direction}")
     mfu = entry.mfu
     if entry.gradient_checkpointing != gradient_checkpointing:
         if gradient_checkpointing:
@@ -132,12 +146,14 @@ def lookup_achieved_mfu(table: list[MfuEntry], *, gpu: str | None, hidden: int, 
 
 @dataclass(frozen=True)
 class Communication:
-    bytes_per_step: float  # summed sizes of the collectives' full tensors, per optimizer step
-    formula: str  # e.g. "3 x P x 4 micro-batches (ZeRO-3)"
+    bytes_per_step: float  # summed sizes of the collectives' full tensors over all ranks, per step
+    formula: str  # e.g. "per micro-batch (4): params all-gathered in forward and backward + ..."
+    bytes_within_node_per_step: float = 0.0  # ZeRO++ hierarchical partitioning: gathers inside a node
 
 
 def communication_per_step(*, zero_stage: int, parameters: int, trainable: int, micro_batches: int,
-                           param_bytes: int = BYTES_PER_PARAM_BF16) -> Communication:
+                           param_bytes: int = BYTES_PER_PARAM_BF16, hpz: bool = False,
+                           quantized_weights: bool = False, quantized_gradients: bool = False) -> Communication:
     """Bytes of the ZeRO stage's collectives per optimizer step (see the module docstring)."""
     m = max(1, micro_batches)
     params, grads = parameters * param_bytes, trainable * param_bytes
@@ -147,8 +163,15 @@ def communication_per_step(*, zero_stage: int, parameters: int, trainable: int, 
         return Communication((m + 1) * grads, f"gradients reduce-scattered in each of {m} micro-batches + "
                                                "params all-gathered once (ZeRO-2)")
     if zero_stage == 3:
-        return Communication(m * (2 * params + grads), f"per micro-batch ({m}): params all-gathered in forward "
-                                                       "and backward + gradients reduce-scattered (ZeRO-3)")
+        forward = params * (0.5 if quantized_weights else 1.0)
+        backward = 0.0 if hpz else params
+        reduce = grads * (0.25 if quantized_gradients else 1.0)
+        extras = [name for on, name in ((quantized_weights, "int8 weights"), (hpz, "backward gather inside the node"),
+                                        (quantized_gradients, "int4 gradients")) if on]
+        return Communication(m * (forward + backward + reduce),
+                             f"per micro-batch ({m}): params all-gathered in forward and backward + gradients "
+                             "reduce-scattered (ZeRO-3" + (f", ZeRO++: {', '.join(extras)})" if extras else ")"),
+                             bytes_within_node_per_step=m * params if hpz else 0.0)
     return Communication(0.0, "no ZeRO collectives")
 
 
@@ -207,9 +230,12 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
                       tokens_per_micro_batch: int, trainable: int | None = None,
                       intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS,
                       inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS, overlap: float = COMM_OVERLAP,
-                      table: list[MfuEntry] | None = None, achieved_mfu: float | None = None) -> TimeEstimate:
+                      table: list[MfuEntry] | None = None, achieved_mfu: float | None = None,
+                      hpz: bool = False, quantized_weights: bool = False,
+                      quantized_gradients: bool = False) -> TimeEstimate:
     """Step time of a job. `gpu` must be in the catalog (its peak); `trainable` defaults to every
-    parameter (full fine-tuning); `achieved_mfu` overrides the table's figure."""
+    parameter (full fine-tuning); `achieved_mfu` overrides the table's figure; hpz and the
+    quantized flags are the recipe's ZeRO++ keys."""
     spec = lookup_gpu(gpu)
     if spec is None:
         raise ValueError(f"unknown GPU {gpu!r}: its peak FLOP/s is needed for a time estimate")
@@ -217,7 +243,8 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
         raise ValueError(f"overlap must be in [0, 1) (got {overlap})")
     chosen = lookup_achieved_mfu(table if table is not None else load_mfu_table(), gpu=gpu,
                                  hidden=shape.hidden_size, zero_stage=zero_stage,
-                                 gradient_checkpointing=gradient_checkpointing)
+                                 gradient_checkpointing=gradient_checkpointing,
+                                 tokens_per_gpu_step=tokens_per_step / world_size)
     if achieved_mfu is not None:
         chosen = ChosenMfu(achieved_mfu, chosen.entry, ("given, not from the table",))
     fpt = flops_per_token(matmul_params=shape.matmul_parameter_count(), layers=shape.num_hidden_layers,
@@ -227,10 +254,13 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
     comm = communication_per_step(
         zero_stage=zero_stage, parameters=parameters, trainable=parameters if trainable is None else trainable,
         micro_batches=micro_batches_per_step(tokens_per_step=tokens_per_step, world_size=world_size,
-                                             tokens_per_micro_batch=tokens_per_micro_batch))
+                                             tokens_per_micro_batch=tokens_per_micro_batch),
+        hpz=hpz, quantized_weights=quantized_weights, quantized_gradients=quantized_gradients)
     nodes = max(1, math.ceil(world_size / gpus_per_node))
     bus = bus_bandwidth_gbps(nodes=nodes, intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps)
-    comm_s = collective_seconds(comm.bytes_per_step, world_size=world_size, bus_gbps=bus)
+    comm_s = (collective_seconds(comm.bytes_per_step, world_size=world_size, bus_gbps=bus)
+              + collective_seconds(comm.bytes_within_node_per_step, world_size=min(world_size, gpus_per_node),
+                                   bus_gbps=intra_node_gbps))
     exposed = max(comm_s * (1 - overlap), comm_s - compute)
     return TimeEstimate(compute_s=compute, communication_s=comm_s, exposed_communication_s=exposed,
                         step_s=compute + exposed, tokens_per_step=tokens_per_step, world_size=world_size,

@@ -2,14 +2,14 @@
 
 Worker: `Heartbeat` is a daemon thread that prints one line every few seconds,
 
-    clustertune-heartbeat rank=R step=S phase=P
+    clustertune-heartbeat rank=R step=S phase=P      (clustertune.contract.heartbeat_line)
 
 through the rank's stdout, which rankexec prefixes and the launcher already reads (no shared
 filesystem needed). The thread keeps beating while the main thread waits inside a collective
 (torch releases the GIL there), so a beat that stops means the process is stopped (SIGSTOP),
 dead, or its node unreachable; a step that stops advancing means the run is stuck.
 
-Launcher: `StallMonitor` gets those beats (via cluster.launch.OutputRouter) and, after
+Launcher: `StallMonitor` gets those beats (via supervisor.OutputRouter) and, after
 run.stall_timeout_s, names the rank whose heartbeat went silent (the stuck one), or, when every
 rank beats but no step completes, the run's stuck step and the rank(s) behind. The launcher then
 stops every process of the run.
@@ -23,16 +23,15 @@ Standard library only: the launcher side imports this module and must never impo
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-HEARTBEAT_TAG = "clustertune-heartbeat"
+from clustertune.contract import FAULT_ENV, heartbeat_line
+
 STALL_EXIT_CODE = 3
-HEARTBEAT_RE = re.compile(HEARTBEAT_TAG + r" rank=(?P<rank>\d+) step=(?P<step>\d+) phase=(?P<phase>\w+)")
 PROGRESS_PHASES = ("train",)  # phases where a step must complete within the timeout
 
 
@@ -54,7 +53,7 @@ class Heartbeat:
         self.exit_on_stall = exit_on_stall
         self._write = write or _write_stdout
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="clustertune-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rank-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
         self._thread.start()
@@ -68,12 +67,9 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
 
-    def _line(self) -> str:
-        return f"{HEARTBEAT_TAG} rank={self.rank} step={self.step} phase={self.phase}"
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._write(self._line())
+            self._write(heartbeat_line(self.rank, self.step, self.phase))
             idle = time.monotonic() - self.progress_at
             if self.exit_on_stall and self.phase in PROGRESS_PHASES and idle > 2 * self.timeout:
                 self._write(f"clustertune-stall rank={self.rank}: no step progress for {idle:.0f} s at step "
@@ -154,18 +150,10 @@ def _who(rank: int, s: _RankState) -> str:
     return f"rank {rank} on {s.node}" if s.node else f"rank {rank}"
 
 
-def parse_heartbeat(text: str) -> tuple[int, int, str] | None:
-    m = HEARTBEAT_RE.search(text)
-    return (int(m["rank"]), int(m["step"]), m["phase"]) if m else None
-
-
 # ------------------------------------------------------------------- fault injection (TEST-ONLY)
 
-FAULT_ENV = "CLUSTERTUNE_FAULT"
-SAVE_POINTS = ("before_shards", "after_shards", "after_barrier")
 
-
-def fault_point(point: str, *, rank: int, step: int) -> None:
+def fault_point(point: str, *, rank: int, step: int) -> bool:
     """TEST-ONLY hook for the fault-injection tests (tests/cluster/test_faults*.py,
     tests/integration/test_resume.py); a no-op unless CLUSTERTUNE_FAULT is set to
 
@@ -175,18 +163,30 @@ def fault_point(point: str, *, rank: int, step: int) -> None:
       written, before the completion marker);
     * sleep:<point>:<rank>:<seconds>: that rank sleeps there (points data_preparation and
       universal_conversion: one process's work that outlasts run.collective_timeout_s, as
-      tokenizing a large dataset or converting a 32B checkpoint does).
+      tokenizing a large dataset or converting a 32B checkpoint does);
+    * nan:<point>:<rank>:<first>[-<last>]: returns True at that point of those (1-based) optimizer
+      steps, and the caller makes its value NaN (point loss: the rank's first micro-batch loss of
+      the step, so the step's loss and gradients are non-finite; tests of the non-finite guard).
+
+    Returns False except where a `nan` fault applies.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return False
     kind, _, rest = spec.partition(":")
     want_point, want_rank, value = (rest.split(":") + ["", "", ""])[:3]
     if want_point != point or str(rank) != want_rank:
-        return
+        return False
+    if kind == "nan":
+        first, _, last = value.partition("-")
+        if int(first) <= step <= int(last or first):
+            _write_stdout(f"fault injection: rank {rank} makes its {point} NaN at step {step}")
+            return True
+        return False
     if kind == "kill_during_save" and str(step) == value:
         _write_stdout(f"fault injection: rank {rank} SIGKILLs itself at {point} of the step-{step} save")
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "sleep":
         _write_stdout(f"fault injection: rank {rank} sleeps {value} s at {point}")
         time.sleep(float(value))
+    return False

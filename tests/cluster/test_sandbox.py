@@ -76,3 +76,34 @@ def test_sandbox_refuses_bad_names():
         Sandbox("bad name;x")
     with pytest.raises(SandboxError, match="unknown sandbox node"):
         Sandbox("ok", 2, legacy=("node7",))
+
+
+def test_sandbox_gpu_nodes_cli(tmp_path):
+    """--gpus-per-node on a machine with too few GPUs is one error naming the arithmetic and leaves
+    nothing; with enough (CUDA_VISIBLE_DEVICES stands in for nvidia-smi here) each node gets its
+    own GPUs in its shell and in the cluster file, with its own NCCL host id, and --sshd/--env apply."""
+    import os
+    from clustertune.cluster.inventory import load_cluster
+    from clustertune.cluster.sandbox import find_sshd
+    cli = [sys.executable, "-m", "clustertune.cli", "sandbox"]
+    name = f"t{uuid.uuid4().hex[:8]}"
+    few = subprocess.run(cli + ["up", "--name", name, "--gpus-per-node", "2"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0,1"))
+    assert few.returncode == 1 and "needs 4 GPUs; this machine has 2 (0,1)" in few.stderr, few.stderr
+    assert not (ROOT / name).exists()
+    try:
+        up = subprocess.run(cli + ["up", "--name", name, "--gpus-per-node", "2", "--sshd", find_sshd(),
+                                   "--env", "CT_SHELL=yes"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, CUDA_VISIBLE_DEVICES="4,5,6,7"))
+        assert up.returncode == 0, up.stderr
+        assert "GPUs 6,7" in up.stdout
+        cluster = load_cluster(ROOT / name / "cluster.toml")
+        assert cluster.accelerator == "gpu" and [n.slots for n in cluster.nodes] == [2, 2]
+        assert [n.env["CUDA_VISIBLE_DEVICES"] for n in cluster.nodes] == ["4,5", "6,7"]
+        assert len({n.env["NCCL_HOSTID"] for n in cluster.nodes}) == 2 and all(n.nic == "eth0" for n in cluster.nodes)
+        ex = subprocess.run(cli + ["exec", "node2", "--name", name, "--", "sh", "-c",
+                                   "echo $CUDA_VISIBLE_DEVICES $CT_SHELL"], capture_output=True, text=True, timeout=30)
+        assert ex.stdout.split() == ["6,7", "yes"], ex.stdout + ex.stderr
+    finally:
+        down = subprocess.run(cli + ["down", "--name", name], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr

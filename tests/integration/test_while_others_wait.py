@@ -1,4 +1,4 @@
-"""engine.while_others_wait on 2 real gloo processes: waiting ranks outlast the training group's
+"""distributed.while_others_wait on 2 real gloo processes: waiting ranks outlast the training group's
 collective timeout while others work, and a failure anywhere reaches every rank as an error
 (PeerFailed on the ranks that did not fail), not a hang."""
 
@@ -20,7 +20,7 @@ SCENARIOS = [((0,), None), ((0,), 0), ((0, 1), 1)]
 def _rank_main(rank: int, init_file: str, results) -> None:
     import time
 
-    from clustertune.worker import engine
+    from clustertune.worker import distributed
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))
     outcomes = []
@@ -31,7 +31,7 @@ def _rank_main(rank: int, init_file: str, results) -> None:
                 raise ValueError("boom")
             return f"done by {rank}"
         try:
-            outcomes.append(engine.while_others_wait(work, works=rank in workers, timeout_s=60))
+            outcomes.append(distributed.while_others_wait(work, works=rank in workers, timeout_s=60))
         except Exception as err:  # noqa: BLE001 - recorded for the assertions
             outcomes.append(f"{type(err).__name__}: {err}")
     dist.barrier()  # the training group still works afterwards

@@ -147,3 +147,42 @@ def chat(*turns: str, system: str | None = None) -> dict:
     roles = ("user", "assistant")
     messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
     return {"messages": messages}
+
+
+def write_json_array(path: Path, records: list[Any], indent: int | None = 2) -> Path:
+    """The records as one JSON array; pretty-printed (one key per line) unless indent is None."""
+    path.write_text(json.dumps(records, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_table(path: Path, records: list[dict], kind: str = "parquet") -> Path:
+    """The records as a Parquet file, or an Arrow IPC stream (kind "arrow")."""
+    import pyarrow as pa
+    import pyarrow.ipc
+    import pyarrow.parquet
+
+    # One column per key of any record (from_pylist would take the first record's keys only);
+    # a record without the key holds null there, as in a real mixed table.
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    table = pa.Table.from_pydict({k: [r.get(k) for r in records] for k in keys})
+    if kind == "parquet":
+        pa.parquet.write_table(table, path)
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    return path
+
+
+def write_saved_dataset(directory: Path, records: list[dict], shards: int = 1) -> Path:
+    """The directory `datasets.Dataset.save_to_disk` writes, made without `datasets`: Arrow IPC
+    stream shards `data-0000i-of-0000n.arrow`, state.json listing them in order, dataset_info.json."""
+    directory.mkdir(parents=True)
+    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+    per_shard = -(-len(records) // shards)
+    for i, name in enumerate(names):
+        write_table(directory / name, records[i * per_shard:(i + 1) * per_shard], kind="arrow")
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0" * 16, "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (directory / "state.json").write_text(json.dumps(state))
+    (directory / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": {}}))
+    return directory

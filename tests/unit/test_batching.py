@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from clustertune.worker.batching import collate, pack_bins, plan_step, step_sample_indices, total_steps
+from clustertune.batch_math import batch_layout, total_steps
 from clustertune.config import TrainSection
-from clustertune.worker.engine import batch_layout
+from clustertune.worker.batching import collate, pack_bins, plan_step, step_sample_indices
 
 
 @dataclass
@@ -32,10 +32,10 @@ def test_each_step_covers_disjoint_samples_and_epochs_reshuffle():
 
 def test_unpacked_plan_splits_evenly():
     lengths = [5] * 8
-    plan = plan_step(0, list(range(8)), lengths=lengths, trained=[2] * 8, layout=layout(2), packing=False,
+    plan = plan_step(0, list(range(8)), lengths=lengths, units=[2] * 8, layout=layout(2), packing=False,
                      token_budget=0)
     assert plan.per_rank == (((0, 1), (2, 3)), ((4, 5), (6, 7)))
-    assert plan.trained_tokens == 16
+    assert plan.loss_units == 16
 
 
 def test_packing_bins_respect_budget_and_keep_every_sample():
@@ -50,7 +50,7 @@ def test_packing_bins_respect_budget_and_keep_every_sample():
 
 def test_packed_plan_gives_every_rank_the_same_number_of_micro_batches():
     lengths = [9, 9, 9, 1, 1]
-    plan = plan_step(0, list(range(5)), lengths=lengths, trained=[1] * 5, layout=layout(2, packing=True),
+    plan = plan_step(0, list(range(5)), lengths=lengths, units=[1] * 5, layout=layout(2, packing=True),
                      packing=True, token_budget=10)
     depths = {len(r) for r in plan.per_rank}
     assert depths == {plan.micro_batches_per_rank}

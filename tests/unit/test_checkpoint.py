@@ -125,9 +125,10 @@ def test_marker_content_and_resume_problems(tmp_path):
 
 
 def test_deepspeed_checkpoint_switches():
+    from clustertune.batch_math import batch_layout
     from clustertune.worker import engine
     r = recipe()
-    layout = engine.batch_layout(r.train, world_size=2, packing=False)
+    layout = batch_layout(r.train, world_size=2, packing=False)
     plain = engine.build_deepspeed_config(r.train, r.zero, layout=layout, precision="fp32", hidden_size=64)
     assert "checkpoint" not in plain
     both = engine.build_deepspeed_config(r.train, r.zero, layout=layout, precision="fp32", hidden_size=64,

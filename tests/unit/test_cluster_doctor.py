@@ -10,7 +10,9 @@ import sys
 import time
 
 from clustertune.cluster import remote_snippets
-from clustertune.cluster.doctor import CHECKS, Report, _row, _versions_cell, expected_disk_bytes, model_parameter_count
+from clustertune.cluster.doctor import (CHECKS, BandwidthResult, NodeFacts, Report, bandwidth_cells, bandwidth_command,
+                                       bandwidth_env, check_disk, comm_share_advice, expected_disk_bytes,
+                                       model_parameter_count, node_row, route_nic, versions_cell)
 from clustertune.cluster.inventory import cluster_from_dict
 from clustertune.cluster.remote import RemoteResult
 from clustertune.config import recipe_from_dict
@@ -38,31 +40,35 @@ def _conn(**over):
     return RemoteResult(True, d, 0, "")
 
 
-def row(node="gpu2", probe=None, conn=None, listen=None, recipe=None, cluster=CLUSTER):
-    report = Report(cluster, CHECKS)
-    r = _row(cluster, cluster.node(node), probe or _probe(), conn or _conn(), listen or {"bound": True},
-             VERSIONS, report, checks=CHECKS, python="/venv/bin/python", recipe=recipe, token_path="/work/.tok",
-             local=False)
-    return r, report
+def facts(node="gpu2", probe=None, conn=None, listen=None, recipe=None, cluster=CLUSTER) -> NodeFacts:
+    return NodeFacts(cluster, cluster.node(node), probe or _probe(), conn or _conn(), listen or {"bound": True},
+                     VERSIONS, "/venv/bin/python", recipe, "/work/.tok")
+
+
+def row(node="gpu2", **kw):
+    f = facts(node, **kw)
+    return node_row(f, CHECKS), f
 
 
 def test_all_green_master_row():
-    r, report = row("gpu1", probe=_probe(route={"dev": "eth0"}))
+    r, f = row("gpu1", probe=_probe(route={"dev": "eth0"}))
     assert {k: c.verdict for k, c in r.items() if c.verdict not in ("ok", "info", "skip")} == {}
-    assert report.nic_by_node["gpu1"] == "eth0"
+    assert route_nic(f) == "eth0"
+    assert r["disk"].verdict == r["bandwidth"].verdict == "skip"  # filled once every node answered
 
 
 def test_wrong_interface_name_is_blocking_with_fix():
-    r, report = row("gpu2")
+    r, f = row("gpu2")
     assert r["nic"].verdict == "fail" and "eth9" in r["nic"].detail and 'nic = "eth0"' in r["nic"].fix
+    assert route_nic(f) is None
 
 
 def test_version_mismatch_names_both_versions():
-    cell = _versions_cell(dict(VERSIONS, torch="2.0.0"), VERSIONS, False, "gpu1")
+    cell = versions_cell(dict(VERSIONS, torch="2.0.0"), VERSIONS, False, "gpu1")
     assert cell.verdict == "fail" and "torch 2.0.0 (master gpu1: 2.5.1)" in cell.detail
     assert "torch==2.5.1" in cell.fix
-    assert _versions_cell(dict(VERSIONS, deepspeed=None), VERSIONS, False, "gpu1").verdict == "fail"
-    assert _versions_cell(VERSIONS, VERSIONS, False, "gpu1").verdict == "ok"
+    assert versions_cell(dict(VERSIONS, deepspeed=None), VERSIONS, False, "gpu1").verdict == "fail"
+    assert versions_cell(VERSIONS, VERSIONS, False, "gpu1").verdict == "ok"
 
 
 def test_unreachable_node_only_ssh_fails_rest_skipped():
@@ -127,14 +133,87 @@ def test_model_parameter_count(tmp_path):
 
 
 def test_disk_failure_with_recipe(tmp_path):
-    from clustertune.cluster.doctor import _disk_cells
     recipe = recipe_from_dict({"model": {"path": "tiny"}, "data": {"train_files": ["train.jsonl"]},
                                "checkpoint": {"every_steps": 10, "keep_last": 2}, "train": {"max_steps": 5}})
-    report = Report(CLUSTER, CHECKS)
-    report.rows = {"gpu1": {}, "gpu2": {}}
-    probes = {"gpu1": _probe(disk={"path": "/w", "free": 10}), "gpu2": _probe(disk={"path": "/w", "free": 500 * GIB})}
-    _disk_cells(report, CLUSTER, probes, recipe, CLUSTER.nodes)
-    assert report.rows["gpu1"]["disk"].verdict == "fail" and report.rows["gpu2"]["disk"].verdict == "ok"
+    params = model_parameter_count("tiny")
+    full = facts("gpu1", probe=_probe(disk={"path": "/w", "free": 10}), recipe=recipe)
+    roomy = facts("gpu2", probe=_probe(disk={"path": "/w", "free": 500 * GIB}), recipe=recipe)
+    assert check_disk(full, params=params, shared_fs=True).verdict == "fail"
+    assert check_disk(roomy, params=params, shared_fs=True).verdict == "ok"
+    assert check_disk(full, params=None, shared_fs=True).short.endswith("free")
+
+
+# ------------------------------------------------------------------- interconnect
+
+SANDBOX = cluster_from_dict({"name": "sb", "accelerator": "gpu", "nodes": [
+    {"name": "node1", "address": "10.0.0.1", "slots": 2, "env": {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_HOSTID": "a"}},
+    {"name": "node2", "address": "10.0.0.2", "slots": 2, "env": {"CUDA_VISIBLE_DEVICES": "2,3", "NCCL_HOSTID": "b"}}]})
+MEASURED = {"backend": "nccl", "world_size": 4, "nodes": 2, "size_bytes": 128 * 2**20, "allreduce_gbs": 2.7,
+            "allgather_gbs": 2.5, "intra_allreduce_gbs": {"0": 140.0, "1": 139.0}, "device": "NVIDIA H100 80GB HBM3"}
+
+
+def test_bandwidth_env_is_what_the_ranks_of_that_node_get():
+    env = bandwidth_env(SANDBOX.node("node2"), "eth0", {"NCCL_NVLS_ENABLE": "0", "NCCL_DEBUG": "x;y", "HOME": "/r",
+                                                        "NCCL_HOSTID": "launching-shell"})
+    assert env == {"NCCL_NVLS_ENABLE": "0", "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0",
+                   "NCCL_HOSTID": "b", "CUDA_VISIBLE_DEVICES": "2,3"}  # unsafe NCCL_DEBUG value dropped
+    cmd = bandwidth_command(python="/venv/bin/python", env=env, nnodes=2, node_rank=1, nproc=2,
+                            master_addr="10.0.0.1", master_port=29500, backend="nccl", size_mb=128, timeout=60)
+    assert cmd.startswith("env NCCL_NVLS_ENABLE=0 ") and "CUDA_VISIBLE_DEVICES=2,3 /venv/bin/python -m " in cmd
+    assert "clustertune.worker.bandwidth --nnodes 2 --node-rank 1 --nproc 2" in cmd
+
+
+def test_bandwidth_cells_and_render():
+    ok = BandwidthResult("nccl", 2, MEASURED)
+    cells = bandwidth_cells(ok, SANDBOX)
+    assert cells["node1"].verdict == cells["node2"].verdict == "ok" and cells["node2"].short == "139.0GB/s"
+    report = Report(SANDBOX, CHECKS)
+    report.rows = {"node1": {"bandwidth": cells["node1"]}, "node2": {"bandwidth": cells["node2"]}}
+    report.bandwidth = ok
+    text = report.render()
+    assert "across all nodes: all-reduce 2.70 GB/s, all-gather 2.50 GB/s" in text
+    assert "inside each node (all-reduce): node1 140.00 GB/s, node2 139.00 GB/s" in text
+    failed = bandwidth_cells(BandwidthResult("nccl", 2, error="node2: exit 1: ncclSystemError"), SANDBOX)
+    assert failed["node1"].verdict == "fail" and "ncclSystemError" in failed["node1"].detail
+    assert "ephemeral TCP ports" in failed["node1"].fix and failed["node2"].verdict == "skip"
+
+
+def test_slow_link_warns_with_the_zeropp_keys():
+    recipe = recipe_from_dict({"model": {"path": "qwen2.5-7b"}, "data": {"train_files": ["t.jsonl"], "packing": True,
+                                                                         "max_length": 4096},
+                               "train": {"max_steps": 5, "micro_batch_tokens": 4096}, "zero": {"stage": 3}})
+    advice, note = comm_share_advice(MEASURED, recipe, SANDBOX)
+    assert advice and "zero.hpz_partition_size = 2" in advice and "quantized_weights" in advice
+    assert "traffic between nodes" in note
+    cells = bandwidth_cells(BandwidthResult("nccl", 2, MEASURED, advice=advice), SANDBOX)
+    assert cells["node1"].verdict == "warn" and "hpz_partition_size" in cells["node1"].fix
+    fast = dict(MEASURED, allreduce_gbs=400.0)
+    assert comm_share_advice(fast, recipe, SANDBOX)[0] is None
+    assert comm_share_advice(dict(MEASURED, device="cpu"), recipe, SANDBOX)[0] is None
+    assert comm_share_advice(MEASURED, None, SANDBOX)[0] is None
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    from clustertune.worker.bandwidth import bus_bandwidth_gbs
+    assert bus_bandwidth_gbs("allreduce", 10**9, 1.0, 2) == 1.0  # 2(n-1)/n = 1
+    assert bus_bandwidth_gbs("allgather", 10**9, 1.0, 4) == 0.75  # (n-1)/n
+    assert bus_bandwidth_gbs("allreduce", 10**9, 1.0, 1) == 0.0
+
+
+def test_bandwidth_worker_two_local_nodes_over_gloo(tmp_path):
+    """Two 'nodes' of one rank each on loopback, as the doctor starts them: rank 0 reports GB/s."""
+    from clustertune.worker.bandwidth import parse_result
+    port = str(29000 + os.getpid() % 1000)
+    argv = [sys.executable, "-m", "clustertune.worker.bandwidth", "--nnodes", "2", "--nproc", "1", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--backend", "gloo", "--size-mb", "1", "--iters", "2",
+            "--timeout", "30"]
+    procs = [subprocess.Popen(argv[:3] + ["--node-rank", str(k)] + argv[3:], stdout=subprocess.PIPE, text=True,
+                              cwd=tmp_path) for k in (0, 1)]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    data = parse_result(outs[0])
+    assert data["world_size"] == 2 and data["nodes"] == 2 and data["allreduce_gbs"] > 0 and data["allgather_gbs"] > 0
+    assert parse_result(outs[1]) is None  # only rank 0 reports
 
 
 # ------------------------------------------------------------------- snippets, locally

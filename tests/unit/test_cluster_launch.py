@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from clustertune.cluster.inventory import cluster_from_dict, load_cluster
-from clustertune.cluster.launch import (EnvSelection, LaunchError, OutputRouter, build_run_env, check_safe_path,
-                                        deepspeed_command, env_file_text, resolve_recipe, runner_env, select_env,
-                                        slurm_script, torchrun_command, torchrun_node_script)
+from clustertune.cluster.launch import (EnvSelection, LaunchError, build_run_env, check_safe_path, deepspeed_command,
+                                        env_file_text, resolve_recipe, runner_env, select_env, slurm_script,
+                                        torchrun_command, torchrun_node_script)
+from clustertune.supervisor import OutputRouter
 from clustertune.cluster.rankexec import child_env, read_env_file
 from clustertune.config import recipe_from_dict
 
@@ -193,6 +194,10 @@ def test_output_router_prefixes_masks_and_detects_failure(tmp_path):
                   "WORLD INFO DICT\n[rank 0] train: 100% loss 1.0\n")
     assert not any("WORLD INFO" in s for s in shown)  # DeepSpeed's INFO lines: log only
     assert "hf_secretvalue" not in "".join(shown) and any(s.startswith("gpu1 r0") for s in shown)
+    # exit tags: in the logs (node and rank), not on the console (the run's summary says it)
+    assert not any("clustertune-rank-exit" in s for s in shown)
+    assert "clustertune-rank-exit rank=8" in (tmp_path / "gpu2.log").read_text()
+    assert (tmp_path / "rank8.log").read_text() == "clustertune-rank-exit rank=8 node=1 code=1 seconds=3.0\n"
     assert "runner.py" in (tmp_path / "launcher.log").read_text()
 
 
@@ -248,7 +253,7 @@ def test_cmd_launch_slurm_writes_job_and_private_secrets(tmp_path, monkeypatch, 
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_slurmsecret")
-    (tmp_path / "r.toml").write_text('[run]\nname = "sft"\noutput_dir = "runs/sft"\n[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 2\n')
+    (tmp_path / "r.toml").write_text('[run]\nname = "sft"\noutput_dir = "runs/sft"\n[data]\ntrain_files = ["train.jsonl"]\n[train]\nmax_steps = 2\nmicro_batch_size = 1\n')
     args = argparse.Namespace(recipe="r.toml", overrides=["train.lr=1e-4"], launcher="slurm", resume=False,
                               cluster=str(repo / "configs" / "cluster-example.toml"), skip_doctor=False)
     assert cmd_launch(args) == 0
@@ -292,3 +297,85 @@ def test_rankexec_prefixes_lines_and_reports_exit(tmp_path):
     for line in lines:
         assert re.match(r"^\[rank [01]\] (line \d+ x{200}|no newline at the end|clustertune-rank-exit .*)$", line), line
     assert "[rank 1] clustertune-rank-exit rank=1 node=0 code=4" in text
+
+
+# ------------------------------------------------------------------- the launch plan (pure)
+
+def _plan(launcher: str, *, cluster=CLUSTER, local: bool = False, environ=None, resume: bool = False, **kw):
+    from clustertune.cluster.launch import build_launch_plan
+    recipe = recipe_from_dict({"run": {"name": "sft", "output_dir": "/runs/sft", "env_passthrough": ["MY_TOKEN"]},
+                               "data": {"train_files": ["/data/train.jsonl"]}, "train": {"max_steps": 2}})
+    return build_launch_plan(recipe, cluster, launcher=launcher, local=local, resume=resume, run_id="rid0",
+                             environ=ENV if environ is None else environ, nics=["eth0", "eth0"], workdir="/work",
+                             python="/venv/bin/python", ssh_config=None if local else Path("/home/me/ssh_config"),
+                             cpu_count=8, **kw)
+
+
+def test_plan_deepspeed_one_runner_over_pdsh():
+    plan = _plan("deepspeed", resume=True)
+    (proc,) = plan.processes
+    assert proc.argv[:4] == ("/venv/bin/python", "-u", "-m", "deepspeed.launcher.runner") and "--force_multi" in proc.argv
+    assert proc.argv[-4:] == ("--env-file", "/runs/sft/launch/run.env", "/runs/sft/launch/recipe.toml", "--resume")
+    assert proc.node is None  # its lines carry pdsh's `node: ` prefix
+    assert proc.env["PDSH_SSH_ARGS_APPEND"] == "-F /home/me/ssh_config" and "CLUSTERTUNE_RUN_ID" not in proc.env
+    assert plan.command_text == shlex.join(proc.argv) + "\n"
+    # the env file: allow-listed, no secret values; the secrets only in what goes to the 0600 file
+    assert plan.run_env["CLUSTERTUNE_SECRETS_FILE"] == "/runs/sft/launch/secrets.env"
+    assert plan.run_env["GLOO_SOCKET_IFNAME"] == "eth0" and plan.run_env["CLUSTERTUNE_RUN_ID"] == "rid0"
+    assert plan.secrets == {"HF_TOKEN": "hf_secretvalue", "MY_TOKEN": "mytoken", "WANDB_API_KEY": "wandbsecret"}
+    files = {p.name: (text, mode) for p, text, mode in plan.staged_files()}
+    assert files["secrets.env"][1] == 0o600 and "HF_TOKEN=hf_secretvalue\n" in files["secrets.env"][0]
+    written = "".join(text for _p, text, _m in plan.run_files())
+    assert not any(s in written for s in ("hf_secretvalue", "mytoken", "wandbsecret", "awssecret"))
+    assert {p.name for p, _t, _m in plan.run_files()} == {"recipe.toml", "run.env", "hostfile", "cluster.toml",
+                                                           "command.txt"}
+    assert plan.info["secret_names"] == ["HF_TOKEN", "MY_TOKEN", "WANDB_API_KEY"] and plan.console == "node"
+    assert any("TORCH_EVIL" in n for n in plan.notes)
+
+
+def test_plan_deepspeed_on_this_machine_needs_no_ssh():
+    from clustertune.cluster.inventory import localhost_cluster
+    plan = _plan("deepspeed", cluster=localhost_cluster(2, "cpu", master_port=4000), local=True)
+    (proc,) = plan.processes
+    assert "--force_multi" not in proc.argv and proc.node == "localhost" and "PDSH_RCMD_TYPE" not in proc.env
+    assert "NCCL_SOCKET_IFNAME" not in plan.run_env  # loopback: the nodes' interfaces are not used
+    assert plan.run_env["OMP_NUM_THREADS"] == "4" and plan.run_env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_plan_torchrun_one_ssh_per_node():
+    plan = _plan("torchrun")
+    assert [p.node for p in plan.processes] == ["gpu1", "gpu2"]
+    second = plan.processes[1]
+    assert second.argv[:4] == ("ssh", "-F", "/home/me/ssh_config", "gpu2")
+    script = second.argv[4]
+    assert "--node-rank=1" in script and "CLUSTERTUNE_RUN_ID=rid0 exec" in script and "hf_secretvalue" not in script
+    assert plan.command_text.startswith("# gpu1\n") and "# gpu2\n" in plan.command_text
+
+
+def test_plan_slurm_starts_nothing():
+    plan = _plan("slurm")
+    assert plan.processes == () and "#SBATCH --nodes=2" in plan.sbatch_text
+    assert "job.sbatch" in {p.name for p, _t, _m in plan.run_files()}
+
+
+def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
+    from clustertune.cluster.inventory import localhost_cluster
+    environ = dict(ENV, CUDA_VISIBLE_DEVICES="2,3")
+    plan = _plan("local", cluster=localhost_cluster(2, "gpu", master_port=4000), local=True, environ=environ,
+                 terminal_columns=120)
+    r0, r1 = plan.processes
+    assert (r0.rank, r1.rank) == (0, 1) and r0.raw_stderr and not r1.raw_stderr and plan.console == "rank"
+    assert r0.argv == ("/venv/bin/python", "-u", "-m", "clustertune.cluster.rankexec", "--env-file",
+                       "/runs/sft/launch/run.env", "--raw-stderr", "/runs/sft/launch/recipe.toml")
+    assert "--raw-stderr" not in r1.argv
+    assert r1.env["RANK"] == "1" and r1.env["WORLD_SIZE"] == "2" and r1.env["MASTER_PORT"] == "4000"
+    assert r1.env["CLUSTERTUNE_RUN_ID"] == "rid0" and r1.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert r0.env["COLUMNS"] == "120" and "COLUMNS" not in r1.env
+    # the same allow-list as every launch: nothing of the shell beyond it, no secret in any env
+    for proc in plan.processes:
+        assert set(proc.env) - {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "COLUMNS", "GROUP_RANK"} <= {
+            "CLUSTERTUNE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+            "MASTER_PORT"}
+    assert "HF_TOKEN" not in plan.run_env and plan.secrets["HF_TOKEN"] == "hf_secretvalue"
+    with pytest.raises(LaunchError, match="local launcher"):
+        _plan("local")  # a cluster file's nodes are never started by the one-machine launcher

@@ -158,3 +158,79 @@ def test_shift_targets_with_several_ranges():
     sample, _ = fit(IDS, [(1, 10)], max_length=5, overlength="truncate")
     assert sample.targets == [11, 12, 13, 14, IGNORE_INDEX]
     assert sample.num_trained == 4
+
+
+# ------------------------------------------------------------------ over-long texts (issue 16 #13)
+
+class CountingTokenizer:
+    """A tokenizer that records the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.longest = 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max([self.longest, *(len(t) for t in ([text] if isinstance(text, str) else text))])
+        return self._tokenizer(text, **kwargs)
+
+
+LONG_CASES = {
+    "long answer": chat("q", "answer words " * 2000),
+    "long prompt, answer past the cut": chat("prompt " * 3000, "late answer"),
+    "long middle turn": chat("q", "a", "x" * 20000, "b", "q2", "last"),
+    "long answer then whitespace": chat("q", "y " * 5000 + " " * 3000),
+    "long system": chat("q", "a", system="rules " * 4000),
+    "several characters per token": chat("q", " assistant" * 3000),  # the first prefix tried is too short
+}
+
+
+@pytest.mark.parametrize("make_tokenizer", [chatml_tokenizer, bpe_chatml_tokenizer, r1_tokenizer])
+@pytest.mark.parametrize("overlength", ["truncate", "drop"])
+@pytest.mark.parametrize("case", sorted(LONG_CASES))
+def test_cut_before_tokenizing_gives_the_same_sample_and_fate(make_tokenizer, overlength, case):
+    """A text too long for max_length is tokenized only as far as needed, with exactly the
+    sample and fate (truncated / dropped) of tokenizing it whole."""
+    tok = CountingTokenizer(make_tokenizer())
+    encoder = ChatEncoder(tok)
+    rendered = encoder.render(LONG_CASES[case]["messages"])
+    max_length = 64
+    assert encoder.certainly_too_long(rendered, max_length)
+    whole = fit(*encoder.encode([rendered])[0], max_length=max_length, overlength=overlength)
+    tok.longest = 0
+    cut = fit(*encoder.encode([rendered], max_length=max_length)[0], max_length=max_length, overlength=overlength)
+    assert cut == whole
+    assert tok.longest < len(rendered.text)
+
+
+@pytest.mark.parametrize("overlength", ["truncate", "drop"])
+def test_too_long_but_short_text_is_tokenized_whole(overlength):
+    encoder = ChatEncoder(chatml_tokenizer())
+    rendered = encoder.render(chat("q", "z" * 1200)["messages"])  # over the bound, under the first prefix
+    assert encoder.certainly_too_long(rendered, 64)
+    assert encoder.encode([rendered], max_length=64) == encoder.encode([rendered])
+
+
+@pytest.mark.parametrize("make_tokenizer", [chatml_tokenizer, bpe_chatml_tokenizer])
+def test_a_text_that_may_fit_is_tokenized_whole(make_tokenizer):
+    tok = CountingTokenizer(make_tokenizer())
+    encoder = ChatEncoder(tok)
+    fits = encoder.render(chat("q", "b" * 300)["messages"])  # about 340 tokens
+    assert not encoder.certainly_too_long(fits, 400)
+    assert encoder.encode([fits], max_length=400) == encoder.encode([fits])
+    assert tok.longest == len(fits.text)
+
+
+def test_multi_megabyte_record_is_not_tokenized_whole():
+    """Issue 16 #13: one 10 MB line took 37 s and 3.6 GB to tokenize, then was dropped."""
+    tok = CountingTokenizer(chatml_tokenizer())
+    messages = chat("Summarize.", "word " * 1_000_000)["messages"]  # 5 MB
+    reference = tokenize_conversation(tok, chat("Summarize.", "word " * 20_000)["messages"], max_length=512,
+                                      overlength="truncate")
+    tok.longest = 0
+    sample = tokenize_conversation(tok, messages, max_length=512, overlength="truncate")
+    assert sample == reference and len(sample.input_ids) == 512
+    assert tok.longest < 50_000
+    assert tokenize_conversation(tok, messages, max_length=512, overlength="drop") is None

@@ -219,3 +219,17 @@ def test_launcher_check_reads_records_without_a_tokenizer(tmp_path):
     assert (report.valid, report.total_lines) == (3, 5)
     with pytest.raises(DataError, match="data file not found"):
         check_records(DataSection(train_files=[str(tmp_path / "missing.jsonl")]))
+
+
+def test_multi_megabyte_lines_are_counted_without_tokenizing_them_whole(tmp_path):
+    """Issue 16 #13: a 10 MB line took 37 s and 3.6 GB, to be dropped as over-long. Now it is
+    cut before tokenizing, and counted exactly as before: truncated, or dropped."""
+    from test_data_chat import CountingTokenizer
+
+    write_jsonl(tmp_path / "train.jsonl", [chat("Summarize.", "word " * 1_000_000), chat("text " * 1_000_000, "ok"),
+                                           chat("q", "short")])
+    tok = CountingTokenizer(chatml_tokenizer())
+    for overlength, counts in (("truncate", (1, 1, 2)), ("drop", (0, 2, 1))):
+        report = prepare(tmp_path, tokenizer=tok, max_length=512, overlength=overlength).report
+        assert (report.truncated, report.dropped_overlength, report.train_samples) == counts
+    assert tok.longest < 50_000

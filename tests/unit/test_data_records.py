@@ -69,7 +69,7 @@ INVALID = [
     (b'{"instruction": "\\ud800", "output": "y"}',
      "not UTF-8: instruction contains an unpaired UTF-16 surrogate escape"),
     (b'[1, 2]', "not an object: expected a JSON object per line, got an array"),
-    (b'{"prompt": "x"}', "missing field: expected 'messages' (messages format) or 'instruction' and 'output' "
+    (b'{"prompt": "x"}', "missing field: expected 'messages' (messages format), 'conversations' (ShareGPT) or 'instruction' and 'output' "
                          "(alpaca format); the record has keys: 'prompt'"),
     (b'{"instruction": "x"}', "missing field: no 'output' field"),
     (b'{"messages": [{"role": "user"}]}', "missing field: messages[0] has no 'content'"),

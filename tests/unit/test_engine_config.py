@@ -5,7 +5,8 @@ import math
 import pytest
 
 from clustertune.config import RecipeError, TrainSection, ZeroSection
-from clustertune.worker.engine import batch_layout, build_deepspeed_config, lr_multiplier
+from clustertune.batch_math import batch_layout, lr_multiplier
+from clustertune.worker.engine import build_deepspeed_config
 
 
 def train(**kw) -> TrainSection:

@@ -18,6 +18,7 @@ from clustertune.data import tokenize_conversation
 from clustertune.worker.evaluate import (best_step, eval_loss, eval_plan, generation_prompt, is_better, is_eval_step,
                                   last_turn, perplexity, resumed_best, template_headers)
 from clustertune.worker.model import TokenLossModel
+from clustertune.worker.objectives.sft import SupervisedFineTuning
 from clustertune.shapes import SHAPES
 from data_helpers import bpe_chatml_tokenizer, chatml_tokenizer, r1_tokenizer
 
@@ -99,7 +100,8 @@ def test_eval_loss_over_simulated_ranks_equals_one_pass(packing):
     lengths = [len(s.input_ids) for s in samples]
     for world in (1, 2, 3):
         plan = eval_plan(lengths, world_size=world, micro_batch_size=2, packing=packing, token_budget=32)
-        parts = [eval_loss(model, samples, plan[r], device=torch.device("cpu"), packing=packing, pad_id=0)
+        objective = SupervisedFineTuning(packing=packing, pad_id=0)
+        parts = [eval_loss(model, objective, samples, plan[r], device=torch.device("cpu"))
                  for r in range(world)]
         tokens = sum(t for _, t in parts)
         assert tokens == sum(s.num_trained for s in samples)

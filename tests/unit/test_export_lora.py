@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from clustertune.worker.checkpoint import _iter_full_parameters, _merge_lora, _write_safetensors_shards
+from clustertune.worker.export import _iter_full_parameters, _merge_lora, _write_safetensors_shards
 from clustertune.shapes import SHAPES
 
 
@@ -27,8 +27,8 @@ def test_lora_merge_matches_peft_merge_and_unload(tmp_path):
 
 
 def test_sharded_safetensors_load_with_from_pretrained(tmp_path, monkeypatch):
-    import clustertune.worker.checkpoint as ckpt
-    monkeypatch.setattr(ckpt, "SHARD_BYTES", 64 * 1024)  # force several shards from a tiny model
+    import clustertune.worker.export as export
+    monkeypatch.setattr(export, "SHARD_BYTES", 64 * 1024)  # force several shards from a tiny model
     lm = tiny_lm()
     _write_safetensors_shards(_iter_full_parameters(lm, zero_stage=0), tmp_path, dtype=torch.float32)
     lm.config.save_pretrained(tmp_path)

@@ -23,7 +23,7 @@ import pytest
 from clustertune.cluster.inventory import ClusterError, load_cluster
 from clustertune.config import DataSection, RecipeError, load_recipe
 from clustertune.data import DataError, prepare_dataset
-from clustertune.data.records import RecordError, parse_line
+from clustertune.data.records import RecordError, parse_line, parse_value
 from data_helpers import chatml_tokenizer
 
 SEED = 1234
@@ -119,9 +119,26 @@ def _mutate_once(rng: random.Random, line: bytes) -> bytes:
     return json.dumps(obj).encode()
 
 
-def _expected_counts(lines: list[bytes]) -> tuple[int, int]:
-    """(records, invalid) as the spec defines them: blank lines are not records; a BOM is
-    ignored on line 1 only; each line is judged alone (parse_line)."""
+def _expected_counts(lines: list[bytes]) -> tuple[int, int] | None:
+    """(records, invalid) as the spec defines them, or None where the whole file is an error.
+    A file whose first non-blank character is `[` is one JSON array (a syntax error anywhere
+    fails the file), unless its first line is a whole JSON value and non-blank lines follow.
+    Otherwise it is JSON Lines: blank lines are not records; a BOM is ignored on line 1 only;
+    each line is judged alone (parse_line). A file without records is an error."""
+    content = b"\n".join(lines).removeprefix(b"\xef\xbb\xbf")
+    first, _, rest = content.partition(b"\n")
+    if content.lstrip(b" \t\r\n").startswith(b"[") and not (rest.strip() and _is_json_value(first)):
+        try:
+            elements = json.loads(content)
+        except (ValueError, RecursionError):
+            return None
+        invalid = 0
+        for element in elements:
+            try:
+                parse_value(element, "auto")
+            except RecordError:
+                invalid += 1
+        return (len(elements), invalid) if elements else None
     records = invalid = 0
     for i, raw in enumerate(lines):
         if i == 0:
@@ -132,7 +149,17 @@ def _expected_counts(lines: list[bytes]) -> tuple[int, int]:
         except RecordError:
             invalid += 1
         records += 1
-    return records, invalid
+    return (records, invalid) if records else None
+
+
+def _is_json_value(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False
+    return True
 
 
 def _prepare(path: Path, cache: Path, tok, *, skip: bool, max_length: int = 96):
@@ -147,15 +174,22 @@ def _samples(prepared) -> list[tuple]:
 def _check_data_case(tmp: Path, name: str, lines: list[bytes], tok) -> str:
     path = tmp / f"{name}.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    records, invalid = _expected_counts(lines)
+    expected = _expected_counts(lines)
+    if expected is None:  # the file as a whole is unusable: one error naming it, skip_invalid or not
+        for skip in (False, True):
+            with deadline(), pytest.raises(DataError) as err:
+                _prepare(path, tmp / f"c-{skip}", tok, skip=skip)
+            assert str(path) in str(err.value), str(err.value)
+        return "unusable file"
+    records, invalid = expected
     with deadline():
         try:
             strict = _prepare(path, tmp / "c-strict", tok, skip=False)
         except DataError as err:
             msg = str(err)
             assert str(path) in msg or "no usable training samples" in msg, msg
-            if invalid:  # file:line: kind: detail
-                assert re.search(re.escape(str(path)) + r":\d+: ", msg), msg
+            if invalid:  # file:line: kind: detail (an array's element: file:line (record [i]): ...)
+                assert re.search(re.escape(str(path)) + r":\d+( \(record \[\d+\]\))?: ", msg), msg
         else:
             assert invalid == 0
             assert strict.report.total_lines == records

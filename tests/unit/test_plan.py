@@ -198,3 +198,12 @@ def test_invalid_inputs_are_clear_errors():
         r1_32b_job(world_size=0)
     with pytest.raises(PlanError, match="unknown LoRA target"):
         r1_32b_job(lora_rank=8, lora_targets=("qkv",))
+
+
+def test_unknown_host_ram_is_not_checked_and_said():
+    """Host RAM of other machines unknown (no --host-mem): every option passes the host check and
+    the reason says so, instead of judging the nodes by the launching machine."""
+    result = plan(r1_32b_job(host_mem_gib=None))
+    assert result.host_budget_gib is None
+    assert all(e.fits_host for e in result.estimates)
+    assert "host RAM not checked" in result.why()

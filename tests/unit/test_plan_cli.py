@@ -18,7 +18,7 @@ R1_RECIPE = ROOT / "configs" / "r1-distill-32b-2x8-h20.toml"
 H20_JOB = ["--nodes", "2", "--gpus-per-node", "8", "--gpu", "h20", "--host-mem", "1024"]
 
 SMALL_RECIPE = """\
-# a comment that --write drops (the .bak keeps it)
+# a comment that --write keeps
 [model]
 path = "qwen2.5-1.5b"
 [data]
@@ -52,8 +52,12 @@ def test_write_puts_recommendation_into_recipe_with_backup(tmp_path, capsys):
     path.write_text(SMALL_RECIPE)
     assert main(["plan", str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1",
                  "--host-mem", "256", "--write"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote zero.stage = 1, train.gradient_checkpointing = false into" in out
     assert (tmp_path / "small.toml.bak").read_text() == SMALL_RECIPE
+    # only the two changed values changed: the comment and every other line stay as written
+    assert path.read_text() == SMALL_RECIPE.replace("gradient_checkpointing = true", "gradient_checkpointing = false"
+                                                    ).replace("stage = 3", "stage = 1")
     written = load_recipe(path)
     assert (written.zero.stage, written.zero.offload_optimizer, written.zero.offload_params) == (1, False, False)
     assert written.train.gradient_checkpointing is False
@@ -139,3 +143,149 @@ def test_recipe_sub_group_size_shrinks_the_planned_zero3_step(tmp_path):
                       for overrides in ([], ["zero.sub_group_size=230000000"]))
     assert default.step_transient > 4 * small.step_transient
     assert small.allocated_peak < default.allocated_peak - 3
+
+
+def plan_main(*argv: str) -> int:
+    return main(["plan", *argv])
+
+
+def test_write_twice_keeps_every_backup_and_the_users_text(tmp_path, capsys):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_RECIPE)
+    one_gpu = ["--nodes", "1", "--gpus-per-node", "1", "--host-mem", "256"]
+    assert plan_main(str(path), "--gpu", "h100", *one_gpu, "--write") == 0
+    first = path.read_text()
+    # the same plan again: nothing to change, nothing written, no backup made
+    assert plan_main(str(path), "--gpu", "h100", *one_gpu, "--write") == 0
+    assert "already has the recommended settings: not written" in capsys.readouterr().out
+    assert path.read_text() == first and not (tmp_path / "small.toml.bak.1").exists()
+    # a smaller GPU changes the recommendation: the second write makes .bak.1, .bak stays the original
+    assert plan_main(str(path), "--gpu-mem", "24", *one_gpu, "--write") == 0
+    assert "previous version in" in capsys.readouterr().out and "small.toml.bak.1" in str(list(tmp_path.iterdir()))
+    assert (tmp_path / "small.toml.bak").read_text() == SMALL_RECIPE
+    assert (tmp_path / "small.toml.bak.1").read_text() == first
+    assert path.read_text().startswith("# a comment that --write keeps\n[model]\npath = \"qwen2.5-1.5b\"\n")
+    assert "lr =" not in path.read_text()  # defaults are not spelled out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--cluster", "c.toml", "--nodes", "4", "--gpu", "h20"], ["--cluster c.toml", "--nodes 4"]),
+    (["--cluster", "c.toml", "--gpus-per-node", "4", "--gpu", "h20"], ["--cluster c.toml", "--gpus-per-node 4"]),
+    (["--gpu", "h100", "--gpu-mem", "40", "--nodes", "1"], ["--gpu h100", "--gpu-mem 40"]),
+])
+def test_conflicting_flags_are_errors_naming_both(capsys, flags, named):
+    assert plan_main(str(R1_RECIPE), *flags) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in named) and "Traceback" not in err
+
+
+TINY_RECIPE = SMALL_RECIPE.replace("qwen2.5-1.5b", "tiny").replace("max_length = 2048", "max_length = 256").replace(
+    "micro_batch_tokens = 8192", "micro_batch_tokens = 1024")
+
+
+@pytest.mark.parametrize("topology", [["--cluster", "CLUSTER"], ["--nodes", "2", "--gpus-per-node", "8"]])
+def test_host_ram_of_other_machines_is_not_the_launchers(tmp_path, capsys, monkeypatch, topology):
+    """README's `plan ... --cluster cluster.toml --gpu h20` without --host-mem: the launching
+    machine's RAM says nothing about the nodes; the host check is skipped and the plan says so."""
+    fake = types.ModuleType("clustertune.cluster.inventory")
+    node = types.SimpleNamespace(slots=8)
+    fake.load_cluster = lambda path: types.SimpleNamespace(nodes=[node, node])
+    monkeypatch.setitem(sys.modules, "clustertune.cluster.inventory", fake)
+    # a launcher with 4 GiB of RAM: 8 ranks of the tiny model would "not fit" it
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PHYS_PAGES": 1 << 20, "SC_PAGE_SIZE": 4096}[name])
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    flags = [str(tmp_path / "c.toml") if f == "CLUSTER" else f for f in topology]
+    assert plan_main(str(path), *flags, "--gpu", "h20") == 0
+    out = capsys.readouterr().out
+    assert "host RAM: NOT CHECKED" in out and "pass --host-mem" in out
+    assert "no: host" not in out and "recommended: ZeRO-1" in out
+
+
+def test_host_ram_of_this_machine_is_used_when_the_plan_is_for_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("clustertune.plan_cli._local_gpu", lambda: (79.6, "H100 (this machine)", "h100"))
+    monkeypatch.setattr("clustertune.plan_cli.local_gpu_count", lambda: 1)
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PHYS_PAGES": 1 << 20, "SC_PAGE_SIZE": 4096}[name])
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    assert plan_main(str(path)) == 0
+    assert "host: 4 GiB/node [this machine's RAM]" in capsys.readouterr().out
+
+
+def test_nothing_fits_with_lora_on_does_not_advise_lora(tmp_path, capsys):
+    path = tmp_path / "lora72.toml"
+    path.write_text(SMALL_RECIPE.replace("qwen2.5-1.5b", "qwen2.5-72b") + "[lora]\nenabled = true\n")
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "1024") == 1
+    out = capsys.readouterr().out
+    assert "recommendation: none -- nothing fits" in out
+    assert "use LoRA" not in out
+    assert "LoRA is already on: its frozen bf16 base weights alone are 135 GiB" in out
+    assert "3 GPUs = 3 nodes x 1 of this size would fit (now 1)" in out
+
+
+def test_nothing_fits_without_lora_advises_it_and_the_gpu_count(tmp_path, capsys):
+    path = tmp_path / "full72.toml"
+    path.write_text(SMALL_RECIPE.replace("qwen2.5-1.5b", "qwen2.5-72b"))
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "8", "--host-mem", "256") == 1
+    out = capsys.readouterr().out
+    assert "use LoRA (lora.enabled = true)" in out
+    assert "24 GPUs = 3 nodes x 8 of this size would fit (now 8)" in out
+    assert "GiB of host RAM per node for ZeRO-3 + opt offload + ckpt (now 256" in out
+
+
+def test_seed_job_prints_a_time_estimate_with_its_assumptions(capsys):
+    assert plan_main(str(R1_RECIPE), *H20_JOB, "--samples", "100000", "--tokens-per-sample", "2000") == 0
+    out = capsys.readouterr().out
+    text = out[out.index("time estimate (ZeRO-3 + ckpt, 16 x h20):"):]
+    for expected in ("100,000 train samples [--samples]", "128,000 tokens (64 samples)",
+                     "no MFU measured on h20: borrowed from H100", "100 Gb/s between nodes [ASSUMED",
+                     "50% overlap ASSUMED", "3,124 steps (2 epochs x 100,000 samples / 64 per step)", "wall time: "):
+        assert expected in text, expected
+    faster = plan_main(str(R1_RECIPE), *H20_JOB, "--samples", "100000", "--tokens-per-sample", "2000",
+                       "--inter-node-gbps", "800")
+    assert faster == 0
+    fast_out = capsys.readouterr().out
+    assert "800 Gb/s between nodes [--inter-node-gbps]" in fast_out
+
+
+def test_time_estimate_says_what_is_missing(capsys):
+    assert plan_main(str(R1_RECIPE), *H20_JOB) == 0
+    assert "not made: tokens per sample unknown" in capsys.readouterr().out
+    assert plan_main(str(R1_RECIPE), "--nodes", "2", "--gpus-per-node", "8", "--gpu-mem", "95", "--host-mem",
+                     "1024", "--tokens-per-sample", "100") == 0
+    assert "not made: the GPU's peak FLOP/s is unknown" in capsys.readouterr().out
+
+
+def test_time_estimate_counts_and_measures_the_data_when_it_is_here(tmp_path, capsys):
+    import json
+    import shutil
+    model = tmp_path / "model"
+    model.mkdir()
+    from clustertune.shapes import SHAPES
+    (model / "config.json").write_text(json.dumps(SHAPES["tiny"].hf_config_dict()))
+    shutil.copy(ROOT / "src" / "clustertune" / "demo_assets" / "tokenizer" / "tokenizer.json", model)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "hello there " * 5},
+                                                        {"role": "assistant", "content": "general kenobi"}]})
+                              for _ in range(200)) + "\n")
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.replace('path = "tiny"', f'path = "{model}"').replace(
+        '"train.jsonl"', f'"{data}"').replace("max_steps = 10", "epochs = 1.0"))
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64") == 0
+    out = capsys.readouterr().out
+    assert "200 train samples [counted in data.train_files]" in out
+    assert "records tokenized with" in out and "12 steps (1 epochs x 200 samples / 16 per step)" in out
+
+
+def test_wall_time_needs_the_sample_count_and_says_so(tmp_path, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.replace("max_steps = 10", "epochs = 1.0").replace(
+        '"train.jsonl"', f'"{tmp_path / "missing.jsonl"}"'))
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64",
+                     "--tokens-per-sample", "100") == 0
+    out = capsys.readouterr().out
+    assert "wall time: unknown: the number of samples is unknown (" in out and "pass --samples N" in out
+    assert "step: " in out  # the step time stands without it
+    assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64",
+                     "--tokens-per-sample", "100", "--samples", "3") == 0
+    assert "wall time: unknown: the training set has 3 samples, fewer than one global batch" in capsys.readouterr().out

@@ -18,6 +18,7 @@ zero_stage = 2
 gradient_checkpointing = true
 mfu = 0.2
 tokens_per_s = 1
+tokens_per_gpu_step = 30000
 source = "test"
 
 [[measured]]
@@ -28,6 +29,7 @@ zero_stage = 3
 gradient_checkpointing = true
 mfu = 0.4
 tokens_per_s = 1
+tokens_per_gpu_step = 30000
 source = "test"
 """)
 
@@ -127,3 +129,46 @@ def test_unknown_gpu_has_no_estimate():
                                            (3 * 86400 + 7200, "3d02h")])
 def test_format_duration(seconds, text):
     assert timing.format_duration(seconds) == text
+
+
+def test_zeropp_moves_and_shrinks_zero3_traffic():
+    p = 1000
+    plain = timing.communication_per_step(zero_stage=3, parameters=p, trainable=p, micro_batches=1)
+    zpp = timing.communication_per_step(zero_stage=3, parameters=p, trainable=p, micro_batches=1, hpz=True,
+                                        quantized_weights=True, quantized_gradients=True)
+    assert plain.bytes_per_step == 3 * 2000
+    assert zpp.bytes_per_step == 0.75 * 2000  # the ZeRO++ paper's 0.75M across the job
+    assert zpp.bytes_within_node_per_step == 2000  # the backward gather, inside the node
+    kwargs = dict(gpu="h20", world_size=16, gpus_per_node=8, zero_stage=3, gradient_checkpointing=True,
+                  tokens_per_step=16 * 4096, t_eff=2048, tokens_per_micro_batch=4096, table=TABLE, inter_node_gbps=25)
+    slow = timing.estimate_run_time(R1_32B, **kwargs)
+    fast = timing.estimate_run_time(R1_32B, hpz=True, quantized_weights=True, quantized_gradients=True, **kwargs)
+    assert fast.communication_s < slow.communication_s / 3
+
+
+def test_far_fewer_tokens_per_gpu_step_than_measured_is_said():
+    chosen = timing.lookup_achieved_mfu(TABLE, gpu="h100", hidden=1536, zero_stage=2, gradient_checkpointing=True,
+                                        tokens_per_gpu_step=8_000)
+    assert any("30,000 tokens per GPU per step, the job has 8,000" in n and "optimistic" in n for n in chosen.notes)
+    near = timing.lookup_achieved_mfu(TABLE, gpu="h100", hidden=1536, zero_stage=2, gradient_checkpointing=True,
+                                      tokens_per_gpu_step=40_000)
+    assert near.notes == ()
+
+
+@pytest.mark.parametrize("shape, stage, tokens_per_step, t_eff, budget, measured_tokens_per_s", [
+    # shared/gpu/README.md "Two H100s, one host" (2026-11-26): W1 ZeRO-2, 32 samples per GPU per
+    # step (workload T_eff 1,402 over 64-sample steps), 50,407 tokens/s on 2 GPUs.
+    (W1, 2, 2 * 23_892, 1_402, 16_384, 50_407),
+    # W3 (7B width, 8 layers) ZeRO-3, 16 fixed 2048-token samples per GPU per step: 52,224 tokens/s.
+    ("qwen2.5-7b-8l", 3, 2 * 32_768, 2_048, 16_384, 52_224),
+])
+def test_estimate_is_within_25_percent_of_the_measured_two_gpu_runs(shape, stage, tokens_per_step, t_eff, budget,
+                                                                    measured_tokens_per_s):
+    import dataclasses
+    if isinstance(shape, str):
+        shape = dataclasses.replace(lookup_shape("qwen2.5-7b"), num_hidden_layers=8)
+    est = timing.estimate_run_time(shape, gpu="h100", world_size=2, gpus_per_node=2, zero_stage=stage,
+                                   gradient_checkpointing=True, tokens_per_step=tokens_per_step, t_eff=t_eff,
+                                   tokens_per_micro_batch=budget)
+    row = timing.compare_with_measured(est, measured_step_s=tokens_per_step / measured_tokens_per_s)
+    assert abs(row["error"]) < 0.25, row

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import time
 
-from clustertune.cluster.launch import OutputRouter
-from clustertune.watchdog import STALL_EXIT_CODE, Heartbeat, StallMonitor, fault_point, heartbeat_interval, parse_heartbeat
+from clustertune import contract
+from clustertune.supervisor import OutputRouter
+from clustertune.watchdog import STALL_EXIT_CODE, Heartbeat, StallMonitor, fault_point, heartbeat_interval
 
 
 def test_silent_rank_is_named_after_the_timeout():
@@ -51,8 +52,13 @@ def test_heartbeat_line_roundtrip_and_interval():
     lines = []
     hb = Heartbeat(rank=3, stall_timeout_s=30, write=lines.append, exit_on_stall=False)
     hb.beat(7, "train")
-    assert parse_heartbeat("[rank 3] " + hb._line()) == (3, 7, "train")
-    assert parse_heartbeat("loss 1.0") is None
+    hb.start()  # the first beat is written at once
+    deadline = time.monotonic() + 5
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hb.stop()
+    assert contract.parse_heartbeat("[rank 3] " + lines[0]) == contract.Heartbeat(3, 7, "train")
+    assert contract.parse_heartbeat("loss 1.0") is None
     assert heartbeat_interval(30) == 6 and heartbeat_interval(2) == 1 and heartbeat_interval(600) == 10
 
 

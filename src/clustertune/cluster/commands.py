@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--cluster", default="cluster.toml")
     doc.add_argument("--recipe", default=None, help="check the recipe's paths and disk needs too")
     doc.add_argument("--set", dest="overrides", action="append", default=[])
-    doc.add_argument("--fast", action="store_true", help="skip the mutual ssh matrix")
+    doc.add_argument("--fast", action="store_true", help="skip the mutual ssh matrix and the interconnect test")
     doc.add_argument("--timeout", type=int, default=10, help="ssh connect timeout, seconds")
 
     stop = sub.add_parser("stop", help="stop every process of a run on every node (e.g. after the launcher died)")
@@ -85,7 +85,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if a.recipe:
             from clustertune.config import load_recipe
             recipe = load_recipe(a.recipe, a.overrides)
-        report = doctor.run_doctor(cluster, recipe=recipe, mutual=not a.fast, connect_timeout=a.timeout)
+        report = doctor.run_doctor(cluster, recipe=recipe, mutual=not a.fast, connect_timeout=a.timeout,
+                                   bandwidth=not a.fast)
         print(report.render())
         return 0 if report.ok else 1
     return 2

@@ -1,7 +1,12 @@
-"""`clustertune launch`: one training run across the nodes of a cluster file.
+"""`clustertune launch` (and `clustertune train`): one training run, planned here, then executed by
+clustertune.supervisor.
 
     clustertune launch RECIPE --cluster cluster.toml [--launcher deepspeed|torchrun|slurm] [--resume]
     clustertune launch RECIPE                         # no cluster file: this machine, same path
+    clustertune train RECIPE [--nproc N]              # this machine, the `local` launcher
+
+A launch is first a `LaunchPlan`, a value built by `build_launch_plan` without side effects (env
+file, secrets, run files, the processes to start, per launcher), then `supervisor.run_plan(plan)`.
 
 deepspeed (default): the doctor's fast checks, then DeepSpeed's own launcher
     python -m deepspeed.launcher.runner --hostfile RUN/launch/hostfile --master_addr A --master_port P
@@ -10,6 +15,8 @@ deepspeed (default): the doctor's fast checks, then DeepSpeed's own launcher
   with pdsh using the per-cluster ssh config (PDSH_SSH_ARGS_APPEND="-F <ssh_config>").
 torchrun: one `ssh NODE 'cd WORKDIR && ... torch.distributed.run --nnodes --node-rank ...'` per node.
 slurm: writes RUN/launch/job.sbatch (srun + torchrun) for `sbatch`; nothing runs here.
+local (`train`): the supervisor starts `python -m clustertune.cluster.rankexec ...` per rank itself,
+  rank 0 with --raw-stderr so its live progress bar reaches the terminal.
 
 Environment. DeepSpeed's pdsh runner turns every variable it exports (its prefixes PYTHON*, NCCL*,
 UCX*, MV2*, MLFLOW* and each line of .deepspeed_env) into `export K=V;` text on the pdsh command
@@ -27,8 +34,9 @@ whose environment holds this run's id get SIGTERM, then SIGKILL (never a name-ba
 DeepSpeed's own handler, which would hit other runs); then the local launcher process group
 (started in its own session) is killed. A final sweep after every run leaves no orphans.
 
-Output: each line is shown as `node1 r0 | text` and saved in RUN/logs/<node>.log (launcher
-lines in RUN/logs/launcher.log), with known secret values masked.
+Output: each line is shown as `node1 r0 | text` (train: `[rank 0] text`) and saved in
+RUN/logs/<node>.log and RUN/logs/rank<N>.log (launcher lines in RUN/logs/launcher.log), with known
+secret values masked.
 """
 
 from __future__ import annotations
@@ -38,36 +46,39 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
+import shutil
 import sys
-import threading
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from clustertune.local import check_data_before_start, free_port, local_gpu_count
+from clustertune import contract
+from clustertune.cluster import node_env
 from clustertune.cluster.inventory import (Cluster, cluster_to_toml, hostfile_text, load_cluster,
                                           localhost_cluster)
-from clustertune.cluster import node_env
-from clustertune.cluster.rankexec import EXIT_TAG
+from clustertune.contract import env_file_text
 from clustertune.errors import UserError
-from clustertune.secrets import is_secret_name, secret_env, write_secrets_file
-from clustertune.watchdog import STALL_EXIT_CODE, StallMonitor, parse_heartbeat
+from clustertune.secrets import is_secret_name, secret_env, secrets_file_text
+from clustertune.gpus import local_gpu_count
+from clustertune.supervisor import RunProcesses, check_data_before_start, free_port, run_plan
 
 # ------------------------------------------------------------------------------- environment
 
 # Forwarded to every rank when set in the launching shell (plus recipe run.env_passthrough).
-ALLOW_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_",
-                  "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "CLUSTERTUNE_", "WANDB_")
+# The same list for every launch, `clustertune train` on one machine included.
+ALLOW_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "PYTORCH_", "CUDA_", "OMP_", "MKL_",
+                  "KMP_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "CLUSTERTUNE_", "WANDB_")
 ALLOW_NAMES = frozenset({"PYTHONPATH", "TMPDIR", "TZ"})
 # Decided per node by the launcher itself, never copied from the launching shell.
-DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", "CLUSTERTUNE_RUN_ID", "CLUSTERTUNE_SECRETS_FILE",
-                        "CLUSTERTUNE_NODE_NICS", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+DENY_NAMES = frozenset({"CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", contract.RUN_ID_ENV, contract.SECRETS_FILE_ENV,
+                        contract.NODE_NICS_ENV, contract.LOCAL_RANK, contract.RANK, contract.WORLD_SIZE,
+                        contract.LOCAL_WORLD_SIZE, contract.MASTER_ADDR, contract.MASTER_PORT,
                         # each node's own checkpoint directory (no shared filesystem), set on that node
-                        "CLUSTERTUNE_NODE_LOCAL_DIR"})
+                        contract.NODE_LOCAL_DIR_ENV})
+# What the processes started here (DeepSpeed's runner, ssh, the ranks of `train`) get from the
+# launching session besides the env file: enough to run the same Python, nothing else.
+SESSION_NAMES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM")
 # Characters DeepSpeed's add_export leaves unquoted, plus space (quoted by it, and inert inside "...").
 SAFE_VALUE_RE = re.compile(r"^[\w@%+=:,./ -]*$")
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
@@ -131,10 +142,10 @@ def build_run_env(sel: EnvSelection, *, run_id: str, cpu: bool, nics: list[str |
             env.setdefault("NCCL_SOCKET_IFNAME", nics[0])  # type: ignore[arg-type]
             env.setdefault("GLOO_SOCKET_IFNAME", nics[0])  # type: ignore[arg-type]
         else:  # per node, by node rank; rankexec picks its own
-            env["CLUSTERTUNE_NODE_NICS"] = ",".join(nics)  # type: ignore[arg-type]
-    env["CLUSTERTUNE_RUN_ID"] = run_id
+            env[contract.NODE_NICS_ENV] = ",".join(nics)  # type: ignore[arg-type]
+    env[contract.RUN_ID_ENV] = run_id
     if secrets_path:
-        env["CLUSTERTUNE_SECRETS_FILE"] = secrets_path
+        env[contract.SECRETS_FILE_ENV] = secrets_path
     env.setdefault("PYTHONUNBUFFERED", "1")
     for name, value in env.items():
         if is_secret_name(name):
@@ -142,11 +153,6 @@ def build_run_env(sel: EnvSelection, *, run_id: str, cpu: bool, nics: list[str |
         if not SAFE_VALUE_RE.match(value) or "\n" in value:
             raise LaunchError(f"{name}={value!r} would be interpreted by a remote shell")
     return env
-
-
-def env_file_text(env: Mapping[str, str]) -> str:
-    """DeepSpeed's DS_ENV_FILE format: bare NAME=VALUE lines, no comments or blank lines."""
-    return "".join(f"{k}={v}\n" for k, v in env.items())
 
 
 def check_safe_path(path: str, what: str) -> str:
@@ -192,6 +198,10 @@ class RunFiles:
         return self.launch_dir / "job.sbatch"
 
     @property
+    def command(self) -> Path:
+        return self.launch_dir / "command.txt"
+
+    @property
     def info(self) -> Path:
         return self.launch_dir / "run.json"
 
@@ -209,9 +219,7 @@ def resolve_recipe(recipe: Any, workdir: str, *, cpu: bool) -> Any:
         "model": recipe.model.model_copy(update={"path": absolute(recipe.model.path),
                                                  **({"tokenizer": absolute(recipe.model.tokenizer)}
                                                     if recipe.model.tokenizer else {})}),
-        "data": recipe.data.model_copy(update={
-            "train_files": [absolute(p) for p in recipe.data.train_files],
-            "eval_files": [absolute(p) for p in recipe.data.eval_files],
+        "data": recipe.data.with_paths(absolute).model_copy(update={
             **({"cache_dir": os.path.abspath(os.path.join(workdir, recipe.data.cache_dir))}
                if recipe.data.cache_dir else {})}),
     }
@@ -222,7 +230,7 @@ def resolve_recipe(recipe: Any, workdir: str, *, cpu: bool) -> Any:
 
 # ------------------------------------------------------------------------- launcher commands
 
-WORKER_WRAPPER = "clustertune.cluster.rankexec"
+WORKER_WRAPPER = contract.RANK_WRAPPER_MODULE
 
 
 def deepspeed_command(*, python: str, hostfile: str, master_addr: str, master_port: int, env_file: str,
@@ -236,6 +244,12 @@ def deepspeed_command(*, python: str, hostfile: str, master_addr: str, master_po
     return cmd + (["--resume"] if resume else [])
 
 
+def rank_command(*, python: str, env_file: str, recipe: str, resume: bool, raw_stderr: bool) -> list[str]:
+    """One rank's wrapper, started by our own supervisor (the `local` launcher)."""
+    cmd = [python, "-u", "-m", WORKER_WRAPPER, "--env-file", env_file] + (["--raw-stderr"] if raw_stderr else [])
+    return cmd + [recipe] + (["--resume"] if resume else [])
+
+
 def runner_env(environ: Mapping[str, str], run_env: Mapping[str, str], *, env_file: str,
                ssh_config: str | None) -> dict[str, str]:
     """Minimal environment for DeepSpeed's runner: what it needs, never the user's secrets.
@@ -244,8 +258,8 @@ def runner_env(environ: Mapping[str, str], run_env: Mapping[str, str], *, env_fi
     CLUSTERTUNE_RUN_ID is left out on purpose: the processes that carry it are the ones a stop
     sends SIGTERM to, and the runner must never get SIGTERM (its handler runs `pkill -f` on every
     node); it and its pdsh/ssh children are SIGKILLed as a process group instead."""
-    env = {k: environ[k] for k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM") if k in environ}
-    env.update({k: v for k, v in run_env.items() if k != "CLUSTERTUNE_RUN_ID"})
+    env = {k: environ[k] for k in SESSION_NAMES if k in environ}
+    env.update({k: v for k, v in run_env.items() if k != contract.RUN_ID_ENV})
     env["DS_ENV_FILE"] = env_file
     if ssh_config is not None:
         env["PDSH_RCMD_TYPE"] = "ssh"
@@ -275,7 +289,7 @@ def torchrun_command(*, python: str, nnodes: int, nproc: int, node_rank: int | s
 def torchrun_node_script(*, workdir: str, run_id: str, command: list[str]) -> str:
     """The remote shell text for one node: every piece quoted; no value of the environment file
     appears here (rankexec reads it), only the run id that marks the run's processes."""
-    return f"cd {shlex.quote(workdir)} && CLUSTERTUNE_RUN_ID={shlex.quote(run_id)} exec {_sh(command)}"
+    return f"cd {shlex.quote(workdir)} && {contract.RUN_ID_ENV}={shlex.quote(run_id)} exec {_sh(command)}"
 
 
 def slurm_script(*, cluster: Cluster, python: str, workdir: str, run_name: str, run_id: str, env_file: str,
@@ -305,7 +319,7 @@ def slurm_script(*, cluster: Cluster, python: str, workdir: str, run_name: str, 
         f"#SBATCH --output={logs_dir}/slurm-%j.out",
         "set -euo pipefail",
         f"cd {shlex.quote(workdir)}",
-        f"export CLUSTERTUNE_RUN_ID={shlex.quote(run_id)}",
+        f"export {contract.RUN_ID_ENV}={shlex.quote(run_id)}",
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "# one torchrun per node; --kill-on-bad-exit stops every node when one rank fails",
         "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --label \\",
@@ -315,176 +329,187 @@ def slurm_script(*, cluster: Cluster, python: str, workdir: str, run_name: str, 
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ output routing
+# ------------------------------------------------------------------------------ the launch plan
 
-_PDSH_LINE = re.compile(r"^(?P<node>[A-Za-z0-9][A-Za-z0-9_.-]*): (?P<rest>.*)$")
-_PDSH_EXIT = re.compile(r"^pdsh@[^:]*: (?P<node>[^:]+): ssh exited with exit code (?P<code>\d+)")
-_RANK = re.compile(r"^\[rank (?P<rank>\d+)\] (?P<rest>.*)$")
-_DS_INFO = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[INFO\] ")
-_EXIT = re.compile(EXIT_TAG + r" rank=(?P<rank>\d+) node=\S+ code=(?P<code>-?\d+)")
+@dataclass(frozen=True)
+class LaunchProcess:
+    """One process the supervisor starts on this machine: a launcher (DeepSpeed's runner, one
+    ssh per node for torchrun) or, with the `local` launcher, one rank."""
 
-
-class OutputRouter:
-    """Prefixes, saves per node, masks secrets, and notices failures in the merged stream."""
-
-    def __init__(self, node_names: list[str], logs_dir: Path, secret_values: list[str], *,
-                 default_node: str | None = None, echo: Callable[[str], None] | None = None,
-                 monitor: StallMonitor | None = None):
-        self.nodes = set(node_names)
-        self.monitor = monitor  # heartbeats (clustertune.watchdog) go here, not to the logs
-        self.stopping = False  # set once the run is being stopped: later exits are consequences
-        self.default_node = default_node
-        self.logs_dir = logs_dir
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        self.files = {n: open(logs_dir / f"{n}.log", "a", encoding="utf-8") for n in node_names}
-        self.files["launcher"] = open(logs_dir / "launcher.log", "a", encoding="utf-8")
-        self.secrets = sorted((s for s in secret_values if len(s) >= 4), key=len, reverse=True)
-        self.echo = echo or (lambda s: print(s, flush=True))
-        self.width = max([len(n) for n in node_names] + [8])
-        self.rank_exit: dict[int, int] = {}
-        self.rank_node: dict[int, str] = {}
-        self.failure: str | None = None
-        self.failed_code: int | None = None
-        self.failure_is_signal = False
-        self.event = threading.Event()
-        self.lock = threading.Lock()
-
-    def mask(self, text: str) -> str:
-        for s in self.secrets:
-            text = text.replace(s, "***")
-        return text
-
-    def feed(self, line: str, node: str | None = None) -> None:
-        line = self.mask(line.rstrip("\r\n"))
-        m = _PDSH_EXIT.match(line)
-        if m and m["node"] in self.nodes and int(m["code"]) != 0:
-            self._fail(f"node {m['node']}: launcher exited with code {m['code']}", int(m["code"]))
-        if node is None:
-            m = _PDSH_LINE.match(line)
-            if m and m["node"] in self.nodes:
-                node, line = m["node"], m["rest"]
-            else:
-                node = self.default_node
-        rank = None
-        body = line
-        m = _RANK.match(line)
-        if m and node is not None:
-            rank, body = int(m["rank"]), m["rest"]
-            self.rank_node[rank] = node
-            beat = parse_heartbeat(body)
-            if beat is not None:
-                if self.monitor is not None:
-                    self.monitor.record(beat[0], node, beat[1], beat[2])
-                return
-            e = _EXIT.search(body)
-            if e:
-                code = int(e["code"])
-                self.rank_exit[rank] = code
-                if self.monitor is not None:
-                    self.monitor.exited(rank)
-                if code < 0:
-                    try:
-                        how = f"was killed by {signal.Signals(-code).name}"
-                    except ValueError:
-                        how = f"was killed by signal {-code}"
-                    self._fail(f"rank {rank} on {node} {how} (exit code {code})", code, signal_death=True)
-                elif code != 0:
-                    self._fail(f"rank {rank} on {node} exited with code {code}", code)
-        if "\r" in body:  # progress bars redraw with \r: keep the latest state only
-            body = next((seg for seg in reversed(body.split("\r")) if seg.strip()), "")
-        label = node if node is not None else "launcher"
-        tag = f"{label} r{rank}" if rank is not None else label
-        with self.lock:
-            handle = self.files.get(label, self.files["launcher"])
-            handle.write((f"[rank {rank}] {body}" if rank is not None else body) + "\n")
-            handle.flush()
-            if rank is not None or not _DS_INFO.match(body):  # DeepSpeed's INFO chatter: logs only
-                self.echo(f"{tag.ljust(self.width + 4)} | {body}")
-
-    def _fail(self, why: str, code: int, signal_death: bool = False) -> None:
-        # The first failure names the cause; a rank killed by a signal (before we stop the run)
-        # outranks a peer that merely exited with an error because that rank vanished.
-        upgrade = signal_death and not self.failure_is_signal and not self.stopping
-        if self.failure is None or upgrade:
-            self.failure, self.failed_code, self.failure_is_signal = why, code, signal_death
-        self.event.set()
-
-    def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    # The node whose output this stream carries; None: DeepSpeed's runner over pdsh, whose lines
+    # carry the node as pdsh's `node: ` prefix.
+    node: str | None
+    rank: int | None = None  # set when the process is one rank
+    raw_stderr: bool = False  # its stderr (the progress bar) goes to the terminal as it comes
 
 
-def _pump(stream, router: OutputRouter, node: str | None) -> None:
-    for raw in iter(stream.readline, b""):
-        router.feed(raw.decode("utf-8", "replace"), node)
-    stream.close()
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch writes and starts, decided before anything runs (a pure value).
+    `clustertune.supervisor.run_plan` executes it."""
 
-
-# ----------------------------------------------------------------------------------- the run
-
-@dataclass
-class Launch:
-    cluster: Cluster
-    local: bool  # the implicit localhost cluster: no ssh at all
-    files: RunFiles
     run_id: str
+    launcher: str
+    cluster: Cluster
+    local: bool  # one machine, no ssh
+    files: RunFiles
     workdir: str
-    python: str
     ssh_config: Path | None
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    recipe_text: str
+    run_env: dict[str, str]  # the env file: allow-listed, non-secret, shell-inert values
+    secrets: dict[str, str]  # go to the 0600 secrets file only
+    notes: tuple[str, ...]  # for the user: variables not forwarded, and why (never values)
+    info: dict[str, Any]  # run.json (the start time is added when it runs)
+    processes: tuple[LaunchProcess, ...]
+    command_text: str  # command.txt: what was started, for the user to read
+    sbatch_text: str | None = None  # slurm: the job script, and nothing is started here
+    console: str = "node"  # "node": `node1 r0 | text` on stdout; "rank": `[rank 0] text` on stderr (train)
+    stall_timeout_s: float = 0.0
 
-    def targets(self):
-        from clustertune.cluster.remote import LocalTarget, SshTarget
-        if self.local or self.ssh_config is None:
-            return {n.name: LocalTarget(n.name) for n in self.cluster.nodes}
-        return {n.name: SshTarget(self.ssh_config, n.name) for n in self.cluster.nodes}
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.cluster.ordered_nodes()]
 
-    def on_every_node(self, command: str, args: dict, timeout: float = 60) -> dict:
-        from clustertune.cluster.remote import parallel, run_snippet
-        targets = self.targets()
-        if self.local:
-            targets = dict(list(targets.items())[:1])
-        names = list(targets)
-        answers = parallel(lambda n: run_snippet(targets[n], command, args, timeout=timeout), names)
-        return dict(zip(names, answers, strict=True))
+    @property
+    def env_file_text(self) -> str:
+        return env_file_text(self.run_env)
 
-    def stop(self, why: str) -> None:
-        """Stop every process of this run on every node, and nothing else. A second Ctrl-C while
-        this runs (bounded: TERM, 5 s grace, KILL) is ignored, so the cleanup is not cut short."""
-        print(f"clustertune: stopping run {self.run_id} on every node: {why}", file=sys.stderr, flush=True)
-        main = threading.current_thread() is threading.main_thread()
-        saved = [(sig, signal.signal(sig, signal.SIG_IGN)) for sig in (signal.SIGINT, signal.SIGTERM)] if main else []
-        try:
-            results = self.on_every_node("kill_run", {"run_id": self.run_id, "grace": 5}, timeout=40)
-            for name, res in results.items():
-                if not res.ok:
-                    print(f"clustertune: could not stop processes on {name}: {res.error}", file=sys.stderr,
-                          flush=True)
-            self.kill_local()
-        finally:
-            for sig, handler in saved:
-                signal.signal(sig, handler)
+    def run_files(self) -> list[tuple[Path, str, int]]:
+        """(path, text, mode) of RUN/launch/*, written here; the secrets file is written apart."""
+        files = self.files
+        out = [(files.recipe, self.recipe_text, 0o644), (files.env, self.env_file_text, 0o644),
+               (files.hostfile, hostfile_text(self.cluster), 0o644),
+               (files.launch_dir / "cluster.toml", cluster_to_toml(self.cluster), 0o644)]  # the run describes its cluster
+        if self.command_text:
+            out.append((files.command, self.command_text, 0o644))
+        if self.sbatch_text is not None:
+            out.append((files.sbatch, self.sbatch_text, 0o644))
+        return out
 
-    def kill_local(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # never SIGINT/SIGTERM: DeepSpeed's handler pkills by name
-                except ProcessLookupError:
-                    pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+    def staged_files(self) -> list[tuple[Path, str, int]]:
+        """What every node needs in its copy of RUN/launch (no shared filesystem is assumed)."""
+        out = [(self.files.recipe, self.recipe_text, 0o644), (self.files.env, self.env_file_text, 0o644)]
+        if self.secrets:
+            out.append((self.files.secrets, secrets_file_text(self.secrets), 0o600))
+        return out
 
-    def sweep(self) -> int:
-        """After the run: nothing of it may survive on any node. Returns how many were left."""
-        results = self.on_every_node("kill_run", {"run_id": self.run_id, "grace": 3}, timeout=40)
-        left = sum(len(r.get("terminated", [])) for r in results.values() if r.ok)
-        if left:
-            print(f"clustertune: stopped {left} leftover process(es) of run {self.run_id}", file=sys.stderr)
-        return left
 
+LAUNCHERS = ("deepspeed", "torchrun", "slurm", "local")  # local: `clustertune train`, our supervisor starts each rank
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def build_launch_plan(recipe: Any, cluster: Cluster, *, launcher: str, local: bool, resume: bool, run_id: str,
+                      environ: Mapping[str, str], nics: list[str | None] | None, workdir: str, python: str,
+                      ssh_config: Path | None, cpu_count: int, terminal_columns: int | None = None) -> LaunchPlan:
+    """The launch of a resolved recipe (see resolve_recipe) on `cluster`, as a value: the env file
+    (allow-listed from `environ`), the secrets, the run files, the processes to start. Starts
+    nothing and writes nothing; LaunchError when a launch with these inputs cannot work."""
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+    if launcher == "local" and (not local or len(cluster.nodes) != 1):
+        raise LaunchError("internal: the local launcher runs on this machine only")
+    cpu = cluster.accelerator == "cpu" or recipe.train.device == "cpu"
+    files = RunFiles(Path(recipe.run.output_dir))
+    if launcher != "slurm":
+        for path, what in ((python, "the Python interpreter"), (workdir, "the working directory"),
+                           (str(files.run_dir), "run.output_dir")):
+            check_safe_path(path, what)
+    sel = select_env(environ, recipe.run.env_passthrough)
+    # One machine: gloo/NCCL find loopback themselves. Two ranks on a small CPU box: split the cores.
+    omp = max(1, cpu_count // max(n.slots for n in cluster.nodes)) if cpu and local else None
+    run_env = build_run_env(sel, run_id=run_id, cpu=cpu, nics=None if local else nics,
+                            secrets_path=str(files.secrets) if sel.secrets else None, omp_threads=omp)
+    run_env.update(node_env.encode([n.env for n in cluster.ordered_nodes()]))  # each node's [nodes.env]
+    from clustertune.config import recipe_to_toml
+    info = {"run_id": run_id, "launcher": launcher, "cluster": cluster.name,
+            "nodes": [n.name for n in cluster.ordered_nodes()],
+            "world_size": cluster.world_size, "master": f"{cluster.rendezvous_addr}:{cluster.master_port}",
+            "env_names": sorted(run_env), "secret_names": sorted(sel.secrets)}
+    plan = LaunchPlan(run_id=run_id, launcher=launcher, cluster=cluster, local=local, files=files, workdir=workdir,
+                      ssh_config=ssh_config, recipe_text=recipe_to_toml(recipe), run_env=run_env,
+                      secrets=sel.secrets, notes=tuple(sel.skipped), info=info, processes=(), command_text="",
+                      console="rank" if launcher == "local" else "node",
+                      stall_timeout_s=recipe.run.stall_timeout_s)
+    how = _LAUNCHER_PLANS[launcher]
+    return how(plan, environ=environ, python=python, resume=resume, terminal_columns=terminal_columns,
+               run_name=recipe.run.name)
+
+
+def _plan_deepspeed(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, resume: bool,
+                    **_: Any) -> LaunchPlan:
+    """DeepSpeed's runner: pdsh to every node (one machine: its local launch), rankexec per rank."""
+    files, cluster = plan.files, plan.cluster
+    cmd = deepspeed_command(python=python, hostfile=str(files.hostfile), master_addr=cluster.rendezvous_addr,
+                            master_port=cluster.master_port, env_file=str(files.env), recipe=str(files.recipe),
+                            resume=resume, force_multi=not plan.local)
+    env = runner_env(environ, plan.run_env, env_file=str(files.env),
+                     ssh_config=None if plan.local else str(plan.ssh_config))
+    proc = LaunchProcess(tuple(cmd), env, node=plan.node_names[0] if plan.local else None)
+    return replace(plan, processes=(proc,), command_text=_sh(cmd) + "\n")
+
+
+def _plan_torchrun(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, resume: bool,
+                   **_: Any) -> LaunchPlan:
+    """One torchrun per node: through ssh (one machine: a local shell), static rendezvous."""
+    files, cluster = plan.files, plan.cluster
+    ordered = cluster.ordered_nodes()
+    env = runner_env(environ, plan.run_env, env_file=str(files.env), ssh_config=None)
+    procs, scripts = [], []
+    for node_rank, node in enumerate(ordered):
+        cmd = torchrun_command(python=python, nnodes=len(ordered), nproc=node.slots, node_rank=node_rank,
+                               master_addr=cluster.rendezvous_addr, master_port=cluster.master_port,
+                               rdzv_id=plan.run_id, env_file=str(files.env), recipe=str(files.recipe), resume=resume)
+        script = torchrun_node_script(workdir=plan.workdir, run_id=plan.run_id, command=cmd)
+        scripts.append(f"# {node.name}\n{script}\n")
+        argv = ["sh", "-c", script] if plan.local else ["ssh", "-F", str(plan.ssh_config), node.name, script]
+        procs.append(LaunchProcess(tuple(argv), env, node=node.name))
+    return replace(plan, processes=tuple(procs), command_text="".join(scripts))
+
+
+def _plan_slurm(plan: LaunchPlan, *, python: str, resume: bool, run_name: str, **_: Any) -> LaunchPlan:
+    """A job script for `sbatch`; nothing starts here."""
+    files = plan.files
+    script = slurm_script(cluster=plan.cluster, python=python, workdir=plan.workdir, run_name=run_name,
+                          run_id=plan.run_id, env_file=str(files.env), recipe=str(files.recipe), resume=resume,
+                          logs_dir=str(files.logs_dir))
+    return replace(plan, sbatch_text=script)
+
+
+def _plan_local(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, resume: bool,
+                terminal_columns: int | None, **_: Any) -> LaunchPlan:
+    """`clustertune train`: the supervisor starts each rank's wrapper itself, so rank 0's stderr
+    (the live progress bar) can reach the terminal as it is drawn."""
+    node = plan.cluster.nodes[0]
+    world = node.slots
+    base = {k: environ[k] for k in SESSION_NAMES if k in environ}
+    if "CUDA_VISIBLE_DEVICES" in environ:  # on one machine the user's choice of GPUs is the decision
+        base["CUDA_VISIBLE_DEVICES"] = environ["CUDA_VISIBLE_DEVICES"]
+    procs = []
+    for rank in range(world):
+        env = dict(base)
+        env.update({contract.RUN_ID_ENV: plan.run_id, contract.RANK: str(rank), contract.LOCAL_RANK: str(rank),
+                    contract.WORLD_SIZE: str(world), contract.LOCAL_WORLD_SIZE: str(world), contract.GROUP_RANK: "0",
+                    contract.MASTER_ADDR: plan.cluster.rendezvous_addr,
+                    contract.MASTER_PORT: str(plan.cluster.master_port)})
+        if rank == 0 and terminal_columns:
+            env["COLUMNS"] = str(terminal_columns)  # its stderr is a pipe now: tell tqdm the terminal's width
+        argv = rank_command(python=python, env_file=str(plan.files.env), recipe=str(plan.files.recipe),
+                            resume=resume, raw_stderr=rank == 0)
+        procs.append(LaunchProcess(tuple(argv), env, node=node.name, rank=rank, raw_stderr=rank == 0))
+    text = "".join(f"RANK={p.rank} {_sh(list(p.argv))}\n" for p in procs)
+    return replace(plan, processes=tuple(procs), command_text=text)
+
+
+_LAUNCHER_PLANS: dict[str, Callable[..., LaunchPlan]] = {
+    "deepspeed": _plan_deepspeed, "torchrun": _plan_torchrun, "slurm": _plan_slurm, "local": _plan_local}
+
+
+# ----------------------------------------------------------------------------------- commands
 
 def stop_run(cluster: Cluster, run_dir: Path) -> int:
     """`clustertune cluster stop RUN_DIR`: stop the run recorded in RUN_DIR/launch/run.json on
@@ -496,9 +521,8 @@ def stop_run(cluster: Cluster, run_dir: Path) -> int:
     except (OSError, ValueError) as err:
         raise LaunchError(f"{files.info}: cannot read the run's id ({err})") from None
     local = info.get("cluster") == "localhost"
-    launch = Launch(cluster, local, files, info["run_id"], os.getcwd(), sys.executable,
-                    None if local else ClusterPaths.for_cluster(cluster).ssh_config)
-    results = launch.on_every_node("kill_run", {"run_id": info["run_id"], "grace": 5}, timeout=40)
+    run = RunProcesses(cluster, local, info["run_id"], None if local else ClusterPaths.for_cluster(cluster).ssh_config)
+    results = run.on_every_node("kill_run", {"run_id": info["run_id"], "grace": 5}, timeout=40)
     code = 0
     for name, res in results.items():
         if res.ok:
@@ -509,229 +533,66 @@ def stop_run(cluster: Cluster, run_dir: Path) -> int:
     return code
 
 
-def _supervise(launch: Launch, router: OutputRouter, pumps: list[threading.Thread], expected_ranks: int) -> int:
-    interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
-    try:
-        while any(p.poll() is None for p in launch.procs):
-            if router.event.wait(0.2):
-                break
-            stuck = router.monitor.check() if router.monitor is not None else None
-            if stuck:
-                router._fail(stuck, STALL_EXIT_CODE)
-                break
-            bad = [p.returncode for p in launch.procs if p.poll() not in (None, 0)]
-            if bad:
-                router._fail(f"a launcher process exited with code {bad[0]}", bad[0])
-                break
-        if router.failure:
-            # A peer's error exit often arrives just before the exit of the rank that died
-            # (SIGKILL, OOM kill): give that a moment, so the report names the first to die.
-            settle = time.monotonic() + 2
-            while (not router.failure_is_signal and router.failed_code != STALL_EXIT_CODE
-                   and time.monotonic() < settle):
-                time.sleep(0.1)
-            router.stopping = True
-            launch.stop(router.failure)
-    except KeyboardInterrupt:
-        interrupted = True
-        launch.stop("interrupted (Ctrl-C / SIGTERM)")
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
-    for t in pumps:
-        t.join(timeout=10)
-    launch.kill_local()
-    launch.sweep()
-    if interrupted:
-        return 130
-    if router.failure:
-        print(f"clustertune: run failed: {router.failure}", file=sys.stderr)
-        code = router.failed_code or 1
-        return code if 0 < code < 256 else 1
-    codes = [p.returncode for p in launch.procs]
-    if any(codes):
-        return next(c for c in codes if c) if all(0 < c < 256 for c in codes if c) else 1
-    missing = sorted(set(range(expected_ranks)) - set(router.rank_exit))
-    if missing:
-        print(f"clustertune: rank(s) {missing} never reported their exit; treating the run as failed",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def _stage(launch: Launch, files: list[tuple[Path, str, int]], remove: list[str] = ()) -> None:
-    if launch.local:
-        return
-    payload = {"files": [{"path": str(p), "content": c, "mode": m} for p, c, m in files], "remove": list(remove)}
-    results = launch.on_every_node("stage", payload, timeout=60)
-    bad = {n: r.error for n, r in results.items() if not r.ok}
-    if bad:
-        raise LaunchError("could not copy the run files to: " + "; ".join(f"{n}: {e}" for n, e in bad.items()))
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
     from clustertune.config import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
-    launcher = args.launcher
-    workdir = os.getcwd()
-    python = sys.executable
     if args.cluster:
-        cluster = load_cluster(args.cluster)
-        local = False
+        cluster, local = load_cluster(args.cluster), False
     else:
         gpus = local_gpu_count() if recipe.train.device != "cpu" else 0
-        cluster = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port())
-        local = True
-    return _launch(recipe, cluster, local=local, launcher=launcher, resume=args.resume,
-                   skip_doctor=args.skip_doctor, workdir=workdir, python=python)
+        cluster, local = localhost_cluster(gpus or 2, "gpu" if gpus else "cpu", master_port=free_port()), True
+    return launch(recipe, cluster, local=local, launcher=args.launcher, resume=args.resume,
+                  skip_doctor=args.skip_doctor)
 
 
-def _launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume: bool, skip_doctor: bool,
-            workdir: str, python: str) -> int:
+def launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume: bool, skip_doctor: bool) -> int:
+    """Check what can be checked here (data, then the doctor), build the plan, run it."""
     from clustertune.cluster.ssh import ClusterPaths
+    workdir = os.getcwd()
     cpu = cluster.accelerator == "cpu" or recipe.train.device == "cpu"
     recipe = resolve_recipe(recipe, workdir, cpu=cpu)
-    files = RunFiles(Path(recipe.run.output_dir))
-    run_id = uuid.uuid4().hex[:16]
     ssh_config = None if local else ClusterPaths.for_cluster(cluster).ssh_config
-    if launcher != "slurm":
-        for path, what in ((python, "the Python interpreter"), (workdir, "the working directory"),
-                           (str(files.run_dir), "run.output_dir")):
-            check_safe_path(path, what)
     if ssh_config is not None and launcher != "slurm" and not ssh_config.exists():
         raise LaunchError(f"no ssh config for cluster {cluster.name!r} ({ssh_config}): run "
                           f"`clustertune cluster ssh --cluster ...` first")
-
-    data_files = [*recipe.data.train_files, *recipe.data.eval_files]
-    if local or all(Path(f).is_file() for f in data_files):
+    data_files = [*recipe.data.train_paths, *recipe.data.eval_files]
+    if local or all(Path(f).exists() for f in data_files):  # a file, or a saved-dataset directory
         check_data_before_start(recipe)
     else:
         print("note: the data files are not all on this machine; the doctor checks they exist on every node "
               "and the workers validate them", file=sys.stderr)
-
-    sel = select_env(os.environ, recipe.run.env_passthrough)
-    for note in sel.skipped:
-        print(f"note: {note}", file=sys.stderr)
-
     nics: list[str | None] | None = [n.nic for n in cluster.ordered_nodes()]
-    omp = None
-    if launcher != "slurm" and not skip_doctor:
+    if launcher in ("deepspeed", "torchrun") and not skip_doctor:
         from clustertune.cluster.doctor import run_doctor
         report = run_doctor(cluster, recipe=recipe, mutual=False, need_pdsh=launcher == "deepspeed" and not local,
-                            local=local, python=python, workdir=workdir)
+                            local=local, python=sys.executable, workdir=workdir)
         print(report.render(), flush=True)
         if not report.ok:
             print("error: pre-flight checks failed; nothing was started (fix the problems above, or "
                   "--skip-doctor to launch anyway)", file=sys.stderr)
             return 2
         nics = [report.nic_by_node.get(n.name) for n in cluster.ordered_nodes()]
-    if local:
-        nics = None  # one machine: gloo/NCCL find loopback themselves
-    if cpu:
-        omp = max(1, (os.cpu_count() or 2) // max(n.slots for n in cluster.nodes)) if local else None
+    plan = build_launch_plan(recipe, cluster, launcher=launcher, local=local, resume=resume, run_id=new_run_id(),
+                             environ=os.environ, nics=nics, workdir=workdir, python=sys.executable,
+                             ssh_config=ssh_config, cpu_count=os.cpu_count() or 2)
+    return run_plan_with_notes(plan)
 
-    files.launch_dir.mkdir(parents=True, exist_ok=True)
-    files.logs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in files.logs_dir.glob("*.log"):
-        stale.unlink()
-    files.secrets.unlink(missing_ok=True)
-    secrets_path = None
-    if sel.secrets:
-        write_secrets_file(files.secrets, sel.secrets)
-        secrets_path = str(files.secrets)
-    run_env = build_run_env(sel, run_id=run_id, cpu=cpu, nics=nics, secrets_path=secrets_path, omp_threads=omp)
-    run_env.update(node_env.encode([n.env for n in cluster.ordered_nodes()]))  # each node's [nodes.env]
-    from clustertune.config import recipe_to_toml
-    _write(files.recipe, recipe_to_toml(recipe))
-    _write(files.env, env_file_text(run_env))
-    _write(files.hostfile, hostfile_text(cluster))
-    _write(files.launch_dir / "cluster.toml", cluster_to_toml(cluster))  # the run describes its cluster
-    info = {"run_id": run_id, "launcher": launcher, "cluster": cluster.name,
-            "nodes": [n.name for n in cluster.ordered_nodes()],
-            "world_size": cluster.world_size, "master": f"{cluster.rendezvous_addr}:{cluster.master_port}",
-            "started": time.time(), "env_names": sorted(run_env), "secret_names": sorted(sel.secrets)}
-    _write(files.info, json.dumps(info, indent=2) + "\n")
 
-    if launcher == "slurm":
-        script = slurm_script(cluster=cluster, python=python, workdir=workdir, run_name=recipe.run.name,
-                              run_id=run_id, env_file=str(files.env), recipe=str(files.recipe), resume=resume,
-                              logs_dir=str(files.logs_dir))
-        _write(files.sbatch, script)
-        print(f"wrote {files.sbatch}\nsubmit it with: sbatch {files.sbatch}")
-        if sel.secrets:
-            print(f"note: {files.secrets} (0600) holds {', '.join(sorted(sel.secrets))} for the job; delete it "
-                  "once the job has started")
-        return 0
+def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
+    """`clustertune train` and the demo: `nproc` ranks on this machine, started by the supervisor
+    itself (no doctor: nothing remote to check), rank 0's progress bar on the terminal."""
+    check_data_before_start(recipe)
+    workdir = os.getcwd()
+    recipe = resolve_recipe(recipe, workdir, cpu=not on_gpu)
+    cluster = localhost_cluster(nproc, "gpu" if on_gpu else "cpu", master_port=free_port())
+    columns = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
+    plan = build_launch_plan(recipe, cluster, launcher="local", local=True, resume=resume, run_id=new_run_id(),
+                             environ=os.environ, nics=None, workdir=workdir, python=sys.executable, ssh_config=None,
+                             cpu_count=os.cpu_count() or 2, terminal_columns=columns)
+    return run_plan_with_notes(plan)
 
-    launch = Launch(cluster, local, files, run_id, workdir, python, ssh_config)
-    secret_files = [(files.secrets, files.secrets.read_text(), 0o600)] if sel.secrets else []
-    _stage(launch, [(files.recipe, files.recipe.read_text(), 0o644), (files.env, files.env.read_text(), 0o644),
-                    *secret_files])
-    names = [n.name for n in cluster.ordered_nodes()]
-    router = OutputRouter(names, files.logs_dir, list(sel.secrets.values()),
-                          default_node=names[0] if local else None,
-                          monitor=StallMonitor(recipe.run.stall_timeout_s))
-    print(f"clustertune: run {run_id}: {cluster.world_size} rank(s) on {len(names)} node(s) "
-          f"({', '.join(names)}), master {cluster.rendezvous_addr}:{cluster.master_port}, launcher {launcher}; "
-          f"logs in {files.logs_dir}", flush=True)
-    pumps: list[threading.Thread] = []
-    try:
-        if launcher == "deepspeed":
-            cmd = deepspeed_command(python=python, hostfile=str(files.hostfile), master_addr=cluster.rendezvous_addr,
-                                    master_port=cluster.master_port, env_file=str(files.env),
-                                    recipe=str(files.recipe), resume=resume, force_multi=not local)
-            env = runner_env(os.environ, run_env, env_file=str(files.env),
-                             ssh_config=None if local else str(ssh_config))
-            (files.launch_dir / "command.txt").write_text(_sh(cmd) + "\n")
-            proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            launch.procs.append(proc)
-            pumps.append(threading.Thread(target=_pump, args=(proc.stdout, router, None), daemon=True))
-        else:  # torchrun: one ssh (or local shell) per node
-            ordered = cluster.ordered_nodes()
-            scripts = []
-            for rank, node in enumerate(ordered):
-                cmd = torchrun_command(python=python, nnodes=len(ordered), nproc=node.slots, node_rank=rank,
-                                       master_addr=cluster.rendezvous_addr, master_port=cluster.master_port,
-                                       rdzv_id=run_id, env_file=str(files.env), recipe=str(files.recipe),
-                                       resume=resume)
-                script = torchrun_node_script(workdir=workdir, run_id=run_id, command=cmd)
-                scripts.append(f"# {node.name}\n{script}\n")
-                argv = ["sh", "-c", script] if local else ["ssh", "-F", str(ssh_config), node.name, script]
-                proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        env=runner_env(os.environ, run_env, env_file=str(files.env), ssh_config=None))
-                launch.procs.append(proc)
-                pumps.append(threading.Thread(target=_pump, args=(proc.stdout, router, node.name), daemon=True))
-            (files.launch_dir / "command.txt").write_text("".join(scripts))
-        for t in pumps:
-            t.start()
-        code = _supervise(launch, router, pumps, cluster.world_size)
-    finally:
-        router.close()
-        if sel.secrets:
-            files.secrets.unlink(missing_ok=True)
-            try:
-                _stage(launch, [], remove=[str(files.secrets)])
-            except LaunchError as err:
-                print(f"warning: {err}", file=sys.stderr)
-    for name in names:
-        ranks = sorted(r for r, n in router.rank_node.items() if n == name)
-        ok = [r for r in ranks if router.rank_exit.get(r) == 0]
-        print(f"  {name}: ranks {ranks or '-'}: {len(ok)}/{len(ranks)} finished ok; "
-              f"log {files.logs_dir / (name + '.log')}")
-    print(f"clustertune: run {run_id} {'finished' if code == 0 else f'FAILED (exit code {code})'}", flush=True)
-    return code
+
+def run_plan_with_notes(plan: LaunchPlan) -> int:
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return run_plan(plan)  # a StageError (a node unreachable) is a UserError: cli.main reports it

@@ -1,7 +1,7 @@
-"""Per-rank wrapper that a launcher (DeepSpeed's per-node launch, torchrun, srun) starts on each
-node instead of the worker itself:
+"""Per-rank wrapper that every launcher (our own supervisor on one machine, DeepSpeed's per-node
+launch, torchrun, srun) starts for each rank instead of the worker itself:
 
-    python -u -m clustertune.cluster.rankexec [--env-file RUN_DIR/launch/run.env] RECIPE [--resume]
+    python -u -m clustertune.cluster.rankexec [--env-file RUN_DIR/launch/run.env] [--raw-stderr] RECIPE [--resume]
 
 It
   * applies the run's environment file (the allow-listed, non-secret variables; the secrets stay
@@ -10,11 +10,14 @@ It
     NCCL/gloo from CLUSTERTUNE_NODE_NICS (by node rank) when the nodes' interfaces differ;
   * starts `python -m clustertune.worker RECIPE ...` (or CLUSTERTUNE_WORKER_MODULE) and prefixes
     every output line with `[rank N]`, so the launcher can tell ranks apart in one stream;
+    with --raw-stderr the worker's stderr instead goes untouched to this process's stderr (the
+    rank whose live progress bar the user watches: a bar redraws with \r, never a whole line);
   * dies with its parent, and takes the worker with it (PR_SET_PDEATHSIG), so a killed node
     launcher leaves no orphan; SIGTERM/SIGINT are forwarded to the worker;
   * ends with one line `[rank N] clustertune-rank-exit rank=N node=K code=C seconds=S`.
 
-Standard library only (no torch): this process lives as long as the worker.
+The names and line formats are clustertune.contract's. Standard library only (no torch): this
+process lives as long as the worker.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import subprocess
 import sys
 import time
 
+from clustertune import contract
 from clustertune.cluster import node_env
 
-EXIT_TAG = "clustertune-rank-exit"
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PR_SET_PDEATHSIG = 1
 
@@ -43,24 +46,17 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    out: dict[str, str] = {}
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.rstrip("\n")
-            if not line or line.startswith("#") or "=" not in line:
-                continue
-            key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
-    return out
+        return contract.parse_env_file_text(handle.read())
 
 
 def child_env(environ: dict[str, str], env_file: dict[str, str]) -> dict[str, str]:
     env = dict(environ)
     env.update(env_file)
-    if "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env:
-        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
-    nics = env.get("CLUSTERTUNE_NODE_NICS")
-    node_rank = env.get("CROSS_RANK", env.get("GROUP_RANK"))
+    if contract.LOCAL_WORLD_SIZE not in env and contract.DEEPSPEED_LOCAL_SIZE in env:
+        env[contract.LOCAL_WORLD_SIZE] = env[contract.DEEPSPEED_LOCAL_SIZE]
+    nics = env.get(contract.NODE_NICS_ENV)
+    node_rank = contract.node_rank(env)
     if nics and node_rank is not None:
         names = nics.split(",")
         if int(node_rank) < len(names) and names[int(node_rank)]:
@@ -77,19 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
     env_file: dict[str, str] = {}
-    if argv[:1] == ["--env-file"]:
-        env_file = read_env_file(argv[1])
-        argv = argv[2:]
+    raw_stderr = False
+    while argv[:1] in (["--env-file"], ["--raw-stderr"]):
+        if argv[0] == "--raw-stderr":
+            raw_stderr, argv = True, argv[1:]
+        else:
+            env_file, argv = read_env_file(argv[1]), argv[2:]
     env = child_env(dict(os.environ), env_file)
-    rank = env.get("RANK", "?")
-    node = env.get("CROSS_RANK", env.get("GROUP_RANK", "?"))
-    module = env.get("CLUSTERTUNE_WORKER_MODULE", "clustertune.worker")
+    rank = env.get(contract.RANK, "?")
+    node = contract.node_rank(env) or "?"
+    module = env.get(contract.WORKER_MODULE_ENV, contract.DEFAULT_WORKER_MODULE)
     if not _MODULE_RE.match(module):
-        print(f"[rank {rank}] CLUSTERTUNE_WORKER_MODULE={module!r} is not a module name", flush=True)
+        print(contract.rank_line(rank, f"{contract.WORKER_MODULE_ENV}={module!r} is not a module name"), flush=True)
         return 2
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-u", "-m", module, *argv], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdout=subprocess.PIPE, stderr=None if raw_stderr else subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
@@ -100,12 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
     assert proc.stdout is not None
-    prefix = f"[rank {rank}] ".encode()
+    prefix = contract.rank_prefix(rank).encode()
     for raw in iter(proc.stdout.readline, b""):
         _write_line(prefix + raw.rstrip(b"\n"))
     code = proc.wait()
-    _write_line(f"[rank {rank}] {EXIT_TAG} rank={rank} node={node} code={code} "
-                f"seconds={time.monotonic() - started:.1f}".encode())
+    _write_line(contract.rank_line(rank, contract.exit_line(rank, node, code, time.monotonic() - started)).encode())
     return code if code >= 0 else 128 - code
 
 

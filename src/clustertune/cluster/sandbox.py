@@ -2,6 +2,7 @@
 
     sudo clustertune sandbox up [--name NAME] [--nodes 2] [--slots 1] [--legacy node2]
     sudo clustertune sandbox up --nodes 2 --gpus-per-node 2 [--sshd /path/to/sshd]   # GPU nodes
+    sudo clustertune sandbox up ... --env LD_LIBRARY_PATH=/usr/local/nvidia/lib64   # in every node's shell
     sudo clustertune sandbox exec node1 [--name NAME] -- clustertune cluster ssh --cluster CLUSTER.toml ...
     sudo clustertune sandbox down [--name NAME]
 
@@ -39,6 +40,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -208,7 +210,7 @@ class Sandbox:
 
     def __init__(self, name: str = "sandbox", nodes: int = 2, *, slots: int = 1, legacy: tuple[str, ...] = (),
                  node_env: dict[str, dict[str, str]] | None = None, gpus_per_node: int = 0,
-                 sshd: str | None = None, root: Path = ROOT):
+                 sshd: str | None = None, env: dict[str, str] | None = None, root: Path = ROOT):
         if not NAME_RE.match(name) or len(name) > 24:
             raise SandboxError(f"sandbox name {name!r}: letters, digits, '._-', at most 24 characters")
         if nodes < 1 or nodes > 200:
@@ -219,9 +221,14 @@ class Sandbox:
         self.gpus_per_node, self.sshd = gpus_per_node, sshd
         self.slots = gpus_per_node or slots
         self.legacy = set(legacy)
-        self.node_env = {k: dict(v) for k, v in (node_env or {}).items()}
         names = [f"node{i + 1}" for i in range(nodes)]
-        unknown = (self.legacy | set(self.node_env)) - set(names)
+        for name, value in (env or {}).items():  # goes into sshd_config's SetEnv "NAME=VALUE"
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or any(c in value for c in '"\\\n'):
+                raise SandboxError(f"--env {name}={value!r}: a variable name, and a value without quotes, "
+                                   "backslashes or newlines")
+        given = {k: dict(v) for k, v in (node_env or {}).items()}
+        self.node_env = {n: {**(env or {}), **given.get(n, {})} for n in names if env or n in given}
+        unknown = (self.legacy | set(given)) - set(names)
         if unknown:
             raise SandboxError(f"unknown sandbox node(s): {', '.join(sorted(unknown))} (nodes are {', '.join(names)})")
         self.state: SandboxState | None = None
@@ -239,11 +246,11 @@ class Sandbox:
         if (self.dir / "state.json").exists():
             raise SandboxError(f"sandbox {self.name!r} already exists ({self.dir}); `clustertune sandbox down "
                                f"--name {self.name}` first")
+        gpus = assign_gpus(host_gpu_ids(), self.n, self.gpus_per_node) if self.gpus_per_node else None
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         self.dir.mkdir(mode=0o755)
         subnet_octet = 1 + int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 250
-        gpus = assign_gpus(host_gpu_ids(), self.n, self.gpus_per_node) if self.gpus_per_node else None
         st = self.state = SandboxState(name=self.name, dir=str(self.dir), subnet=f"10.231.{subnet_octet}",
                                        switch_ns=f"ct-{self.name}-sw", slots=self.slots,
                                        gpus_per_node=self.gpus_per_node, sshd=find_sshd(self.sshd))
@@ -522,40 +529,62 @@ def list_sandboxes(root: Path = ROOT) -> list[str]:
 
 # ------------------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clustertune sandbox", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="action", required=True)
+class _ActionParser(argparse.ArgumentParser):
+    """`exec NODE [--name N] -- CMD ...`: the words after `--` are the command, split off before
+    argparse reads the rest (a `nargs="*"` positional after an option and `--` is an error)."""
+
+    takes_command = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        command: list[str] = []
+        if self.takes_command and "--" in args:
+            cut = args.index("--")
+            args, command = args[:cut], args[cut + 1:]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.takes_command:
+            namespace.exec_command = command
+        return namespace, extras
+
+
+def add_sandbox_subcommands(p: argparse.ArgumentParser) -> None:
+    """`up`, `down`, `list`, `revoke-bootstrap`, `exec` under `clustertune sandbox`."""
+    sub = p.add_subparsers(dest="action", required=True, parser_class=_ActionParser)
+    name_help = "sandbox name (default: sandbox)"
     up = sub.add_parser("up", help="create the namespaces, bridge, veth pairs and sshd of each node")
-    up.add_argument("--name", default="sandbox")
-    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--name", default="sandbox", help=name_help)
+    up.add_argument("--nodes", type=int, default=2, help="number of nodes (default: 2)")
     up.add_argument("--slots", type=int, default=1, help="ranks per node written in the cluster file (CPU nodes)")
     up.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
                     help="GPU nodes: node K owns GPUs K*G..K*G+G-1 of this machine, NCCL sees separate hosts")
+    up.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a variable for every node's shell (sshd SetEnv), e.g. the machine's LD_LIBRARY_PATH "
+                    "that a login shell would not have (repeatable)")
     up.add_argument("--sshd", default=None, help=f"the sshd binary (absolute path; default ${SSHD_ENV} or the "
                     "usual places)")
     up.add_argument("--legacy", action="append", default=[], metavar="NODE",
                     help="this node's sshd offers only the legacy ssh-rsa host key algorithm (repeatable)")
     down = sub.add_parser("down", help="remove everything `up` created")
-    down.add_argument("--name", default="sandbox")
+    down.add_argument("--name", default="sandbox", help=name_help)
     sub.add_parser("list", help="sandboxes that exist now")
     rv = sub.add_parser("revoke-bootstrap", help="remove the one-time bootstrap key from every node")
-    rv.add_argument("--name", default="sandbox")
-    ex = sub.add_parser("exec", help="run a command on a node (its namespace and home directory)")
-    ex.add_argument("node")
-    ex.add_argument("--name", default="sandbox")
-    return p
+    rv.add_argument("--name", default="sandbox", help=name_help)
+    ex = sub.add_parser("exec", help="run a command on a node (its namespace and home directory)",
+                        usage="clustertune sandbox exec NODE [--name NAME] -- COMMAND ...")
+    ex.takes_command = True
+    ex.add_argument("node", help="node name, e.g. node1")
+    ex.add_argument("--name", default="sandbox", help=name_help)
 
 
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    argv = list(args.sandbox_args)
-    command: list[str] = []
-    if "--" in argv:  # `exec NODE [--name N] -- CMD ...`: everything after -- is the command
-        i = argv.index("--")
-        argv, command = argv[:i], argv[i + 1:]
-    a = _parser().parse_args(argv)
+def cmd_sandbox(a: argparse.Namespace) -> int:
+    """`clustertune sandbox ACTION ...`, parsed by the main parser (add_sandbox_subcommands)."""
+    command: list[str] = getattr(a, "exec_command", [])
     if a.action == "up":
+        common = dict(item.split("=", 1) for item in a.env if "=" in item)
+        if len(common) != len(a.env):
+            raise SandboxError("--env takes NAME=VALUE")
         sb = Sandbox(a.name, a.nodes, slots=a.slots, legacy=tuple(a.legacy), gpus_per_node=a.gpus_per_node,
-                     sshd=a.sshd).up()
+                     sshd=a.sshd, env=common).up()
         print(f"sandbox {a.name!r} is up: {len(sb.nodes)} nodes on a private bridge")
         for n in sb.nodes:
             print(f"  {n.name}: {n.address} (namespace {n.ns}, sshd pid {n.sshd_pid}"

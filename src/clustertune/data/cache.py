@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from clustertune.data.sources import digest_paths, missing_file_error
 from clustertune.data.types import IGNORE_INDEX, DataError, DataReport, Sample
 
-CACHE_VERSION = 1  # bump when the rendering, masking or file layout changes
+CACHE_VERSION = 2  # bump when the rendering, masking or file layout changes
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Tokenized:
     train: list[Sample]
     eval: list[Sample]
     report: DataReport  # counts up to filtering; split counts are filled in later
+    train_counts: list[int]  # samples kept from each train file, in order (for the file weights)
 
 
 def cache_key(*, train_files: list[Path], eval_files: list[Path], settings: dict[str, Any], tokenizer: Any) -> str:
@@ -49,15 +51,19 @@ def cache_key(*, train_files: list[Path], eval_files: list[Path], settings: dict
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a data file's bytes; of a saved-dataset directory, of its files' names and bytes."""
     h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read data file: {err.strerror}") from None
+    for file in digest_paths(path):
+        if file != path:
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        try:
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except FileNotFoundError:
+            raise missing_file_error(file) from None
+        except OSError as err:
+            raise DataError(f"{file}: cannot read data file: {err.strerror}") from None
     return h.hexdigest()
 
 
@@ -88,6 +94,7 @@ def _sha256(data: bytes) -> str:
 def save(path: Path, data: Tokenized, log: Callable[[str], None]) -> None:
     """Write atomically; a failure only costs re-tokenizing next time, so it is a warning."""
     arrays: dict[str, Any] = {**_pack("train", data.train), **_pack("eval", data.eval),
+              "train_counts": np.array(data.train_counts, dtype=np.int64),
               "report": np.array(json.dumps(dataclasses.asdict(data.report)))}
     tmp = None
     try:
@@ -111,7 +118,7 @@ def load(path: Path, log: Callable[[str], None]) -> Tokenized | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             report = DataReport(**json.loads(str(z["report"])))
-            return Tokenized(_unpack(z, "train"), _unpack(z, "eval"), report)
+            return Tokenized(_unpack(z, "train"), _unpack(z, "eval"), report, z["train_counts"].tolist())
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
         log(f"data: warning: ignoring unreadable tokenized cache {path}: {err}")
         return None

@@ -16,6 +16,11 @@ the last user message), so nothing here assumes what it prints. Instead:
    with one, is trained rather than losing content). The end-of-turn control token right after
    the span (`<|im_end|>`, `<｜end▁of▁sentence｜>`, `<|eot_id|>`) is trained too, so the model
    learns to stop; the role header before the span is not.
+
+Over-long texts are cut before tokenizing (a 10 MB record took 37 s and 3.6 GB to tokenize, only
+to keep max_length tokens of it): see ChatEncoder.encode. Rendering and span finding stay on the
+whole text (they are string operations, and a template may rewrite a turn depending on text far
+beyond the cut), so only the tokenizer sees a prefix.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from clustertune.data.records import Message, RecordError, validate_messages
 from clustertune.data.types import IGNORE_INDEX, DataError, Sample
 
 OVERLENGTH = ("truncate", "drop")
+# A cut text's tokens that end at least this many characters before the cut are taken as the
+# whole text's: tokenizers decide a token from its pre-token (a word, a run of spaces) and merges
+# within it, so text this far beyond cannot change it.
+STABLE_MARGIN = 1024
+_CHARS_PER_TOKEN_GUESS = 8  # the first prefix tried; it grows 4x until enough tokens are stable
+# How much a normalizer may shrink text (NFC/NFKC compose at most 3 code points into one: Hangul
+# jamo), for the bound on characters per token.
+_NORMALIZER_SHRINK = 3
 # Marker for an assistant content in the diff renderings: a character no real text starts or ends
 # with, so the common prefix/suffix stop exactly at the content's edges.
 _MARK = "\x00"
@@ -61,6 +74,7 @@ class ChatEncoder:
         # would match every text, hence None when the tokenizer has no control tokens.
         pattern = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True) if t)
         self._control_re = re.compile(pattern) if pattern else None
+        self.max_token_chars = _max_token_chars(tokenizer)
 
     def render(self, messages: list[Message]) -> Rendered:
         """Render a validated conversation and locate its assistant spans (RecordError if unusable)."""
@@ -74,14 +88,50 @@ class ChatEncoder:
         altered = sum(text[s:e] != c for (s, e), c in zip(spans, contents, strict=True))
         return Rendered(text, spans, altered)
 
-    def encode(self, batch: list[Rendered]) -> list[tuple[list[int], list[Range]]]:
-        """Token ids and trained token ranges; one tokenizer call for the batch (Rust-parallel)."""
+    def encode(self, batch: list[Rendered], max_length: int | None = None) -> list[tuple[list[int], list[Range]]]:
+        """Token ids and trained token ranges; one tokenizer call for the batch (Rust-parallel).
+
+        With max_length, a text too long to have at most max_length tokens (more characters
+        than max_length + 1 tokens can cover, see certainly_too_long) is tokenized only as far
+        as needed: the result is the first tokens of the whole text (at least max_length + 1)
+        with ranges that give `fit` the same sample and fate as the whole text would. A text
+        that may fit is always tokenized whole, so its sample never changes."""
+        long = {i for i, r in enumerate(batch) if max_length is not None and self.certainly_too_long(r, max_length)}
+        short = [r for i, r in enumerate(batch) if i not in long]
+        encoded = iter(self._encode_whole(short))
+        return [self._encode_prefix(r, max_length) if i in long else next(encoded)  # type: ignore[arg-type]
+                for i, r in enumerate(batch)]
+
+    def certainly_too_long(self, rendered: Rendered, max_length: int) -> bool:
+        """True when the text has more than max_length tokens whatever they are: no token
+        covers more characters than the vocabulary's longest entry (its length in bytes for a
+        byte-level BPE, where a character is one byte or more; in characters otherwise)."""
+        return len(rendered.text) > (max_length + 1) * self.max_token_chars
+
+    def _encode_whole(self, batch: list[Rendered]) -> list[tuple[list[int], list[Range]]]:
         if not batch:
             return []
         enc = self.tokenizer([r.text for r in batch], add_special_tokens=False,
                              return_offsets_mapping=True, verbose=False)
-        return [(ids, self._trained_ranges(ids, offsets, r)) for ids, offsets, r in
+        return [(ids, self._trained_ranges(ids, offsets, r)) for ids, offsets, r in  # type: ignore[misc]
                 zip(enc["input_ids"], enc["offset_mapping"], batch, strict=True)]
+
+    def _encode_prefix(self, rendered: Rendered, max_length: int) -> tuple[list[int], list[Range]]:
+        """Tokenize a growing prefix until max_length + 1 of its tokens end STABLE_MARGIN
+        characters before the cut, and every trained range that matters is decided there."""
+        text = rendered.text
+        size = (max_length + 1) * _CHARS_PER_TOKEN_GUESS + STABLE_MARGIN
+        while size < len(text):
+            enc = self.tokenizer(text[:size], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            offsets = enc["offset_mapping"]
+            stable = bisect.bisect_right([end for _, end in offsets], size - STABLE_MARGIN)
+            if stable > max_length:
+                ids = enc["input_ids"][:stable]
+                ranges = self._trained_ranges(ids, offsets[:stable], rendered, whole=False)
+                if ranges is not None:
+                    return ids, ranges
+            size *= 4
+        return self._encode_whole([rendered])[0]
 
     # ------------------------------------------------------------------------------ rendering
 
@@ -125,30 +175,58 @@ class ChatEncoder:
 
     # ------------------------------------------------------------------------------ masking
 
-    def _trained_ranges(self, ids: list[int], offsets: list[Span], rendered: Rendered) -> list[Range]:
+    def _trained_ranges(self, ids: list[int], offsets: list[Span], rendered: Rendered,
+                        whole: bool = True) -> list[Range] | None:
+        """Trained token ranges [start, stop). For the first tokens of a cut text (whole=False):
+        a range running past them ends at len(ids), one entirely past them is (len(ids),
+        len(ids) + 1) (both beyond max_length, where fit clips them, and both say "this turn has
+        trained tokens"), and None when a turn's end is not decided within them."""
         # Ranges, not per-token flags: bisection and slicing keep the per-token work in C.
         starts, ends = zip(*offsets) if offsets else ((), ())
+        n = len(ids)
         ranges: list[Range] = []
         for start, end in rendered.spans:
             if not rendered.text[start:end].strip():
                 continue  # the template printed nothing of this turn: do not teach an empty answer
             first = bisect.bisect_right(ends, start)  # first token ending after the span starts
             stop = bisect.bisect_left(starts, end)  # first token starting at or after its end
-            ranges.append((first, self._end_of_turn(ids, offsets, rendered.text, stop)))
+            if not whole and first >= n:
+                ranges.append((n, n + 1))
+                continue
+            if not whole and stop >= n:
+                ranges.append((first, n))
+                continue
+            last = self._end_of_turn(ids, offsets, rendered.text, stop, whole)
+            if last is None:
+                return None
+            ranges.append((first, last))
         return sorted(ranges)
 
-    def _end_of_turn(self, ids: list[int], offsets: list[Span], text: str, stop: int) -> int:
+    def _end_of_turn(self, ids: list[int], offsets: list[Span], text: str, stop: int, whole: bool) -> int | None:
         """Extend a turn over the control token that closes it (and whitespace before it, which
-        the model must produce too). If real text comes first, the template has no such token."""
+        the model must produce too). If real text comes first, the template has no such token.
+        None when the tokens of a cut text run out before either is seen."""
         k = stop
         while k < len(ids) and ids[k] not in self.control_ids and not text[offsets[k][0]:offsets[k][1]].strip():
             k += 1
+        if k == len(ids) and not whole:
+            return None
         return k + 1 if k < len(ids) and ids[k] in self.control_ids else stop
 
 
 def _control_tokens(tokenizer: Any) -> set[str]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     return {t.content for t in added.values() if getattr(t, "special", False)} | set(tokenizer.all_special_tokens)
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The most characters of input one token can cover: the longest vocabulary entry (for a
+    byte-level BPE its length is in bytes, at least the characters it covers), times what a
+    normalizer may merge into one character."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    shrink = _NORMALIZER_SHRINK if backend is not None and backend.normalizer is not None else 1
+    return max(1, longest) * shrink
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -207,5 +285,5 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], *, max_length: i
         rendered = encoder.render(validate_messages(messages))
     except RecordError as err:
         raise DataError(str(err)) from None
-    ids, ranges = encoder.encode([rendered])[0]
+    ids, ranges = encoder.encode([rendered], max_length=max_length)[0]
     return fit(ids, ranges, max_length=max_length, overlength=overlength)[0]

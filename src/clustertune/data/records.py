@@ -1,15 +1,21 @@
-"""Reading and validating JSONL records into chat conversations.
+"""Reading and validating data records into chat conversations.
 
-Two record formats, detected per line with `format = "auto"`:
+The containers (JSON Lines, JSON arrays, .gz/.zst, Parquet, Arrow, a `datasets.save_to_disk`
+directory) are read by clustertune.data.sources; this module turns each record into a
+conversation. Three record formats, detected per record with `format = "auto"`:
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     {"instruction": "...", "input": "..." (optional), "output": "..."}   # alpaca
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...], "system": "..."}  # ShareGPT
 
 An alpaca record becomes [user: instruction (+ blank line + input), assistant: output] with no
-system turn, so the chat template adds its own default system prompt if it has one.
+system turn, so the chat template adds its own default system prompt if it has one. A ShareGPT
+record maps human -> user and gpt -> assistant (user and assistant are accepted as themselves);
+its optional top-level "system" string becomes the first, system, message.
 
 Decisions:
-- Blank lines are skipped silently and are not records: they are not counted anywhere.
+- Blank lines are skipped silently and are not records: they are not counted anywhere. A file
+  with no record at all is an error naming the file (an empty export is a mistake, not data).
 - A UTF-8 byte-order mark at the start of a file is ignored; one in the middle of a file (two
   files concatenated) is an error on that line.
 - Unknown keys are errors, except common metadata keys (id, source, meta, metadata) at the top
@@ -25,20 +31,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clustertune.data.sources import Where, read_items, spans_lines
 from clustertune.data.types import DataError
 
 ROLES = ("system", "user", "assistant")
 METADATA_KEYS = frozenset({"id", "source", "meta", "metadata"})
-FORMATS = ("auto", "messages", "alpaca")
+FORMATS = ("auto", "messages", "alpaca", "sharegpt")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 _MESSAGES_KEYS = frozenset({"messages"})
 _ALPACA_KEYS = frozenset({"instruction", "input", "output"})
+_SHAREGPT_KEYS = frozenset({"conversations", "system"})
 _MESSAGE_KEYS = frozenset({"role", "content"})
-_BOM = b"\xef\xbb\xbf"
+_TURN_KEYS = frozenset({"from", "value"})
 # JSON may spell a lone UTF-16 surrogate ("\ud800"); Python accepts it, the Rust tokenizer does not.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -47,10 +55,7 @@ Message = dict[str, str]
 
 class RecordError(Exception):
     """One record that cannot be used. `kind` is a short category (the key of the report's
-    invalid_reasons counts); `detail` says where in the record and why.
-
-    Not a UserError: the reader always catches it and counts it, or raises a DataError that adds
-    the file and line; one escaping would be a bug."""
+    invalid_reasons counts); `detail` says where in the record and why."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -60,9 +65,13 @@ class RecordError(Exception):
 
 @dataclass(frozen=True)
 class Problem:
-    line: int
+    where: Where
     kind: str
     detail: str
+
+    @property
+    def line(self) -> int | None:
+        return self.where.line
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}"
@@ -70,44 +79,45 @@ class Problem:
 
 @dataclass(frozen=True)
 class Record:
-    line: int
+    where: Where
     messages: list[Message]
 
+    @property
+    def line(self) -> int | None:
+        return self.where.line
 
-def read_records(path: Path, fmt: str) -> tuple[list[list[Message]], list[tuple[int, str]]]:
-    """Conversations of a JSONL file and its problems as (line number, reason)."""
+
+def read_records(path: Path, fmt: str) -> tuple[list[list[Message]], list[tuple[int | str, str]]]:
+    """Conversations of a data file and its problems as (line number, reason); a record with
+    no line of its own is placed by a string instead: "3 (record [1])" (a JSON array's
+    element, with the line it starts on) or "row 7" (a Parquet/Arrow row)."""
     records, problems = load_file(Path(path), fmt)
-    return [r.messages for r in records], [(p.line, str(p)) for p in problems]
+    return [r.messages for r in records], [(p.line if p.where.index is None else str(p.where), str(p))
+                                           for p in problems]
 
 
 def load_file(path: Path, fmt: str) -> tuple[list[Record], list[Problem]]:
-    """Like read_records, keeping the line number of each record and the kind of each problem."""
+    """Like read_records, keeping where each record is and the kind of each problem."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
     records: list[Record] = []
     problems: list[Problem] = []
-    for line_no, raw in _raw_lines(path):
+    for where, item in read_items(path):
         try:
-            messages = parse_line(raw, fmt)
+            messages = parse_line(item, fmt) if isinstance(item, bytes) else parse_value(item, fmt)
         except RecordError as err:
-            problems.append(Problem(line_no, err.kind, err.detail))
+            problems.append(Problem(where, err.kind, err.detail))
             continue
         if messages is not None:
-            records.append(Record(line_no, messages))
+            records.append(Record(where, messages))
+    if not records and not problems:
+        raise DataError(f"{path}: empty data file: no records in it (no lines, or only blank ones; an empty "
+                        "array; no rows)")
+    if not records and problems[0].where == Where(1) and problems[0].kind == "bad JSON" and spans_lines(path):
+        raise DataError(f"{path}: its JSON spans several lines (pretty-printed?), but JSON Lines needs one record "
+                        "per line: write each record with json.dumps(record), or the whole list as one JSON "
+                        "array [ {...}, ... ]")
     return records, problems
-
-
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    # Binary, so that one bad byte is one invalid line instead of a decode error for the file.
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read data file: {err.strerror}") from None
-    with handle:
-        for line_no, raw in enumerate(handle, 1):
-            yield line_no, raw.removeprefix(_BOM) if line_no == 1 else raw
 
 
 def parse_line(raw: bytes, fmt: str) -> list[Message] | None:
@@ -132,19 +142,29 @@ def parse_line(raw: bytes, fmt: str) -> list[Message] | None:
     return record_to_messages(obj, fmt)
 
 
+def parse_value(obj: Any, fmt: str) -> list[Message]:
+    """An already parsed record (a JSON array's element, a table's row) -> a conversation."""
+    if not isinstance(obj, dict):
+        raise RecordError("not an object", f"expected an object per record, got {_json_type(obj)}")
+    return record_to_messages(obj, fmt)
+
+
 def record_to_messages(obj: dict[str, Any], fmt: str) -> list[Message]:
     kind = _detect(obj) if fmt == "auto" else fmt
-    return _from_messages(obj) if kind == "messages" else _from_alpaca(obj)
+    readers = {"messages": _from_messages, "alpaca": _from_alpaca, "sharegpt": _from_sharegpt}
+    return readers[kind](obj)
 
 
 def _detect(obj: dict[str, Any]) -> str:
     if "messages" in obj:
         return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
     if "instruction" in obj or "output" in obj:
         return "alpaca"
     keys = ", ".join(repr(k) for k in obj) or "none"
-    raise RecordError("missing field", "expected 'messages' (messages format) or 'instruction' and "
-                      f"'output' (alpaca format); the record has keys: {keys}")
+    raise RecordError("missing field", "expected 'messages' (messages format), 'conversations' (ShareGPT) or "
+                      f"'instruction' and 'output' (alpaca format); the record has keys: {keys}")
 
 
 def _from_messages(obj: dict[str, Any]) -> list[Message]:
@@ -160,11 +180,14 @@ def _from_messages(obj: dict[str, Any]) -> list[Message]:
 
 def validate_messages(messages: list[Any]) -> list[Message]:
     """Check roles, types and structure of a message list; returns clean {role, content} dicts."""
-    out = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    return _check_turns([_message(m, f"messages[{i}]") for i, m in enumerate(messages)], "messages")
+
+
+def _check_turns(out: list[Message], name: str) -> list[Message]:
     for i, message in enumerate(out[1:], 1):
         if message["role"] == "system":
             raise RecordError("misplaced system message",
-                              f"messages[{i}] is a system message; only the first message may be one")
+                              f"{name}[{i}] is a system message; only the first message may be one")
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError("no assistant turn", "no assistant message, so nothing to train on")
     return out
@@ -197,6 +220,39 @@ def _from_alpaca(obj: dict[str, Any]) -> list[Message]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(obj["output"], "output")}]
 
 
+def _from_sharegpt(obj: dict[str, Any]) -> list[Message]:
+    _require(obj, ("conversations",), "sharegpt")
+    _no_unknown_keys(obj, _SHAREGPT_KEYS | METADATA_KEYS, "")
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError("wrong type", f"'conversations' must be an array, got {_json_type(turns)}")
+    if not turns:
+        raise RecordError("empty content", "'conversations' is an empty array")
+    out = [_sharegpt_turn(t, f"conversations[{i}]") for i, t in enumerate(turns)]
+    if "system" in obj:
+        if out[0]["role"] == "system":
+            raise RecordError("misplaced system message",
+                              "a top-level 'system' and a system turn in conversations[0]: keep one")
+        _check_turns(out, "conversations")
+        return [{"role": "system", "content": _text(obj["system"], "system")}, *out]
+    return _check_turns(out, "conversations")
+
+
+def _sharegpt_turn(turn: Any, where: str) -> Message:
+    if not isinstance(turn, dict):
+        raise RecordError("wrong type", f"{where} must be an object, got {_json_type(turn)}")
+    for key in ("from", "value"):
+        if key not in turn:
+            raise RecordError("missing field", f"{where} has no '{key}'")
+    _no_unknown_keys(turn, _TURN_KEYS, f"{where}.")
+    speaker = turn["from"]
+    if not isinstance(speaker, str):
+        raise RecordError("wrong type", f"{where}.from must be a string, got {_json_type(speaker)}")
+    if speaker not in SHAREGPT_ROLES:
+        raise RecordError("unknown role", f"{where}.from is {speaker!r} (expected 'system', 'human' or 'gpt')")
+    return {"role": SHAREGPT_ROLES[speaker], "content": _text(turn["value"], f"{where}.value")}
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise RecordError("wrong type", f"{where} must be a string, got {_json_type(value)}")
@@ -210,9 +266,9 @@ def _text(value: Any, where: str) -> str:
 def _require(obj: dict[str, Any], keys: tuple[str, ...], fmt: str) -> None:
     for key in keys:
         if key not in obj:
-            other = "alpaca" if fmt == "messages" else "messages"
+            other = _looks_like(obj)
             hint = ""
-            if _looks_like(obj) == other:
+            if other is not None and other != fmt:
                 hint = f" (this looks like the {other} format: set data.format = \"{other}\" or \"auto\")"
             raise RecordError("missing field", f"no '{key}' field{hint}")
 

@@ -54,6 +54,8 @@ class DataReport:
     # Assistant turns that the chat template rendered differently from their content (DeepSeek-R1's
     # template removes everything up to `</think>`): the loss sees the rendering, so say so.
     altered_turns: int = 0
+    # "file xW: n -> m samples" per train file, when data.train_files gives any weight but 1.
+    weighting: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.invalid_reasons.items()))
@@ -65,6 +67,8 @@ class DataReport:
             f"data: {self.train_samples} train samples ({self.train_tokens} tokens, {self.trained_tokens} "
             f"trained), {self.eval_samples} eval samples; tokenized cache {'hit' if self.cache_hit else 'miss'}",
         ]
+        if self.weighting:
+            lines.append("data: file weights: " + "; ".join(self.weighting))
         if self.altered_turns:
             lines.append(f"data: warning: the chat template changed {self.altered_turns} assistant turn(s) "
                          "(e.g. removed <think>...</think>); the loss is on the rendered text")

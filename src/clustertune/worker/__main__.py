@@ -1,7 +1,7 @@
 """Per-rank entry point, started by a launcher (never by hand):
 
     RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
-        python -m clustertune.worker runs/demo/launch_recipe.toml [--set train.lr=1e-3] [--resume]
+        python -m clustertune.worker runs/demo/launch/recipe.toml [--set train.lr=1e-3] [--resume]
 
 Secrets reach the worker only through the 0600 file named by CLUSTERTUNE_SECRETS_FILE.
 """
@@ -23,16 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    secrets_file = os.environ.get("CLUSTERTUNE_SECRETS_FILE")
-    if secrets_file:
-        from clustertune.secrets import load_secrets_file
-        load_secrets_file(secrets_file)
-
+    from clustertune import contract
     from clustertune.config import load_recipe
     from clustertune.errors import UserError
-    from clustertune.worker.engine import PeerFailed, shutdown_distributed
-    rank = os.environ.get("RANK", "0")
+    from clustertune.worker.distributed import PeerFailed, shutdown_distributed
+    rank = os.environ.get(contract.RANK, "0")
     try:
+        secrets_file = os.environ.get(contract.SECRETS_FILE_ENV)
+        if secrets_file:  # an unsafe or malformed file is a SecretsFileError: one line, below
+            from clustertune.secrets import load_secrets_file
+            load_secrets_file(secrets_file)
         recipe = load_recipe(args.recipe, args.overrides)
         from clustertune.worker.loop import run
         run(recipe, resume=args.resume)

@@ -1,7 +1,7 @@
 """Which samples each rank trains in each optimizer step, and how they become tensors.
 
 Every rank holds the identical sample list, so every rank computes the identical plan locally:
-no communication is needed to agree on the step's trained-token count (the loss denominator)
+no communication is needed to agree on the step's loss units (the loss denominator)
 or on the number of micro-batches (ZeRO-3 needs all ranks to run the same number of forwards).
 The plan is a pure function of (step, sample lengths, layout), which also makes resume exact.
 """
@@ -12,8 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from clustertune.config import RecipeError
-from clustertune.worker.engine import BatchLayout
+from clustertune.batch_math import BatchLayout, steps_per_epoch
 from clustertune.data.types import IGNORE_INDEX
 
 
@@ -23,26 +22,13 @@ class StepPlan:
     # per_rank[r][m] = dataset indices of micro-batch m on rank r; [] is a filler micro-batch
     # that runs a forward/backward on one ignored token so collectives stay matched.
     per_rank: tuple[tuple[tuple[int, ...], ...], ...]
-    trained_tokens: int  # over all ranks and micro-batches: the loss denominator
+    # The loss denominator: the objective's loss units (SFT: trained tokens) of the step's samples,
+    # over all ranks and micro-batches.
+    loss_units: int
 
     @property
     def micro_batches_per_rank(self) -> int:
         return len(self.per_rank[0])
-
-
-def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
-    return num_samples // global_batch_size
-
-
-def total_steps(*, num_samples: int, global_batch_size: int, max_steps: int | None, epochs: float | None) -> int:
-    per_epoch = steps_per_epoch(num_samples, global_batch_size)
-    if per_epoch == 0:
-        raise RecipeError(f"the training set has {num_samples} samples, fewer than one global batch "
-                         f"(train.global_batch_size = {global_batch_size})")
-    if max_steps is not None:
-        return max_steps
-    assert epochs is not None
-    return max(1, int(epochs * per_epoch))
 
 
 def epoch_permutation(num_samples: int, epoch: int, seed: int) -> list[int]:
@@ -91,7 +77,7 @@ def _balance(groups: list[list[int]], lengths: Sequence[int], world_size: int) -
     return per_rank
 
 
-def plan_step(step: int, indices: Sequence[int], *, lengths: Sequence[int], trained: Sequence[int],
+def plan_step(step: int, indices: Sequence[int], *, lengths: Sequence[int], units: Sequence[int],
               layout: BatchLayout, packing: bool, token_budget: int) -> StepPlan:
     world = layout.world_size
     if packing:
@@ -105,7 +91,7 @@ def plan_step(step: int, indices: Sequence[int], *, lengths: Sequence[int], trai
                              for m in range(0, len(mine), layout.micro_batch_size)])
     depth = max(1, max(len(groups) for groups in per_rank))
     padded = tuple(tuple(tuple(g) for g in groups) + ((),) * (depth - len(groups)) for groups in per_rank)
-    return StepPlan(step=step, per_rank=padded, trained_tokens=sum(trained[i] for i in indices))
+    return StepPlan(step=step, per_rank=padded, loss_units=sum(units[i] for i in indices))
 
 
 # ------------------------------------------------------------------------ tensors (torch side)

@@ -1,4 +1,5 @@
-"""The one module that talks to DeepSpeed: config generation (pure), initialize, save/load.
+"""The one module that talks to DeepSpeed: config generation (pure), process group, initialize,
+backward and step, save/load, universal conversion, ZeRO-3 gathers.
 
 `build_deepspeed_config` is a pure function of recipe sections and the world size; it resolves
 every number (no "auto") so the JSON written to the run directory is exactly what ran.
@@ -11,49 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clustertune.config import RecipeError, TrainSection, ZeroSection
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How one optimizer step's samples split over ranks and micro-batches."""
-
-    global_batch_size: int
-    micro_batch_size: int
-    world_size: int
-    gradient_accumulation_steps: int
-
-
-def batch_layout(train: TrainSection, *, world_size: int, packing: bool) -> BatchLayout:
-    """global = micro x accumulation x world, checked with the arithmetic in the message.
-
-    With packing a micro-batch is one packed row of up to train.micro_batch_tokens tokens, and the
-    number of rows per step follows from the data; the nominal accumulation is still derived here
-    so that DeepSpeed's train_batch_size bookkeeping is consistent.
-    """
-    if world_size < 1:
-        raise RecipeError(f"world size must be >= 1 (got {world_size})")
-    micro = 1 if packing else train.micro_batch_size
-    per_step = micro * world_size
-    if packing:
-        gas = max(1, train.global_batch_size // world_size // max(1, train.micro_batch_size))
-    else:
-        if train.global_batch_size % per_step:
-            raise RecipeError(
-                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({micro}) x world size ({world_size}) = {per_step}")
-        gas = train.global_batch_size // per_step
-    return BatchLayout(train.global_batch_size, micro, world_size, gas)
-
-
-def resolve_precision(train: TrainSection, *, on_gpu: bool) -> str:
-    if train.precision == "auto":
-        return "bf16" if on_gpu else "fp32"
-    if train.precision == "bf16" and not on_gpu:
-        # DeepSpeed's CPU accelerator runs bf16, but slowly and with gloo reductions in bf16;
-        # allow it (users may want parity checks) rather than refuse.
-        return "bf16"
-    return train.precision
+from clustertune.batch_math import BatchLayout
+from clustertune.config import TrainSection, ZeroSection
+from clustertune.worker.checkpoint import fsync_tree
 
 
 DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's own default, written out so the JSON says what ran
@@ -123,22 +84,7 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
     return config
 
 
-def lr_multiplier(step: int, *, train: TrainSection, total_steps: int) -> float:
-    """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant. Pure."""
-    warmup = train.warmup_steps
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if train.schedule == "constant" or total_steps <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    floor = train.min_lr_ratio
-    if train.schedule == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    import math
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------- runtime (imports torch)
+# ------------------------------------------------------------------- DeepSpeed at run time
 
 def init_distributed(*, on_gpu: bool, timeout_s: float | None = None) -> None:
     """timeout_s: how long any collective may wait for a peer (run.collective_timeout_s)."""
@@ -194,11 +140,19 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(engine) -> float:
-    """Apply the accumulated gradients; returns the global gradient norm before clipping."""
+@dataclass(frozen=True)
+class OptimizerStep:
+    grad_norm: float | None  # global gradient norm before clipping (None: this path reports none)
+    applied: bool  # False: DeepSpeed skipped the update (non-finite gradients), weights unchanged
+
+
+def optimizer_step(engine) -> OptimizerStep:
+    """Apply the accumulated gradients. DeepSpeed's ZeRO optimizers check the gradient norm first
+    and, when it is not finite, drop the gradients instead (its overflow path; see
+    worker/nonfinite.py): the step counts, the weights and optimizer states stay as they were."""
     engine.step()
     norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+    return OptimizerStep(grad_norm=float(norm) if norm is not None else None, applied=engine.was_step_applied())
 
 
 def save_checkpoint(engine, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
@@ -206,24 +160,6 @@ def save_checkpoint(engine, directory: Path, tag: str, client_state: dict[str, A
     completion marker written after the next barrier never points at data still in page cache."""
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     fsync_tree(directory / tag)
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load_checkpoint(engine, directory: Path, tag: str) -> dict[str, Any]:
@@ -280,66 +216,3 @@ def gathered(params, *, zero_stage: int):
         return contextlib.nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-
-
-class PeerFailed(Exception):
-    """Work this rank waited for failed on another rank, which reports its own error.
-
-    Not a UserError: it says only that this rank stops; the cause (a user error or a bug) is
-    printed, with its own exit code, by the rank where it happened."""
-
-
-def while_others_wait(work, *, works: bool, timeout_s: float):
-    """Ranks with `works` run `work()` while the others wait up to `timeout_s`, which may be far
-    longer than the collective timeout (tokenizing a large dataset; converting a 32B checkpoint
-    moves about half a terabyte). The wait happens in a gloo group of its own, so its timeout
-    leaves the training group's alone. Every rank learns of a failure: the failing rank
-    re-raises its own error, the others raise PeerFailed naming it, instead of hanging."""
-    import datetime
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return work() if works else None
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    result, error = None, None
-    if works:
-        try:
-            result = work()
-        except Exception as err:  # noqa: BLE001 - told to the other ranks, then re-raised below
-            error = err
-    outcomes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, None if error is None else f"{type(error).__name__}: {error}", group=group)
-    dist.destroy_process_group(group)
-    if error is not None:
-        raise error
-    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
-    if failed:
-        rank, outcome = failed[0]
-        raise PeerFailed(f"rank {rank} failed: {outcome.splitlines()[0]}")
-    return result
-
-
-def shutdown_distributed(*, wait_for_peers: bool = True) -> None:
-    """Tear the process group down while the interpreter is still whole.
-
-    Without this, gloo's worker threads can outlive the Python objects they hold and the rank
-    dies at exit with "terminate called without an active exception" (SIGABRT), which would
-    hide a clean exit code. wait_for_peers=False only where no rank can be inside a collective
-    (an error every rank learned of together): with a peer mid-collective the teardown hangs.
-    """
-    import torch.distributed as dist
-    if dist.is_initialized():
-        if wait_for_peers:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def world_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))

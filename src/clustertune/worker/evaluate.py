@@ -13,7 +13,7 @@ exactly one rank; the loss sum and the token count are all-reduced, so the resul
 on the world size, the micro-batch size or packing. All ranks run the same number of forwards
 (short ranks run empty filler micro-batches), which ZeRO-3 needs to keep its gathers matched.
 
-Worker side: imported by train.py only; torch is imported inside the functions that need it.
+Worker side: imported by worker/loop.py only; torch is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -165,22 +165,22 @@ class EvalResult:
                 "eval_tokens": self.tokens, "eval_time_s": self.seconds}
 
 
-def eval_loss(ds_engine, samples, plan: list[list[int]], *, device, packing: bool, pad_id: int) -> tuple[float, int]:
-    """(mean loss per trained token, trained tokens) over all ranks; `plan` is this rank's
-    micro-batches from eval_plan. Collective: every rank calls it with a plan of the same length.
+def eval_loss(ds_engine, objective, samples, plan: list[list[int]], *, device) -> tuple[float, int]:
+    """(mean loss per loss unit, loss units) over all ranks (SFT: per trained token); `plan` is
+    this rank's micro-batches from eval_plan. Collective: every rank calls it with a plan of the
+    same length.
 
-    Goes through the DeepSpeed engine's forward (the training forward: same loss, Liger's fused
-    head on GPU so no vocabulary-wide fp32 logits, ZeRO-3 gathers driven by the engine)."""
+    Goes through the objective's training forward in the DeepSpeed engine (same loss, Liger's
+    fused head on GPU so no vocabulary-wide fp32 logits, ZeRO-3 gathers driven by the engine)."""
     import torch
     import torch.distributed as dist
 
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, loss units
     with torch.no_grad():
         for group in plan:
-            batch = batching.collate([samples[i] for i in group], packing=packing, pad_id=pad_id)
-            batch = batching.to_device(batch, device)
-            totals[0] += ds_engine(**batch).detach().double()
-            totals[1] += sum(samples[i].num_trained for i in group)
+            out = objective.micro_batch_loss(ds_engine, [samples[i] for i in group], device=device)
+            totals[0] += out.loss_sum.detach().double()
+            totals[1] += sum(objective.loss_units(samples[i]) for i in group)
     if dist.is_initialized():
         dist.all_reduce(totals)
     tokens = int(totals[1].item())
@@ -252,18 +252,18 @@ class Evaluator:
     Holds the eval plan (computed once), the generation prompts and the best eval loss so far.
     """
 
-    def __init__(self, *, recipe, samples, tokenizer, ds_engine, lm, rt, sink):
+    def __init__(self, *, recipe, objective, samples, tokenizer, ds_engine, lm, rt, sink):
+        self.objective = objective
         self.samples = samples
         self.every_steps = recipe.eval.every_steps
         self.max_new_tokens = recipe.eval.max_new_tokens
         self.keep_best = recipe.checkpoint.keep_best
         self.zero3 = recipe.zero.stage == 3
-        self.packing = recipe.data.packing
         self.tokenizer, self.ds_engine, self.lm, self.rt, self.sink = tokenizer, ds_engine, lm, rt, sink
         self.plan = eval_plan([len(s.input_ids) for s in samples], world_size=rt.world_size,
                               micro_batch_size=recipe.train.micro_batch_size, packing=recipe.data.packing,
                               token_budget=recipe.train.micro_batch_tokens)[rt.rank]
-        self.expected_tokens = sum(s.num_trained for s in samples)
+        self.expected_tokens = sum(objective.loss_units(s) for s in samples)
         headers = template_headers(tokenizer)
         prompts = (generation_prompt(tokenizer, s, headers) for s in samples)
         self.prompts = [p for p in prompts if p is not None][:recipe.eval.generate_samples]
@@ -286,8 +286,7 @@ class Evaluator:
         was_training = self.ds_engine.module.training
         self.ds_engine.eval()
         try:
-            loss, tokens = eval_loss(self.ds_engine, self.samples, self.plan, device=self.rt.device,
-                                     packing=self.packing, pad_id=self.tokenizer.pad_token_id)
+            loss, tokens = eval_loss(self.ds_engine, self.objective, self.samples, self.plan, device=self.rt.device)
             if tokens != self.expected_tokens:
                 raise RuntimeError(f"eval counted {tokens} trained tokens, the eval set has {self.expected_tokens}")
             generations = generate(self.lm, self.tokenizer, self.prompts, rank=self.rt.rank,

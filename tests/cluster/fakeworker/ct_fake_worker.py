@@ -3,7 +3,9 @@ milliseconds, and reports what a rank sees (rank env, interface, node address, s
 
     CLUSTERTUNE_WORKER_MODULE=ct_fake_worker PYTHONPATH=tests/cluster/fakeworker clustertune launch ...
 
-CLUSTERTUNE_FAKE_MODE: ok (report, exit 0) | fail:R (rank R exits 3, the others wait) | sleep
+CLUSTERTUNE_FAKE_SHOW=NAME,NAME: also report those variables' values.
+CLUSTERTUNE_FAKE_MODE: ok (report, exit 0) | fail:R (rank R exits 3, the others wait) | sleep |
+bar (a progress bar on stderr, redrawn with \r as tqdm does, then exit 0)
 """
 
 import hashlib
@@ -15,7 +17,10 @@ import time
 
 
 def main(argv):
+    from clustertune.secrets import is_secret_name
     recipe = argv[0]
+    # What the launcher put in the environment itself, before the secrets file is read.
+    secrets_in_environ = sorted(k for k in os.environ if is_secret_name(k))
     secrets_loaded = 0
     if os.environ.get("CLUSTERTUNE_SECRETS_FILE"):
         from clustertune.secrets import load_secrets_file
@@ -40,7 +45,9 @@ def main(argv):
     report.update(src=src, recipe=recipe, argv=argv[1:], secrets_loaded=secrets_loaded,
                   hf_token_sha=hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
                   my_token_sha=hashlib.sha256(os.environ.get("MY_TOKEN", "").encode()).hexdigest()[:16],
-                  secret_on_cmdline=on_cmdline, pid=os.getpid())
+                  secret_on_cmdline=on_cmdline, pid=os.getpid(), secrets_in_environ=secrets_in_environ,
+                  env_names=sorted(os.environ),
+                  shown={k: os.environ.get(k) for k in os.environ.get("CLUSTERTUNE_FAKE_SHOW", "").split(",") if k})
     print("FAKE " + json.dumps(report), flush=True)
     mode = os.environ.get("CLUSTERTUNE_FAKE_MODE", "ok")
     rank = int(os.environ["RANK"])
@@ -50,6 +57,13 @@ def main(argv):
             print("FAKE failing on purpose", flush=True)
             return 3
         mode = "sleep"
+    if mode == "bar":
+        for i in range(1, 4):
+            sys.stderr.write(f"\rbar {i}/3")
+            sys.stderr.flush()
+            time.sleep(0.1)
+        sys.stderr.write("\n")
+        return 0
     if mode == "sleep":
         print("FAKE sleeping", flush=True)
         for _ in range(600):

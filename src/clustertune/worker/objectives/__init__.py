@@ -1,0 +1,56 @@
+"""Training objectives: the one place where an objective differs from another.
+
+The loop core (worker/loop.py, worker/step.py) is the same for every objective:
+
+    step plan (which samples, how they pack, the loss denominator)
+      -> for each of this rank's micro-batches: objective.micro_batch_loss -> backward
+      -> optimizer step (non-finite guard) -> metrics (+ objective.step_metrics) -> eval -> checkpoint
+
+An objective decides only how samples become a loss and which metrics it adds:
+
+* `module(lm, varlen=...)`: the nn.Module DeepSpeed trains (its forward is the objective's);
+* `loss_units(sample)`: what one sample adds to the step's loss denominator (SFT: its trained
+  tokens; a preference pair: 1). The step's loss is sum(unit losses) / sum(units) over every
+  micro-batch of every rank, so accumulation and world size never change the gradient;
+* `micro_batch_loss(ds_engine, samples, device=...)`: forward of one micro-batch: the SUM of its
+  unit losses (in the graph) and metric sums (detached) that add up over micro-batches and ranks;
+* `step_metrics(sums, plan)`: the objective's entries of the step's metrics record.
+
+Objectives are plain classes that satisfy `Objective` (no base class to inherit from). An
+objective with a generation phase (GRPO) runs it before the step's forwards from the loop, on the
+step's sample indices; a preference objective brings its own data preparation and collation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from clustertune.worker.batching import StepPlan
+
+
+@dataclass
+class MicroBatchLoss:
+    loss_sum: "torch.Tensor"  # 0-d, in the autograd graph: the sum of the micro-batch's unit losses
+    metric_sums: dict[str, "torch.Tensor"] = field(default_factory=dict)  # 0-d, detached, summed over ranks
+
+
+class Objective(Protocol):
+    name: str
+
+    def module(self, lm: Any, *, varlen: bool) -> "torch.nn.Module": ...
+
+    def loss_units(self, sample: Any) -> int: ...
+
+    def micro_batch_loss(self, ds_engine: Any, samples: Sequence[Any], *, device: "torch.device") -> MicroBatchLoss: ...
+
+    def step_metrics(self, sums: dict[str, float], plan: "StepPlan") -> dict[str, float]: ...
+
+
+def objective_for(*, packing: bool, pad_id: int) -> Objective:
+    """The recipe's objective (today: supervised fine-tuning; issue 15 adds train.objective)."""
+    from clustertune.worker.objectives.sft import SupervisedFineTuning
+    return SupervisedFineTuning(packing=packing, pad_id=pad_id)
