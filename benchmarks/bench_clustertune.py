@@ -4,7 +4,9 @@ the real model assembly, step plans, packing, kernels and forward/backward step 
     PYTHONPATH=src python3 benchmarks/bench_clustertune.py --shape qwen2.5-1.5b --stage 2 \
         --mode var --seq 4096 --batch 32 --budget 16384 --gc --steps 30
 """
-import argparse, json, os, socket, statistics, sys, time
+import argparse, json, os, socket, statistics, sys, threading, time
+
+STARTED = time.perf_counter()
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workload import sample_lengths, sample_tokens  # noqa: E402
@@ -21,6 +23,8 @@ p.add_argument("--no-pack", action="store_true", help="padded micro-batches of -
 p.add_argument("--mbs", type=int, default=4)
 p.add_argument("--persist", type=int, default=None, help="zero.param_persistence_threshold")
 p.add_argument("--subgroup", type=int, default=None, help="zero.sub_group_size (ZeRO-3)")
+p.add_argument("--offload", action="store_true", help="zero.offload_optimizer (CPU Adam)")
+p.add_argument("--compile", action="store_true", help="train.compile (regional torch.compile)")
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
 p.add_argument("--profile", default=None, help="directory: profile step N-2 into DIR/step_K.txt (+ trace)")
@@ -59,13 +63,44 @@ recipe = recipe_from_dict({
     "data": {"train_files": ["<synthetic: benchmarks/workload.py>"], "packing": not a.no_pack, "max_length": a.seq},
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
-              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device},
-    "zero": {"stage": a.stage, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
+              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device, "compile": a.compile},
+    "zero": {"stage": a.stage, "offload_optimizer": a.offload, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
              **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
 })
 rt = setup_runtime(recipe.train, collective_timeout_s=recipe.run.collective_timeout_s)
 objective = objective_for(packing=recipe.data.packing, pad_id=0)
+
+
+class HostPeak:
+    """This node's host memory in use, sampled every 0.5 s, above what it was before the engine."""
+
+    def __init__(self):
+        import psutil
+        self._vm = psutil.virtual_memory
+        self.base = self._vm().used
+        self.peak = self.base
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            vm = self._vm()
+            self.peak = max(self.peak, vm.used)
+            if vm.available < 6 * 2**30:  # stop before the kernel's OOM killer takes the machine
+                print(f"HOST-OOM-GUARD: {vm.available / 2**30:.1f} GiB available, used {self.gib:.1f} GiB above "
+                      f"the start; stopping", flush=True)
+                os._exit(3)
+            time.sleep(0.5)
+
+    @property
+    def gib(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
+host = HostPeak()
+built_at = time.perf_counter()
 parts = assemble(recipe, rt, objective)
+engine_s = time.perf_counter() - built_at
+first_step_at = None
 shape = parts.shape
 
 n_samples = a.steps * a.batch
@@ -93,6 +128,8 @@ for step in range(a.steps):
         losses.append(forward_backward(parts.ds_engine, objective, plan, samples, rt=rt).loss)
         engine.optimizer_step(parts.ds_engine)
     sync(); times.append(time.perf_counter() - t0)
+    if first_step_at is None:
+        first_step_at = time.perf_counter() - STARTED
 
 step_s = statistics.median(times[5:]) if len(times) > 6 else statistics.median(times)
 tok_step = sum(lengths) / a.steps  # whole step, all ranks: plan_step splits each step's samples over the ranks
@@ -111,4 +148,7 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
       "mfu": round(flops.mfu(cluster_tokens_per_s=tps, flops_per_tok=fpt, world_size=rt.world_size,
                              peak_flops_per_gpu=peak), 4),
       # GiB (the key keeps its old name for the logs' readers: plan_validation.py, bench.py)
-      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0, "losses": losses[:20]}), flush=True)
+      "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
+      "offload": a.offload, "layers": shape.num_hidden_layers, "engine_build_s": round(engine_s, 1),
+      "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
+      "step_times": [round(t, 3) for t in times], "losses": losses[:20]}), flush=True)

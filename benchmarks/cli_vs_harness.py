@@ -75,12 +75,14 @@ stage = {a.stage}
 def run_cli(a, data: Path, run_dir: Path) -> dict:
     recipe = write_recipe(a, data, run_dir)
     cmd = [sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", "1"]
+    for override in a.set:
+        cmd += ["--set", override]
     subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL if not a.verbose else None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
     measured = [r for r in records if r["step"] > 5]
     return {"step_s": statistics.median(r["step_time_s"] for r in measured),
             "tok_per_s": sum(r["tokens"] for r in measured) / sum(r["step_time_s"] for r in measured),
-            "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": records[-1].get("mem_gb")}
+            "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": records[-1].get("mem_gib", records[-1].get("mem_gb"))}
 
 
 def run_harness(a, out: Path) -> dict:
@@ -102,12 +104,17 @@ def main() -> int:
     p.add_argument("--gc", action="store_true"); p.add_argument("--profile", action="store_true")
     p.add_argument("--tolerance", type=float, default=0.05); p.add_argument("--out", default="/tmp/cli_vs_harness")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="recipe override for the CLI run (repeatable)")
+    p.add_argument("--cli-only", action="store_true", help="skip the harness and the check")
     a = p.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     lengths = sample_lengths("var", a.steps * a.batch, a.seq)
     data = out / "w1.jsonl"
     write_jsonl(data, lengths)
     cli = run_cli(a, data, out / "cli_run")
+    if a.cli_only:
+        print("RESULT " + json.dumps({"cli": cli, "set": a.set}), flush=True)
+        return 0
     harness = run_harness(a, out)
     ratio = cli["tok_per_s"] / harness["tok_per_s"]
     print("RESULT " + json.dumps({"cli": cli, "harness": harness, "cli_over_harness": round(ratio, 4)}), flush=True)

@@ -115,6 +115,9 @@ class TrainSection(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_every: int = Field(default=1, ge=1)
     deterministic: bool = False
+    # torch.compile each decoder layer (regional: one compiled graph reused by every layer; the
+    # fused loss head stays outside). Off until it measures faster (benchmarks/RESULTS.md).
+    compile: bool = False
     # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
     profile_step: int | None = Field(default=None, ge=1)
     # A step with a non-finite loss or gradient norm changes no weight and is logged; this many in a

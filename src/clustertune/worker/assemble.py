@@ -44,6 +44,9 @@ def assemble(recipe: Recipe, rt: Runtime, objective: Objective, *, load_universa
     lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
                          gradient_checkpointing=recipe.train.gradient_checkpointing, attn=attn,
                          liger=use_liger(recipe.model, on_gpu=rt.on_gpu))
+    if recipe.train.compile:
+        from clustertune.worker.kernels import compile_decoder_layers
+        compile_decoder_layers(lm)
     lm = apply_lora(lm, recipe.lora)
     module = objective.module(lm, varlen=attn == VARLEN_ATTENTION)
     ds_engine = engine.initialize(module, ds_config=ds_config, train=recipe.train, on_gpu=rt.on_gpu)

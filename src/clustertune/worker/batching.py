@@ -96,6 +96,16 @@ def plan_step(step: int, indices: Sequence[int], *, lengths: Sequence[int], unit
 
 # ------------------------------------------------------------------------ tensors (torch side)
 
+def to_device(batch: dict, device) -> dict:
+    """Tensors to `device` through pinned memory without blocking the host; other values as is."""
+    import torch
+
+    if device.type != "cuda":
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
+
+
 def collate(samples: Sequence, *, packing: bool, pad_id: int, pad_to_multiple: int = 1) -> dict:
     """Samples (input_ids, pre-shifted targets) -> model inputs.
 
@@ -113,8 +123,15 @@ def collate(samples: Sequence, *, packing: bool, pad_id: int, pad_to_multiple: i
         ids = [t for s in samples for t in s.input_ids]
         tgt = [t for s in samples for t in s.targets]
         pos = [p for s in samples for p in range(len(s.input_ids))]
+        # The varlen kernel's sample boundaries, computed here on the CPU: deriving them from
+        # position ids on the GPU costs two host-device syncs per micro-batch.
+        lens = [len(s.input_ids) for s in samples]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
-                "targets": torch.tensor([tgt]), "attention_mask": None}
+                "targets": torch.tensor([tgt]), "attention_mask": None,
+                "cu_seq_lens": torch.tensor(cu, dtype=torch.int32), "max_length": max(lens)}
     width = max(len(s.input_ids) for s in samples)
     width = -(-width // pad_to_multiple) * pad_to_multiple
     ids = torch.full((len(samples), width), pad_id)

@@ -86,6 +86,19 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
 
 
+def compile_decoder_layers(lm) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (same code and shapes, so
+    the layers share one compiled graph; dynamic sequence length avoids a recompile per row
+    length). Returns the number of layers compiled."""
+    layers = getattr(getattr(lm, "model", lm), "layers", None)
+    if layers is None:
+        base = getattr(lm, "get_base_model", lambda: lm)()
+        layers = base.model.layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def apply_liger(lm) -> None:
     """Swap RMSNorm/RoPE/SwiGLU of a Qwen2 model instance for Liger's Triton kernels."""
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2

@@ -133,25 +133,31 @@ class TokenLossModel(nn.Module):
         self.lm = lm
         self.varlen = varlen  # packed rows go through the varlen attention kernel (kernels.py)
 
-    def _hidden(self, input_ids, position_ids, attention_mask):
+    def _hidden(self, input_ids, position_ids, attention_mask, cu_seq_lens=None, max_length=None):
         causal_lm = base_causal_lm(self.lm)
         extra = {}
         if self.varlen and attention_mask is None:
             from clustertune.worker.kernels import varlen_kwargs
-            extra = varlen_kwargs(position_ids)
+            if cu_seq_lens is not None:  # from collate, computed on the CPU (no host-device sync)
+                extra = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                         "max_length_q": max_length, "max_length_k": max_length}
+            else:
+                extra = varlen_kwargs(position_ids)
         hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
         return causal_lm, hidden
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask)
+                attention_mask: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_length: int | None = None) -> torch.Tensor:
+        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask, cu_seq_lens, max_length)
         if getattr(causal_lm.lm_head, "clustertune_fused_loss", False):
             return causal_lm.lm_head(hidden, targets).float()
         return self._plain_token_losses(causal_lm, hidden, targets).sum()
 
-    def token_losses(self, input_ids, position_ids, targets, attention_mask=None) -> torch.Tensor:
-        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask)
+    def token_losses(self, input_ids, position_ids, targets, attention_mask=None, cu_seq_lens=None,
+                     max_length=None) -> torch.Tensor:
+        causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask, cu_seq_lens, max_length)
         return self._plain_token_losses(causal_lm, hidden, targets)
 
     @staticmethod

@@ -27,8 +27,7 @@ class SupervisedFineTuning:
 
     def micro_batch_loss(self, ds_engine: Any, samples: Sequence[Any], *, device: torch.device) -> MicroBatchLoss:
         batch = batching.collate(samples, packing=self.packing, pad_id=self.pad_id)
-        batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
-        return MicroBatchLoss(ds_engine(**batch))
+        return MicroBatchLoss(ds_engine(**batching.to_device(batch, device)))
 
     def step_metrics(self, sums: dict[str, float], plan: batching.StepPlan) -> dict[str, float]:
         return {"trained_tokens": plan.loss_units}
