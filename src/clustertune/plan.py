@@ -661,8 +661,12 @@ def host_memory(inp: PlanInput, option: Option) -> HostMemory:
       stage 1/2 (stage_1_and_2.py, cpu_offload): fp32 master + Adam m, v (12), the fp32
         gradient partition (4), the fp32 accumulation buffer used with gradient accumulation (4)
         and a bf16 staging copy of the params (2) = 22 B per trainable param of the partition.
-      stage 3: master + m + v (12), the pinned gradient partition (2) and the fp32 gradient of
-        one sub-group at the step (4 x min(sub_group_size, partition)).
+      stage 3 (stage3.py): master + m + v (12), the pinned fp32 gradient of every sub-group, kept
+        as the master partition's .grad (4), and the pinned gradient-accumulation partition
+        (grad_partitions_flat_buffer, fp32: 4) = 20 B per trainable param of the partition.
+        Measured on 4 x H100 (2026-11-26, benchmarks/RESULTS.md): 48 layers of the 32B shape,
+        470.6 GiB host per node against 477 planned here; the former 14 B/param model planned
+        352 GiB and passed a 63-layer run that the host could not hold.
       param offload: the bf16 param partition (2 B/param / world).
     """
     b, n, r = inp.bytes, inp.world_size, inp.ranks_per_node
@@ -676,7 +680,7 @@ def host_memory(inp: PlanInput, option: Option) -> HostMemory:
     partition = trainable / n
     if option.offload_optimizer:
         if option.stage == 3:
-            offload += (b.optimizer + b.grad) * partition + 4 * min(partition, inp.buckets.sub_group_size)
+            offload += (b.optimizer + 4 + 4) * partition
         else:
             offload += (b.optimizer + 4 + 4 + b.param) * partition
     if option.offload_params:
