@@ -85,7 +85,8 @@ def main() -> int:
         kwargs = dict(gpu=gpu_name(r), world_size=world, gpus_per_node=a.gpus_per_node or world,
                       zero_stage=r["stage"], gradient_checkpointing=r["gc"], tokens_per_step=r["tokens_per_step"],
                       t_eff=effective_context(lengths), tokens_per_micro_batch=r["budget"],
-                      intra_node_gbps=a.intra_node_gbps, inter_node_gbps=a.inter_node_gbps)
+                      intra_node_gbps=a.intra_node_gbps, inter_node_gbps=a.inter_node_gbps,
+                      offload_optimizer=bool(r.get("offload")))
         table = timing.compare_with_measured(timing.estimate_run_time(shape, **kwargs), measured_step_s=r["step_s"])
         base = one_gpu.get((r["shape"], r["stage"], r["gc"], r["mode"]))
         same_call = "-", "-"

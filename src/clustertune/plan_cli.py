@@ -413,7 +413,7 @@ def _count_train_samples(recipe: Recipe) -> tuple[int | None, str]:
     try:
         for path, weight in _train_files(recipe):
             one = data.model_copy(update={"train_files": [path], "eval_files": []})
-            total += weight * check_records(one).valid
+            total += weight * check_records(one, recipe.train.objective).valid
     except UserError as err:
         first = str(err).splitlines()[0]
         return None, f"unknown ({first}); pass --samples N"
@@ -468,7 +468,8 @@ def render_time(recipe: Recipe, shape: Shape, job: Job, option: Option, data: Da
         intra_node_gbps=bw.intra_node_gbps, inter_node_gbps=bw.inter_node_gbps,
         hpz=bool(getattr(zero, "hpz_partition_size", None) and zero.hpz_partition_size > 1),
         quantized_weights=bool(getattr(zero, "quantized_weights", False)),
-        quantized_gradients=bool(getattr(zero, "quantized_gradients", False)))
+        quantized_gradients=bool(getattr(zero, "quantized_gradients", False)),
+        offload_optimizer=option.offload_optimizer)
     chosen = est.achieved_mfu
     if train.max_steps is not None:
         steps, steps_text = train.max_steps, "train.max_steps"

@@ -35,8 +35,9 @@ The model, kept simple and printed with every estimate:
   step = compute + exposed communication, exposed = max(comm x (1 - overlap), comm - compute):
       DeepSpeed overlaps gathers/reductions with compute (overlap_comm, prefetch); `overlap` is
       an assumed share (COMM_OVERLAP), not a measurement.
-  Not modelled: optimizer/param offload (PCIe and the CPU Adam step: such estimates are lower
-  bounds), data loading, evaluation, checkpoint saves, start-up.
+  optimizer offload: the CPU Adam step over the node's share of the trainable parameters at
+      CPU_ADAM_PARAMS_PER_S_PER_NODE, not overlapped with the GPU work.
+  Not modelled: param offload, data loading, evaluation, checkpoint saves, start-up.
 """
 
 from __future__ import annotations
@@ -220,6 +221,13 @@ class TimeEstimate:
         return steps * self.step_s
 
 
+# Parameters a node's CPU Adam steps per second with zero.offload_optimizer, gradient and weight
+# copies over PCIe included. Measured 2026-11-26 on 4 x H100 (64 cores, one node): 48 layers of
+# the 32B width (24.97B params) at 28.2 s per step, of which about 3.9 s GPU work
+# (benchmarks/RESULTS.md "The user's model").
+CPU_ADAM_PARAMS_PER_S_PER_NODE = 1.03e9
+
+
 def micro_batches_per_step(*, tokens_per_step: float, world_size: int, tokens_per_micro_batch: int) -> int:
     """Packed rows (or padded micro-batches) each rank runs per optimizer step."""
     return max(1, math.ceil(tokens_per_step / world_size / tokens_per_micro_batch))
@@ -232,7 +240,7 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
                       inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS, overlap: float = COMM_OVERLAP,
                       table: list[MfuEntry] | None = None, achieved_mfu: float | None = None,
                       hpz: bool = False, quantized_weights: bool = False,
-                      quantized_gradients: bool = False) -> TimeEstimate:
+                      quantized_gradients: bool = False, offload_optimizer: bool = False) -> TimeEstimate:
     """Step time of a job. `gpu` must be in the catalog (its peak); `trainable` defaults to every
     parameter (full fine-tuning); `achieved_mfu` overrides the table's figure; hpz and the
     quantized flags are the recipe's ZeRO++ keys."""
@@ -251,6 +259,9 @@ def estimate_run_time(shape: _Shape, *, gpu: str, world_size: int, gpus_per_node
                           hidden=shape.hidden_size, t_eff=t_eff)
     compute = tokens_per_step * fpt / (world_size * spec.peak_flops * chosen.mfu)
     parameters = shape.parameter_count()
+    nodes_for_cpu = max(1, math.ceil(world_size / gpus_per_node))
+    if offload_optimizer:
+        compute += (parameters if trainable is None else trainable) / (CPU_ADAM_PARAMS_PER_S_PER_NODE * nodes_for_cpu)
     comm = communication_per_step(
         zero_stage=zero_stage, parameters=parameters, trainable=parameters if trainable is None else trainable,
         micro_batches=micro_batches_per_step(tokens_per_step=tokens_per_step, world_size=world_size,
