@@ -104,6 +104,12 @@ def zero3_init_context(ds_config: dict[str, Any]):
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)
+    if ds_config["zero_optimization"].get("zero_hpz_partition_size", 1) > 1:
+        # ZeRO++: transformers enters zero.Init itself (for the config registered above); ours around
+        # it would make the nested Init create the node-local partition group a second time, which
+        # DeepSpeed refuses ("ZeRO parameter intra parallel group is already initialized").
+        import contextlib
+        return hf_ds_config, contextlib.nullcontext()
     return hf_ds_config, deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
