@@ -96,6 +96,9 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    # What the loss is (worker/objectives): "sft" supervised fine-tuning on assistant tokens;
+    # "dpo" direct preference optimization on chosen/rejected pairs ([dpo] section).
+    objective: Literal["sft", "dpo"] = "sft"
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0)
     global_batch_size: int = Field(default=16, ge=1)  # samples per optimizer step (unpacked)
@@ -188,6 +191,15 @@ class LoraSection(_Section):
     merge_on_export: bool = True
 
 
+class DpoSection(_Section):
+    """Direct preference optimization (train.objective = "dpo"): sigmoid loss on
+    beta * ((policy - reference) log-prob of chosen - the same of rejected)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    # Conservative DPO: the preference label is taken as wrong with this probability.
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+
+
 class CheckpointSection(_Section):
     every_steps: int = Field(default=0, ge=0)  # 0: only the final export
     keep_last: int = Field(default=2, ge=1)
@@ -228,12 +240,19 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
         if self.lora.enabled and self.zero.offload_params:
             raise ValueError("lora.enabled with zero.offload_params is not supported: LoRA trains few "
                              "parameters, use zero.stage = 2 or 3 without parameter offload")
+        if self.train.objective == "dpo" and self.data.packing and self.train.micro_batch_tokens < 2 * self.data.max_length:
+            # A preference pair (chosen + rejected, each up to max_length) always shares one row.
+            raise ValueError(
+                f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= 2 x data.max_length "
+                f"({2 * self.data.max_length}) for train.objective = \"dpo\" with data.packing: a pair's chosen "
+                "and rejected sequences are packed into the same row")
         if self.data.packing and self.train.micro_batch_tokens < self.data.max_length:
             raise ValueError(
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= data.max_length "

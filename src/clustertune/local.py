@@ -97,7 +97,8 @@ def cmd_validate(args) -> int:
         raise RecipeError(f"model.path {recipe.model.path!r}: the tokenizer does not load: {first}") from None
     # The cache the workers use, so the path printed is real and a later `train` starts from it.
     prepare_dataset(recipe.data, tokenizer, seed=recipe.train.seed,
-                    cache_dir=tokenized_cache_dir(recipe.data, run_dir=Path(recipe.run.output_dir)))
+                    cache_dir=tokenized_cache_dir(recipe.data, run_dir=Path(recipe.run.output_dir)),
+                    objective=recipe.train.objective)
     return 0
 
 

@@ -61,7 +61,7 @@ def check_data_before_start(recipe: Recipe) -> None:
     """Every record of the data files parsed and validated here, so bad input is one clear
     error (file:line) before any rank takes a GPU."""
     from clustertune.data import check_records
-    report = check_records(recipe.data)
+    report = check_records(recipe.data, recipe.train.objective)
     print(f"data: {report.valid} records in {len(report.files)} file(s) read"
           + (f", {report.total_lines - report.valid} invalid skipped (data.skip_invalid)"
              if report.total_lines > report.valid else ""), file=sys.stderr)

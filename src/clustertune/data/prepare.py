@@ -44,7 +44,11 @@ FileProblem = tuple[Path, Problem]
 
 
 def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: Path,
-                    log: Log = print) -> PreparedData:
+                    log: Log = print, objective: str = "sft") -> PreparedData:
+    """objective "dpo": PreferencePair samples from preference-pair records (data/preference.py)."""
+    if objective == "dpo":
+        from clustertune.data.preference import prepare_preference_dataset
+        return prepare_preference_dataset(data, tokenizer, seed=seed, cache_dir=cache_dir, log=log)
     train_files = _paths(data.train_paths, "data.train_files")
     eval_files = _paths(data.eval_files, "data.eval_files")
     settings = {"format": data.format, "max_length": data.max_length, "overlength": data.overlength,
@@ -73,10 +77,14 @@ def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: 
     return prepared
 
 
-def check_records(data: DataSection) -> DataReport:
+def check_records(data: DataSection, objective: str = "sft") -> DataReport:
     """Read and validate every record, without a tokenizer: the launcher's check before any
     worker starts. Raises the DataError training would (every bad line as file:line, or a
-    missing file); the chat template and lengths are checked later, by the workers."""
+    missing file); the chat template and lengths are checked later, by the workers.
+    objective "dpo": the records are preference pairs (data/preference.py)."""
+    if objective == "dpo":
+        from clustertune.data.preference import check_preference_records
+        return check_preference_records(data)
     files = _paths(data.train_paths, "data.train_files") + _paths(data.eval_files, "data.eval_files")
     report = DataReport(files=[str(p) for p in files])
     _read_all(files, data, report)
@@ -114,9 +122,11 @@ def _tokenize_files(data: DataSection, encoder: ChatEncoder, train_files: list[P
                            report, train_counts=[len(samples) for samples in train])
 
 
-def _read_all(files: list[Path], data: DataSection, report: DataReport) -> list[tuple[Path, list[Record]]]:
-    """Read and validate every file; with skip_invalid off, fail here, before any tokenizing."""
-    loaded = [(path, *load_file(path, data.format)) for path in files]
+def _read_all(files: list[Path], data: DataSection, report: DataReport,
+              convert: Callable[[dict[str, Any]], Any] | None = None) -> list[tuple[Path, list[Record]]]:
+    """Read and validate every file; with skip_invalid off, fail here, before any tokenizing.
+    convert: records of another kind than conversations (see records.load_file)."""
+    loaded = [(path, *load_file(path, data.format, convert)) for path in files]
     problems = [(path, p) for path, _, file_problems in loaded for p in file_problems]
     _skip_or_raise(problems, report, data.skip_invalid)
     valid = sum(len(records) for _, records, _ in loaded)

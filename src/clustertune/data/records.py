@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,19 @@ def read_records(path: Path, fmt: str) -> tuple[list[list[Message]], list[tuple[
                                            for p in problems]
 
 
-def load_file(path: Path, fmt: str) -> tuple[list[Record], list[Problem]]:
-    """Like read_records, keeping where each record is and the kind of each problem."""
+def load_file(path: Path, fmt: str, convert: Callable[[dict[str, Any]], Any] | None = None,
+              ) -> tuple[list[Record], list[Problem]]:
+    """Like read_records, keeping where each record is and the kind of each problem.
+
+    convert: turns one JSON object into the record's value (RecordError if invalid) instead of
+    the conversation formats above (data/preference.py reads preference pairs with it)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
     records: list[Record] = []
     problems: list[Problem] = []
     for where, item in read_items(path):
         try:
-            messages = parse_line(item, fmt) if isinstance(item, bytes) else parse_value(item, fmt)
+            messages = parse_line(item, fmt, convert) if isinstance(item, bytes) else parse_value(item, fmt, convert)
         except RecordError as err:
             problems.append(Problem(where, err.kind, err.detail))
             continue
@@ -120,7 +125,7 @@ def load_file(path: Path, fmt: str) -> tuple[list[Record], list[Problem]]:
     return records, problems
 
 
-def parse_line(raw: bytes, fmt: str) -> list[Message] | None:
+def parse_line(raw: bytes, fmt: str, convert: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """One JSONL line -> a validated conversation, None for a blank line, RecordError if invalid."""
     try:
         # Without the line break, json's "column" of an error at the end of the line is right.
@@ -139,14 +144,14 @@ def parse_line(raw: bytes, fmt: str) -> list[Message] | None:
         raise RecordError("bad JSON", "nested too deeply") from None
     if not isinstance(obj, dict):
         raise RecordError("not an object", f"expected a JSON object per line, got {_json_type(obj)}")
-    return record_to_messages(obj, fmt)
+    return record_to_messages(obj, fmt) if convert is None else convert(obj)
 
 
-def parse_value(obj: Any, fmt: str) -> list[Message]:
+def parse_value(obj: Any, fmt: str, convert: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """An already parsed record (a JSON array's element, a table's row) -> a conversation."""
     if not isinstance(obj, dict):
         raise RecordError("not an object", f"expected an object per record, got {_json_type(obj)}")
-    return record_to_messages(obj, fmt)
+    return record_to_messages(obj, fmt) if convert is None else convert(obj)
 
 
 def record_to_messages(obj: dict[str, Any], fmt: str) -> list[Message]:

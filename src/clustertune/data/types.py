@@ -30,6 +30,41 @@ class Sample:
         return len(self.targets) - self.targets.count(IGNORE_INDEX)  # list.count runs in C
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """One tokenized preference pair (train.objective = "dpo"): the prompt + chosen completion
+    and the prompt + rejected completion, each a Sample whose trained tokens are exactly its
+    completion's. The pair is the unit of batching: it is never split over micro-batches or
+    ranks, and packed, chosen and rejected are two segments of the same row.
+
+    `input_ids`, `targets` and `num_trained` are those of the two segments end to end (what
+    packing, the step plan and the data report count)."""
+
+    chosen: Sample
+    rejected: Sample
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def targets(self) -> list[int]:
+        return self.chosen.targets + self.rejected.targets
+
+    @property
+    def num_trained(self) -> int:
+        return self.chosen.num_trained + self.rejected.num_trained
+
+    @property
+    def key(self) -> str:
+        """sha256 of both segments' tokens and trained positions: what the stored reference
+        log-probs are keyed by (the same pair tokenized the same way has the same key)."""
+        import hashlib
+        import json
+        parts = [(s.input_ids, [t != IGNORE_INDEX for t in s.targets]) for s in (self.chosen, self.rejected)]
+        return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
 @dataclass
 class DataReport:
     """Exact counts of what happened to every record.

@@ -265,7 +265,7 @@ class Evaluator:
                               token_budget=recipe.train.micro_batch_tokens)[rt.rank]
         self.expected_tokens = sum(objective.loss_units(s) for s in samples)
         headers = template_headers(tokenizer)
-        prompts = (generation_prompt(tokenizer, s, headers) for s in samples)
+        prompts = (generation_prompt(tokenizer, getattr(s, "chosen", s), headers) for s in samples)  # DPO: the chosen side
         self.prompts = [p for p in prompts if p is not None][:recipe.eval.generate_samples]
         self.best: tuple[int, float] | None = None
 

@@ -40,8 +40,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> None:
     rt = setup_runtime(recipe.train, collective_timeout_s=recipe.run.collective_timeout_s)
     run_dir = Path(recipe.run.output_dir)
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, rt=rt, run_dir=run_dir)
-    objective = objective_for(packing=recipe.data.packing, pad_id=tokenizer.pad_token_id)
+    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, rt=rt, run_dir=run_dir,
+                        objective=recipe.train.objective)
+    objective = objective_for(recipe.train.objective, packing=recipe.data.packing, pad_id=tokenizer.pad_token_id,
+                              dpo=recipe.dpo, token_budget=recipe.train.micro_batch_tokens)
     steps = total_steps(num_samples=len(data.train), global_batch_size=recipe.train.global_batch_size,
                         max_steps=recipe.train.max_steps, epochs=recipe.train.epochs)
 
@@ -49,6 +51,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> None:
     parts = assemble(recipe, rt, objective, load_universal=point is not None and point.universal)
     if rt.is_main:
         write_run_files(run_dir, recipe, parts.ds_config, rt)
+    objective.before_training(parts, data, rt=rt, run_dir=run_dir, resuming=point is not None, heartbeat=heartbeat)
     start_step = resume_from(parts.ds_engine, point, rt) if point is not None else 0
 
     sink = metrics.MetricsSink(run_dir, enabled=rt.is_main, total_steps=steps, start_step=start_step)

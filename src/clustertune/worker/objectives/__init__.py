@@ -14,7 +14,9 @@ An objective decides only how samples become a loss and which metrics it adds:
   micro-batch of every rank, so accumulation and world size never change the gradient;
 * `micro_batch_loss(ds_engine, samples, device=...)`: forward of one micro-batch: the SUM of its
   unit losses (in the graph) and metric sums (detached) that add up over micro-batches and ranks;
-* `step_metrics(sums, plan)`: the objective's entries of the step's metrics record.
+* `step_metrics(sums, plan)`: the objective's entries of the step's metrics record;
+* `before_training(parts, data, ...)`: a stage after assembly, before resume and the first step
+  (DPO: the reference log-probs; SFT: nothing).
 
 Objectives are plain classes that satisfy `Objective` (no base class to inherit from). An
 objective with a generation phase (GRPO) runs it before the step's forwards from the loop, on the
@@ -28,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
+
+    from clustertune.config import DpoSection
 
     from clustertune.worker.batching import StepPlan
 
@@ -49,8 +53,18 @@ class Objective(Protocol):
 
     def step_metrics(self, sums: dict[str, float], plan: "StepPlan") -> dict[str, float]: ...
 
+    def before_training(self, parts: Any, data: Any, *, rt: Any, run_dir: Any, resuming: bool,
+                        heartbeat: Any) -> None: ...
 
-def objective_for(*, packing: bool, pad_id: int) -> Objective:
-    """The recipe's objective (today: supervised fine-tuning; issue 15 adds train.objective)."""
+
+def objective_for(name: str = "sft", *, packing: bool, pad_id: int, dpo: "DpoSection | None" = None,
+                  token_budget: int = 0) -> Objective:
+    """The recipe's objective (train.objective): "sft" or "dpo" (with the [dpo] section and
+    train.micro_batch_tokens, which its reference stage packs with)."""
+    if name == "dpo":
+        from clustertune.config import DpoSection
+        from clustertune.worker.objectives.dpo import DirectPreferenceOptimization
+        return DirectPreferenceOptimization(packing=packing, pad_id=pad_id, dpo=dpo or DpoSection(),
+                                            token_budget=token_budget)
     from clustertune.worker.objectives.sft import SupervisedFineTuning
     return SupervisedFineTuning(packing=packing, pad_id=pad_id)

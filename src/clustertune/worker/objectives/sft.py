@@ -31,3 +31,7 @@ class SupervisedFineTuning:
 
     def step_metrics(self, sums: dict[str, float], plan: batching.StepPlan) -> dict[str, float]:
         return {"trained_tokens": plan.loss_units}
+
+    def before_training(self, parts: Any, data: Any, *, rt: Any, run_dir: Any, resuming: bool,
+                        heartbeat: Any) -> None:
+        """Nothing before SFT's first step."""
