@@ -85,6 +85,7 @@ setup_python() {
 setup_tools() {  # WRAP_DIR, DEB_PREFIX and FORCE_WRAPPERS=1: to try the wrappers on a machine that has the tools
     local P=${DEB_PREFIX:-/opt/ctdebs} W=${WRAP_DIR:-/usr/local/bin}
     mkdir -p "$W"
+    case ":$PATH:" in *":$W:"*) ;; *) export PATH=$W:$PATH ;; esac
     step "unpacking $(ls .gpudebs/*.deb | wc -l) .debs into $P"
     mkdir -p $P
     for f in .gpudebs/*.deb; do dpkg -x "$f" $P || fail "dpkg -x $f"; done
