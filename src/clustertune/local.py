@@ -54,14 +54,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Accuracy of a fresh model, 2-process ZeRO-2 training on CPU, accuracy of the export."""
-    recipe = load_recipe(None, getattr(args, "overrides", []))
+    """Accuracy of a fresh model, 2-process ZeRO-2 training on CPU, accuracy of the export.
+    --objective dpo: the DPO demo (demo.demo_dpo_recipe_dict), held-out preference accuracy."""
+    dpo = getattr(args, "objective", "sft") == "dpo"
+    if dpo:
+        from clustertune.config import apply_overrides, recipe_from_dict
+        from clustertune.demo import demo_dpo_recipe_dict
+        overrides = getattr(args, "overrides", [])
+        recipe = recipe_from_dict(apply_overrides(demo_dpo_recipe_dict(), overrides), "<demo recipe (dpo)>", overrides)
+    else:
+        recipe = load_recipe(None, getattr(args, "overrides", []))
     nproc = getattr(args, "nproc", None) or 2
     from clustertune.preflight import check_before_workers
     check_before_workers(recipe, world_size=nproc, world_source=f"--nproc {nproc}")
     run_dir = Path(recipe.run.output_dir)
     started = time.monotonic()
-    evaluate = [sys.executable, "-m", "clustertune.worker.demo_eval"]
+    evaluate = [sys.executable, "-m", "clustertune.worker.demo_eval", *(["--preference"] if dpo else [])]
     code = subprocess.run(evaluate + ["--random-init", "--seed", str(recipe.train.seed)]).returncode
     if code:
         return code
