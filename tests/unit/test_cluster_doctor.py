@@ -184,7 +184,7 @@ def test_slow_link_warns_with_the_zeropp_keys():
                                "train": {"max_steps": 5, "micro_batch_tokens": 4096}, "zero": {"stage": 3}})
     advice, note = comm_share_advice(MEASURED, recipe, SANDBOX)
     assert advice and "zero.hpz_partition_size = 2" in advice and "quantized_weights" in advice
-    assert "traffic between nodes" in note
+    assert "clustertune.timing" in note and "not hidden" in note
     cells = bandwidth_cells(BandwidthResult("nccl", 2, MEASURED, advice=advice), SANDBOX)
     assert cells["node1"].verdict == "warn" and "hpz_partition_size" in cells["node1"].fix
     fast = dict(MEASURED, allreduce_gbs=400.0)

@@ -10,8 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from clustertune.batch_math import batch_layout
-from clustertune.cluster.interconnect import (COMM_SHARE_WARN, step_comm_estimate, zero_volume_factor,
-                                              zeropp_advice)
+from clustertune.cluster.interconnect import COMM_SHARE_WARN, comm_share, planned_step, zeropp_advice
 from clustertune.config import RecipeError, TrainSection, ZeroSection, check_zero_topology
 from clustertune.plan import Option, PlanInput, gpu_memory
 from clustertune.shapes import SHAPES
@@ -62,26 +61,29 @@ def test_planner_counts_the_secondary_partition():
     assert hpz.grads == plain.grads and hpz.optimizer == plain.optimizer
 
 
-def test_volume_factors_match_the_zeropp_paper():
-    assert zero_volume_factor(stage=3) == 3.0
-    assert zero_volume_factor(stage=3, hpz=True, quantized_weights=True, quantized_gradients=True) == 0.75
+def _recipe(**zero):
+    from clustertune.config import recipe_from_dict
+    return recipe_from_dict({"model": {"path": "qwen2.5-7b"}, "data": {"train_files": ["t.jsonl"], "packing": True,
+                                                                       "max_length": 4096},
+                             "train": {"max_steps": 5, "micro_batch_tokens": 4096}, "zero": {"stage": 3, **zero}})
 
 
 def test_slow_link_recommends_zeropp_fast_link_does_not():
     shape = SHAPES["qwen2.5-7b"]
-    common = dict(tokens_per_micro_batch=4096, world_size=16, gpus_per_node=8, peak_flops_per_gpu=989e12)
-    slow = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=2.7, **common)
-    fast = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=400, **common)
-    assert slow.share > COMM_SHARE_WARN > fast.share
-    advice = zeropp_advice(slow, ZeroSection(stage=3), gpus_per_node=8)
+    common = dict(gpu="NVIDIA H100 80GB HBM3", world_size=16, gpus_per_node=8, intra_node_gbs=200.0)
+    slow = planned_step(_recipe(), shape, inter_node_gbs=2.7, **common)
+    fast = planned_step(_recipe(), shape, inter_node_gbs=400.0, **common)
+    assert comm_share(slow) > COMM_SHARE_WARN > comm_share(fast)
+    advice = zeropp_advice(comm_share(slow), ZeroSection(stage=3), gpus_per_node=8)
     assert advice and "zero.hpz_partition_size = 8" in advice and "quantized_gradients" in advice
-    assert zeropp_advice(fast, ZeroSection(stage=3), gpus_per_node=8) is None
-    # ZeRO++ moves a quarter of ZeRO-3's bytes between nodes
-    pp = step_comm_estimate(shape, ZeroSection(**ZEROPP), inter_node_busbw_gbs=2.7, **common)
-    assert pp.comm_s == pytest.approx(slow.comm_s / 4)
-    one_node = step_comm_estimate(shape, ZeroSection(stage=3), inter_node_busbw_gbs=2.7,
-                                  **{**common, "world_size": 8})
-    assert one_node.comm_s == 0
+    assert zeropp_advice(comm_share(fast), ZeroSection(stage=3), gpus_per_node=8) is None
+    # ZeRO++ moves a quarter of ZeRO-3's bytes between nodes (the backward gather stays inside)
+    pp = planned_step(_recipe(hpz_partition_size=8, quantized_weights=True, quantized_gradients=True), shape,
+                      inter_node_gbs=2.7, **common)
+    assert pp.communication.bytes_per_step == pytest.approx(slow.communication.bytes_per_step / 4)
+    assert comm_share(pp) < comm_share(slow)
+    assert "even with ZeRO++" in zeropp_advice(0.9, ZeroSection(**ZEROPP), gpus_per_node=8)
+    assert "zero.stage = 3" in zeropp_advice(0.9, ZeroSection(stage=2), gpus_per_node=8)
 
 
 def test_launch_refuses_an_hpz_partition_that_is_not_one_node():

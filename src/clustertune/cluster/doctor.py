@@ -458,24 +458,26 @@ def bandwidth_command(*, python: str, env: Mapping[str, str], nnodes: int, node_
 
 
 def comm_share_advice(data: dict[str, Any], recipe: Any, cluster: Cluster) -> tuple[str | None, str]:
-    """(ZeRO++ advice or None, a note on the estimate) for the measured bandwidth and the recipe."""
-    from clustertune.cluster.interconnect import step_comm_estimate, zeropp_advice
-    from clustertune.flops import peak_flops_per_gpu
+    """(ZeRO++ advice or None, a note on the estimate) for the measured bandwidths and the recipe
+    (cluster/interconnect.py over clustertune.timing's step estimate)."""
+    from clustertune.cluster.interconnect import comm_share, planned_step, zeropp_advice
+    from clustertune.gpus import lookup_gpu
     if recipe is None:
         return None, "(give --recipe to estimate the share of a training step spent between nodes)"
-    peak = peak_flops_per_gpu(data.get("device") or "")
-    if not peak:
-        return None, f"(no bf16 peak known for {data.get('device')!r}: the step share is not estimated)"
-    from clustertune.plan_cli import tokens_per_micro_batch
+    gpu = data.get("device") or ""
+    if lookup_gpu(gpu) is None:
+        return None, f"(no bf16 peak known for {gpu!r}: the step share is not estimated)"
     from clustertune.shapes import shape_from_model_path
     gpus_per_node = max(n.slots for n in cluster.nodes)
-    est = step_comm_estimate(shape_from_model_path(recipe.model.path), recipe.zero,
-                             tokens_per_micro_batch=tokens_per_micro_batch(recipe), world_size=cluster.world_size,
-                             gpus_per_node=gpus_per_node, inter_node_busbw_gbs=max(data["allreduce_gbs"], 1e-6),
-                             peak_flops_per_gpu=peak)
-    note = (f"planned step (estimate): compute {est.compute_s * 1e3:.0f} ms, traffic between nodes "
-            f"{est.comm_s * 1e3:.0f} ms per micro-batch ({est.share:.0%})")
-    return zeropp_advice(est, recipe.zero, gpus_per_node=gpus_per_node), note
+    intra = [v for v in (data.get("intra_allreduce_gbs") or {}).values() if v > 0]
+    est = planned_step(recipe, shape_from_model_path(recipe.model.path), gpu=gpu, world_size=cluster.world_size,
+                       gpus_per_node=gpus_per_node, inter_node_gbs=max(data["allreduce_gbs"], 1e-6),
+                       intra_node_gbs=min(intra) if intra else None)
+    share = comm_share(est)
+    note = (f"planned step (clustertune.timing, one micro-batch of the token budget per rank): compute "
+            f"{est.compute_s * 1e3:.0f} ms, communication {est.communication_s * 1e3:.0f} ms of which "
+            f"{est.exposed_communication_s * 1e3:.0f} ms not hidden ({share:.0%} of the step)")
+    return zeropp_advice(share, recipe.zero, gpus_per_node=gpus_per_node), note
 
 
 def bandwidth_cells(result: BandwidthResult, cluster: Cluster) -> dict[str, Cell]:

@@ -1,86 +1,64 @@
-"""How much of a training step the traffic between nodes takes, from a measured bandwidth, and
-when ZeRO++ is worth it. A local estimate, pure arithmetic (the planner has no time model yet):
+"""The doctor's question about a measured interconnect: how much of the planned training step would
+the traffic between nodes take, and which ZeRO++ keys would cut it.
 
-    est = step_comm_estimate(shape, zero, tokens_per_micro_batch=8192, world_size=16, gpus_per_node=8,
-                             inter_node_busbw_gbs=2.7, peak_flops_per_gpu=989e12)
-    est.share            # communication / (compute + communication) of one micro-batch
-    zeropp_advice(...)   # the [zero] keys to set when est.share > COMM_SHARE_WARN, else None
+    est = planned_step(recipe, shape, gpu="NVIDIA H100 80GB HBM3", world_size=4, gpus_per_node=2,
+                       inter_node_gbs=2.7, intra_node_gbs=140.0)
+    comm_share(est)                                   # exposed communication / step time
+    zeropp_advice(comm_share(est), recipe.zero, gpus_per_node=2)   # the [zero] keys, or None
 
-Volumes per micro-batch and rank across the nodes, in units of M = the model's bf16 weights
-(2 bytes x parameters), as the ZeRO++ paper counts them (Wang et al. 2023, section 3):
-  * ZeRO-3: all-gather of the weights in forward (M) and again in backward (M), reduce-scatter of
-    the gradients (M): 3M;
-  * ZeRO-1/2: the gradients' reduce-scatter (M), plus the weights' all-gather once per step (M);
-  * ZeRO++ hierarchical partitioning (zero.hpz_partition_size = GPUs per node): the backward
-    all-gather stays inside the node: -M; quantized weights (int8): forward all-gather M/2;
-    quantized gradients (int4, hierarchical all-to-all): M/4. All three: 0.75M.
-A collective of S bytes over n ranks takes S x (n-1)/n / busbw, with busbw the bus bandwidth that
-`clustertune cluster doctor` measures across all nodes (NCCL / nccl-tests convention). Compute:
-model FLOPs per token (clustertune.flops) x tokens / (peak x ASSUMED_MFU). No overlap of
-communication with compute is assumed: the estimate is what an exposed link costs.
+The step is clustertune.timing's estimate (compute from FLOPs and a measured MFU, the ZeRO stage's
+collectives per step including ZeRO++'s smaller volumes, the part not hidden behind compute), fed
+with the bandwidths the doctor measured (bus bandwidth in GB/s; timing counts in Gb/s). Tokens
+per step: the recipe's global batch times the tokens per sample when the caller measured them,
+else one micro-batch of the token budget per rank (said in the note). Pure arithmetic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from clustertune.flops import model_flops_per_token
+from clustertune import timing
 
 COMM_SHARE_WARN = 0.20  # the doctor warns above this share of the step
-ASSUMED_MFU = 0.40  # compute efficiency assumed for the planned step's compute time
-GB = 1e9
 
 
-def zero_volume_factor(*, stage: int, hpz: bool = False, quantized_weights: bool = False,
-                       quantized_gradients: bool = False) -> float:
-    """Bytes crossing the nodes per micro-batch and rank, in units of the bf16 weights (M)."""
-    if stage in (0, 1, 2):
-        return 2.0  # gradients + the weights' all-gather (accumulation only lowers this)
-    forward = 0.5 if quantized_weights else 1.0
-    backward = 0.0 if hpz else 1.0
-    gradients = 0.25 if quantized_gradients else 1.0
-    return forward + backward + gradients
+def planned_step(recipe: Any, shape: Any, *, gpu: str, world_size: int, gpus_per_node: int, inter_node_gbs: float,
+                 intra_node_gbs: float | None = None, tokens_per_sample: float | None = None,
+                 t_eff: float | None = None) -> timing.TimeEstimate:
+    """timing.estimate_run_time for the recipe on the measured links (GB/s of bus bandwidth)."""
+    from clustertune.plan_cli import tokens_per_micro_batch
+    per_micro_batch = tokens_per_micro_batch(recipe)
+    if tokens_per_sample is not None:
+        tokens_per_step = recipe.train.global_batch_size * tokens_per_sample
+    else:
+        tokens_per_step = float(per_micro_batch * world_size)
+    zero = recipe.zero
+    return timing.estimate_run_time(
+        shape, gpu=gpu, world_size=world_size, gpus_per_node=gpus_per_node, zero_stage=zero.stage,
+        gradient_checkpointing=recipe.train.gradient_checkpointing, tokens_per_step=tokens_per_step,
+        t_eff=t_eff if t_eff is not None else float(min(recipe.data.max_length, per_micro_batch)),
+        tokens_per_micro_batch=per_micro_batch,
+        inter_node_gbps=inter_node_gbs * 8,
+        intra_node_gbps=intra_node_gbs * 8 if intra_node_gbs else timing.DEFAULT_INTRA_NODE_GBPS,
+        hpz=bool(zero.hpz_partition_size and zero.hpz_partition_size > 1),
+        quantized_weights=zero.quantized_weights, quantized_gradients=zero.quantized_gradients,
+        offload_optimizer=zero.offload_optimizer)
 
 
-@dataclass(frozen=True)
-class CommEstimate:
-    compute_s: float  # one micro-batch's forward + backward at ASSUMED_MFU
-    comm_s: float  # its traffic between nodes at the measured bus bandwidth
-
-    @property
-    def share(self) -> float:
-        total = self.compute_s + self.comm_s
-        return self.comm_s / total if total > 0 else 0.0
+def comm_share(est: timing.TimeEstimate) -> float:
+    """The part of the step spent waiting on communication (not hidden behind compute)."""
+    return est.exposed_communication_s / est.step_s if est.step_s > 0 else 0.0
 
 
-def step_comm_estimate(shape: Any, zero: Any, *, tokens_per_micro_batch: int, world_size: int,
-                       gpus_per_node: int, inter_node_busbw_gbs: float, peak_flops_per_gpu: float,
-                       t_eff: float | None = None) -> CommEstimate:
-    """`shape`: a clustertune.shapes.Shape; `zero`: the recipe's ZeroSection (stage and ZeRO++ keys)."""
-    if inter_node_busbw_gbs <= 0 or peak_flops_per_gpu <= 0:
-        raise ValueError("bandwidth and peak must be > 0")
-    hpz = bool(zero.hpz_partition_size and zero.hpz_partition_size > 1)
-    factor = zero_volume_factor(stage=zero.stage, hpz=hpz, quantized_weights=zero.quantized_weights,
-                                quantized_gradients=zero.quantized_gradients)
-    if world_size <= gpus_per_node:
-        factor = 0.0  # one node: nothing crosses a node boundary
-    weights = 2.0 * shape.parameter_count()
-    comm_s = factor * weights * (world_size - 1) / world_size / (inter_node_busbw_gbs * GB)
-    t_eff = float(tokens_per_micro_batch) if t_eff is None else t_eff
-    compute_s = model_flops_per_token(shape, t_eff) * tokens_per_micro_batch / (peak_flops_per_gpu * ASSUMED_MFU)
-    return CommEstimate(compute_s=compute_s, comm_s=comm_s)
-
-
-def zeropp_advice(estimate: CommEstimate, zero: Any, *, gpus_per_node: int) -> str | None:
+def zeropp_advice(share: float, zero: Any, *, gpus_per_node: int) -> str | None:
     """What to change when the link between nodes would take more than COMM_SHARE_WARN of the step."""
-    if estimate.share <= COMM_SHARE_WARN:
+    if share <= COMM_SHARE_WARN:
         return None
-    keys = []
     if zero.stage != 3:
-        return (f"communication between nodes ~{estimate.share:.0%} of each step: ZeRO++ (zero.stage = 3 with "
-                f"zero.hpz_partition_size = {gpus_per_node}, quantized_weights, quantized_gradients) cuts it to "
-                "about a quarter of ZeRO-3's")
+        return (f"communication between nodes ~{share:.0%} of each step: ZeRO++ (zero.stage = 3 with "
+                f"zero.hpz_partition_size = {gpus_per_node}, quantized_weights, quantized_gradients) moves about a "
+                "quarter of ZeRO-3's bytes between nodes")
+    keys = []
     if not (zero.hpz_partition_size and zero.hpz_partition_size > 1) and gpus_per_node > 1:
         keys.append(f"zero.hpz_partition_size = {gpus_per_node}")
     if not zero.quantized_weights:
@@ -88,6 +66,6 @@ def zeropp_advice(estimate: CommEstimate, zero: Any, *, gpus_per_node: int) -> s
     if not zero.quantized_gradients:
         keys.append("zero.quantized_gradients = true")
     if not keys:
-        return (f"communication between nodes ~{estimate.share:.0%} of each step even with ZeRO++: a faster "
+        return (f"communication between nodes ~{share:.0%} of each step even with ZeRO++: a faster "
                 "interconnect, or more tokens per micro-batch")
-    return f"communication between nodes ~{estimate.share:.0%} of each step: set {', '.join(keys)} (ZeRO++)"
+    return f"communication between nodes ~{share:.0%} of each step: set {', '.join(keys)} (ZeRO++)"
