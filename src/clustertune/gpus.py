@@ -87,15 +87,21 @@ def known_gpu_names() -> str:
     return ", ".join(GPUS)
 
 
-def local_gpu_count() -> int:
-    """GPUs visible here, without importing torch (nvidia-smi, honouring CUDA_VISIBLE_DEVICES)."""
+def local_gpu_ids() -> list[str]:
+    """GPUs visible here as CUDA_VISIBLE_DEVICES entries, without importing torch: the caller's
+    CUDA_VISIBLE_DEVICES when set, else 0..N-1 for the N GPUs `nvidia-smi -L` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+        return [d.strip() for d in visible.split(",") if d.strip() not in ("", "-1")]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        return []
+    return [str(i) for i in range(sum(1 for line in out.splitlines() if line.startswith("GPU ")))]
+
+
+def local_gpu_count() -> int:
+    """GPUs visible here, without importing torch (nvidia-smi, honouring CUDA_VISIBLE_DEVICES)."""
+    return len(local_gpu_ids())

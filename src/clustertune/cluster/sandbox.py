@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clustertune.cluster.inventory import NAME_RE, Cluster, Node, cluster_to_toml
+from clustertune.gpus import local_gpu_ids
 from clustertune.errors import UserError
 
 ROOT = Path("/run/clustertune-sandbox")
@@ -88,18 +89,6 @@ def find_sshd(preferred: str | None = None) -> str:
     if found:
         return os.path.abspath(found)
     raise SandboxError("sshd not found (apt-get install openssh-server, or give its path with --sshd)")
-
-
-def host_gpu_ids() -> list[str]:
-    """This machine's GPUs as CUDA_VISIBLE_DEVICES ids: the caller's CUDA_VISIBLE_DEVICES if set,
-    else 0..N-1 from `nvidia-smi -L` (no torch on the launcher side)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() not in ("", "-1")]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    out = _run(["nvidia-smi", "-L"], check=False).stdout
-    return [str(i) for i in range(sum(1 for line in out.splitlines() if line.startswith("GPU ")))]
 
 
 def assign_gpus(gpu_ids: list[str], nodes: int, per_node: int) -> list[list[str]]:
@@ -246,7 +235,7 @@ class Sandbox:
         if (self.dir / "state.json").exists():
             raise SandboxError(f"sandbox {self.name!r} already exists ({self.dir}); `clustertune sandbox down "
                                f"--name {self.name}` first")
-        gpus = assign_gpus(host_gpu_ids(), self.n, self.gpus_per_node) if self.gpus_per_node else None
+        gpus = assign_gpus(local_gpu_ids(), self.n, self.gpus_per_node) if self.gpus_per_node else None
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         self.dir.mkdir(mode=0o755)
