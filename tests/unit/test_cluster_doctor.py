@@ -212,6 +212,21 @@ def test_probe_snippet_locally(tmp_path):
     assert (tmp_path / ".tok").exists() and out["token_path"] == str(tmp_path / ".tok")
 
 
+
+def test_probe_counts_only_the_visible_gpus(tmp_path, monkeypatch):
+    """A node restricted to some GPUs (sandbox --gpus-per-node) reports those, not the machine's."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: x$i)\"; done\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    args = {"python": sys.executable, "paths": [], "master_addr": "127.0.0.1", "output_dir": str(tmp_path)}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert remote_snippets.probe(args)["gpus"] == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert remote_snippets.probe(args)["gpus"] == 2
+
+
 def test_stage_and_install_write_private_files(tmp_path, monkeypatch):
     target = tmp_path / "run" / "launch" / "secrets.env"
     out = remote_snippets.stage({"files": [{"path": str(target), "content": "A_TOKEN=x\n", "mode": 0o600}]})

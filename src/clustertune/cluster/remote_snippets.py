@@ -219,6 +219,9 @@ def probe(a):
         try:
             p = subprocess.run([smi, "-L"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
             out["gpus"] = sum(1 for line in p.stdout.decode().splitlines() if line.startswith("GPU "))
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # a node restricted to some GPUs (the sandbox's)
+            if visible is not None:
+                out["gpus"] = min(out["gpus"], len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
             if p.returncode != 0:
                 out["gpu_error"] = p.stderr.decode("utf-8", "replace").strip()[-200:]
         except (OSError, subprocess.TimeoutExpired) as err:
