@@ -705,6 +705,21 @@ def _fits_gpu(inp: PlanInput, mem: GpuMemory) -> bool:
     return mem.total <= inp.gpu_mem_gib * (1 - inp.safety_margin)
 
 
+# Packed rows as large as memory allows, up to this size: at the same samples per optimizer step,
+# one 32k-token row ran W1 35% faster than two 16k rows at the same peak memory (1 x H100,
+# 2026-11-26, benchmarks/RESULTS.md "Levers"); larger rows are not measured, so not proposed.
+ROW_TOKENS_FOR_SPEED = 32768
+
+
+def speed_row_tokens(fitting_tokens: int, *, max_length: int, cap: int = ROW_TOKENS_FOR_SPEED) -> int | None:
+    """The packed-row size (`train.micro_batch_tokens`) `plan --write` proposes: the largest that
+    fits (`fitting_tokens`, the option's max_tokens) up to `cap`, a multiple of 1024, never below
+    one whole sample (`max_length`). None when not even one sample fits."""
+    if fitting_tokens < max_length:
+        return None
+    return max(max_length, min(cap, fitting_tokens) // 1024 * 1024)
+
+
 def max_tokens(inp: PlanInput, option: Option, step: int = 128, limit: int = 1 << 20) -> int:
     """Largest multiple of `step` tokens per micro-batch that fits the GPU (0 if none does).
     Memory only grows with tokens, so bisection is exact."""

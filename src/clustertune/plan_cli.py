@@ -36,7 +36,7 @@ from clustertune.errors import UserError
 from clustertune.flops import effective_context
 from clustertune.gpus import known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
-                              ZeroBuckets, plan, trainable_parameters)
+                              ZeroBuckets, plan, trainable_parameters, speed_row_tokens)
 from clustertune.shapes import Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -74,8 +74,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     print()
     print(render_time(recipe, shape, job, best.option, data_size(recipe, args), bandwidth(args)))
+    row = speed_row_tokens(best.max_tokens, max_length=recipe.data.max_length) if recipe.data.packing else None
+    if row is not None and row != recipe.train.micro_batch_tokens:
+        print(f"\npacked rows: {best.option.label} fits rows of up to {best.max_tokens:,} tokens; "
+              f"train.micro_batch_tokens = {row:,} (now {recipe.train.micro_batch_tokens:,}) runs the step in fewer, "
+              f"larger micro-batches (W1 on an H100: one 32k row 35% faster than two 16k rows)"
+              + ("" if args.write else "; --write sets it"))
     if args.write:
-        changed, backup = write_recommendation(Path(args.recipe), best.option)
+        changed, backup = write_recommendation(Path(args.recipe), best.option, micro_batch_tokens=row)
         if not changed:
             print(f"\n{args.recipe} already has the recommended settings: not written")
         else:
@@ -536,14 +542,18 @@ def next_backup(path: Path) -> Path:
     return candidate
 
 
-def write_recommendation(path: Path, option: Option) -> tuple[list[str], Path | None]:
-    """Set the option's keys that differ from the file's own values (not the --set overrides) in
-    place; returns the keys written and the backup of the previous file (None: nothing to write)."""
+def write_recommendation(path: Path, option: Option,
+                         micro_batch_tokens: int | None = None) -> tuple[list[str], Path | None]:
+    """Set the option's keys (and the packed-row size, when given) that differ from the file's own
+    values (not the --set overrides) in place; returns the keys written and the backup of the
+    previous file (None: nothing to write)."""
     text = path.read_text(encoding="utf-8")
     current = load_recipe(path)  # the file alone: what it says, defaults filled in
     sections = {"zero": current.zero, "train": current.train}
     changes = {(section, key): getattr(option, attr) for (section, key), attr in WRITTEN_KEYS.items()
                if getattr(sections[section], key) != getattr(option, attr)}
+    if micro_batch_tokens is not None and current.train.micro_batch_tokens != micro_batch_tokens:
+        changes[("train", "micro_batch_tokens")] = micro_batch_tokens
     if not changes:
         return [], None
     edited = set_scalars(text, changes, where=str(path))

@@ -53,18 +53,20 @@ def test_write_puts_recommendation_into_recipe_with_backup(tmp_path, capsys):
     assert main(["plan", str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1",
                  "--host-mem", "256", "--write"]) == 0
     out = capsys.readouterr().out
-    assert "wrote zero.stage = 1, train.gradient_checkpointing = false into" in out
+    assert ("wrote zero.stage = 1, train.gradient_checkpointing = false, train.micro_batch_tokens = 19456 into"
+            in out)  # packed rows as large as the recommended option fits (19,840 tokens), for speed
     assert (tmp_path / "small.toml.bak").read_text() == SMALL_RECIPE
-    # only the two changed values changed: the comment and every other line stay as written
+    # only the changed values changed: the comment and every other line stay as written
     assert path.read_text() == SMALL_RECIPE.replace("gradient_checkpointing = true", "gradient_checkpointing = false"
-                                                    ).replace("stage = 3", "stage = 1")
+                                                    ).replace("stage = 3", "stage = 1").replace(
+                                                        "micro_batch_tokens = 8192", "micro_batch_tokens = 19456")
     written = load_recipe(path)
     assert (written.zero.stage, written.zero.offload_optimizer, written.zero.offload_params) == (1, False, False)
     assert written.train.gradient_checkpointing is False
     # everything else is unchanged
     before = load_recipe(tmp_path / "small.toml.bak")
     assert written.model == before.model and written.data == before.data
-    assert written.train.micro_batch_tokens == 8192 and written.train.max_steps == 10
+    assert written.train.micro_batch_tokens == 19456 and written.train.max_steps == 10
 
 
 def test_nothing_fits_returns_1_and_writes_nothing(tmp_path, capsys):
@@ -289,3 +291,11 @@ def test_wall_time_needs_the_sample_count_and_says_so(tmp_path, capsys):
     assert plan_main(str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1", "--host-mem", "64",
                      "--tokens-per-sample", "100", "--samples", "3") == 0
     assert "wall time: unknown: the training set has 3 samples, fewer than one global batch" in capsys.readouterr().out
+
+
+def test_packed_rows_are_proposed_as_large_as_fit_up_to_the_measured_size():
+    from clustertune.plan import ROW_TOKENS_FOR_SPEED, speed_row_tokens
+    assert speed_row_tokens(19_840, max_length=2048) == 19_456  # a multiple of 1024 that fits
+    assert speed_row_tokens(217_600, max_length=2048) == ROW_TOKENS_FOR_SPEED == 32_768  # not beyond measured
+    assert speed_row_tokens(4_500, max_length=4096) == 4096  # at least one whole sample
+    assert speed_row_tokens(3_000, max_length=4096) is None  # not even one sample fits
