@@ -119,6 +119,10 @@ EOF
         printf '#!/bin/bash\nexport PDSH_MODULE_DIR=%s PDSH_RCMD_TYPE=${PDSH_RCMD_TYPE:-ssh}\nLD_LIBRARY_PATH=%s exec -a pdsh %s "$@"\n' \
             "$P/usr/lib/x86_64-linux-gnu/pdsh" "$L" "$P/usr/bin/pdsh.bin" > $W/pdsh
         chmod 755 $W/pdsh
+        # pdsh finds its rcmd modules only at its compiled-in path (PDSH_MODULE_DIR did not reach
+        # the DeepSpeed launcher's pdsh on the GPU machine: "Couldn't load any pdsh modules").
+        [ -e /usr/lib/x86_64-linux-gnu/pdsh ] || { mkdir -p /usr/lib/x86_64-linux-gnu &&
+            ln -s "$P/usr/lib/x86_64-linux-gnu/pdsh" /usr/lib/x86_64-linux-gnu/pdsh; }
     fi
     # sshd: an absolute path the sandbox is told about (--sshd); it re-executes itself by that path
     printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$L" "$P/usr/sbin/sshd" > $P/sshd
