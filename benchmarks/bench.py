@@ -20,7 +20,7 @@ STEPS = ["--steps", "20"]
 def baseline(*args):
     args = args if "--steps" in args else (*args, *STEPS)
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29611",
-            str(HERE / "baseline_hf_trainer.py"), *args]
+            str(HERE / "hf_trainer.py"), *args]
 
 
 def ours(*args):

@@ -17,7 +17,7 @@ TR="python3 -m torch.distributed.run --standalone --nproc_per_node 4 benchmarks/
 LA=$(python3 benchmarks/plan_layers.py --shape deepseek-r1-distill-qwen-32b --world 4 --stage 3 --gc 2>&1 >/dev/stderr | tail -1)
 row r32b_a 150 $TR --shape deepseek-r1-distill-qwen-32b --layers $LA --stage 3 --mode var --seq 4096 --batch 24 --budget 4096 --gc --steps 8 --tag 32b-a
 row w3z3_n4 75 $TR --shape qwen2.5-7b --layers 8 --stage 3 --mode fixed --seq 2048 --batch 64 --budget 16384 --gc --persist 100000000 --steps 12 --tag w3z3n4
-row peer_w3_n4 100 python3 -m deepspeed.launcher.runner --num_gpus 4 --master_port 29613 benchmarks/peer_hf_trainer.py --workload-dir benchmarks --shape 7b-8l --stage 3 --mode fixed --seq 2048 --mbs 8 --ga 2 --padfree --liger --gc --steps 12 --persist 1e8
+row peer_w3_n4 100 python3 -m deepspeed.launcher.runner --num_gpus 4 --master_port 29613 benchmarks/hf_trainer.py --shape 7b-8l --stage 3 --mode fixed --seq 2048 --mbs 8 --ga 2 --padfree --liger --fused-adamw --gc --steps 12 --persist 1e8
 LB=$(python3 benchmarks/plan_layers.py --shape deepseek-r1-distill-qwen-32b --world 4 --stage 3 --offload --gc 2>&1 >/dev/stderr | tail -1)
 LEFT=$(( 575 - ( $(date +%s) - T0 ) ))
 row r32b_b $LEFT $TR --shape deepseek-r1-distill-qwen-32b --layers $LB --stage 3 --offload --mode var --seq 4096 --batch 24 --budget 4096 --gc --steps 5 --tag 32b-b

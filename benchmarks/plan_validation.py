@@ -6,7 +6,7 @@ one H100 80GB HBM3, 2026-11-25). No GPU needed: it reads the logs and runs the a
     .venv/bin/python benchmarks/plan_validation.py --json out.json
 
 Each logged run is turned into the planner's inputs exactly as the benchmark ran it
-(benchmarks/bench.py, bench_clustertune.py, baseline_hf_trainer.py):
+(benchmarks/bench.py, bench_clustertune.py, hf_trainer.py):
   * clustertune: packed rows of `budget` tokens, Liger (fused linear cross-entropy), the engine's
     ZeRO buckets (reduce hidden^2, prefetch 0.9 hidden^2, persistence from --persist or 10 hidden),
     more than one row per step unless tokens/step <= budget.
@@ -34,7 +34,7 @@ from clustertune.shapes import SHAPES, Shape  # noqa: E402
 
 TOLERANCE = 0.15  # issue 6: within +-15%
 CARD = "NVIDIA H100 80GB HBM3"
-BASELINE_SHAPES = {"1.5b": "qwen2.5-1.5b", "7b-8l": "qwen2.5-7b-8l"}  # baseline_hf_trainer.SHAPES
+BASELINE_SHAPES = {"1.5b": "qwen2.5-1.5b", "7b-8l": "qwen2.5-7b-8l"}  # hf_trainer.SHAPES
 DEFAULT_STEPS = 20  # bench.py's STEPS
 
 

@@ -22,7 +22,7 @@ for stage in 2 3; do
       --mode var --seq 4096 --batch $((16 * n)) --budget 16384 --gc --steps 20 --tag "scale_z${stage}_${n}"
   done
 done
-run "baseline_z3_${MAX}gpu" "$MAX" benchmarks/baseline_hf_trainer.py --shape 7b --stage 3 --mode var --seq 4096 --mbs 4 --gc --steps 20
+run "baseline_z3_${MAX}gpu" "$MAX" benchmarks/hf_trainer.py --shape 7b --stage 3 --mode var --seq 4096 --mbs 4 --gc --steps 20
 # Planner's prediction for the 32B run on this machine, to compare with the measured peak:
 clustertune plan configs/r1-distill-32b-2x8-h20.toml --nodes 1 --gpus-per-node "$MAX" --gpu h200 \
   --set train.micro_batch_tokens=8192 > "$OUT/r1_32b_plan.txt" 2>&1 || true

@@ -12,6 +12,6 @@ row() { local name=$1; shift; echo "== $name"; timeout ${LIMIT:-170} "$@" 2>&1 |
 row "cli vs harness, ZeRO-2 16k rows" python3 benchmarks/cli_vs_harness.py $W1 --stage 2 --budget 16384 --out /tmp/sw/a
 row "cli ZeRO-1 16k rows" python3 benchmarks/cli_vs_harness.py $W1 --stage 1 --budget 16384 --out /tmp/sw/b --cli-only
 row "cli ZeRO-1 32k rows" python3 benchmarks/cli_vs_harness.py $W1 --stage 1 --budget 32768 --out /tmp/sw/c --cli-only
-row "HF peer: padfree+liger+fused AdamW 16x2" python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29611 benchmarks/peer_hf_trainer.py --workload-dir benchmarks --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 --ga 2 --padfree --liger --gc --steps $S
-row "HF seed approach: padded 4x8" python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29612 benchmarks/peer_hf_trainer.py --workload-dir benchmarks --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 4 --ga 8 --gc --steps $S
+row "HF peer: padfree+liger+fused AdamW 16x2" python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29611 benchmarks/hf_trainer.py --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 --ga 2 --padfree --liger --fused-adamw --gc --steps $S
+row "HF seed approach: padded 4x8" python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29612 benchmarks/hf_trainer.py --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 4 --ga 8 --gc --steps $S
 row "cli ZeRO-1 32k rows + compile" python3 benchmarks/cli_vs_harness.py $W1 --stage 1 --budget 32768 --out /tmp/sw/d --cli-only --set train.compile=true

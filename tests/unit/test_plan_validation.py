@@ -4,7 +4,7 @@ of different ZeRO stages and model sizes).
 Measured values: peak torch.cuda.max_memory_allocated() / 2**30 of the GPU benchmark runs, one
 NVIDIA H100 80GB HBM3, 2026-11-25, recorded in benchmarks/logs/call{1,2,3,4}_*.json (run name in
 each case) and tabulated in benchmarks/RESULTS.md "Planner validation (issue 6)". The inputs
-mirror how each run was made (benchmarks/bench.py, bench_clustertune.py, baseline_hf_trainer.py);
+mirror how each run was made (benchmarks/bench.py, bench_clustertune.py, hf_trainer.py);
 benchmarks/plan_validation.py derives them from the logs and prints the table.
 """
 
@@ -31,7 +31,7 @@ def clustertune_run(shape, tokens: int, *, accumulation: bool = True) -> PlanInp
 
 
 def baseline_run(shape, tokens: int) -> PlanInput:
-    """baseline_hf_trainer.py: HF Trainer + DeepSpeed defaults (reduce bucket 5e8), no Liger,
+    """hf_trainer.py: HF Trainer + DeepSpeed defaults (reduce bucket 5e8), no Liger,
     sdpa, one padded micro-batch per step. W1's variable lengths: 4 sequences padded to the
     longest of the batch; the peak batch holds a 4096-token sample (benchmarks/workload.py
     sample_lengths, seed 0: batches 14 and 16 of 20) -> 4 x 4096."""
