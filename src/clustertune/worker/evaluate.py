@@ -294,6 +294,11 @@ class Evaluator:
                                    max_new_tokens=self.max_new_tokens, zero3=self.zero3)
         finally:
             self.ds_engine.train(was_training)
+            if self.zero3:
+                # Forwards with no backward can leave ZeRO-3's prefetched parameters in flight (after a
+                # DPO reference stage, the export that followed the final eval failed: "Cannot partition a
+                # param in flight"); release them so what follows starts clean.
+                self.ds_engine.empty_partition_cache()
         result = EvalResult(step, loss, tokens, time.perf_counter() - started, generations)
         improved = self.keep_best and is_better(loss, None if self.best is None else self.best[1])
         if improved:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from clustertune import watchdog
 from clustertune.data.types import PreferencePair
 from clustertune.errors import UserError
 from clustertune.worker.evaluate import eval_plan
@@ -124,8 +125,16 @@ def reference_logps(parts: Any, objective: Any, pairs: Sequence[PreferencePair],
                     values.update(part)
                 if rt.is_main:
                     append_stored(path, {k: v for part in everyone for k, v in part.items()})
+                # TEST-ONLY hook: CLUSTERTUNE_FAULT=kill_during_save:reference_round:<rank>:<round> kills the
+                # rank after that (1-based) round is stored, as an interrupted stage (tests/integration/test_dpo.py).
+                watchdog.fault_point("reference_round", rank=rt.rank, step=round_index + 1)
     finally:
         engine.train(was_training)
+    if parts.ds_config["zero_optimization"]["stage"] == 3:
+        # Forwards with no backward leave ZeRO-3's prefetched parameters in flight, and its recorded
+        # module order is the forward-only one: release them all, so training starts clean (without
+        # this, the export at the end of a DPO run failed with "Cannot partition a param in flight").
+        engine.empty_partition_cache()
     still = [k for k in missing if k not in values]
     if still:
         raise RuntimeError(f"the reference stage left {len(still)} pairs without log-probs")
