@@ -184,5 +184,6 @@ def test_dpo_demo_briefly(tmp_path):
     before = float(re.search(r"preference accuracy before training.*?: ([\d.]+)%", output).group(1))
     after = float(re.search(r"preference accuracy after training.*?: ([\d.]+)%", output).group(1))
     assert 40 <= before <= 65  # two answers of the same length: a random model is near chance
+    assert "eval step 150: DPO loss" in output  # the held-out pairs' DPO loss, not a perplexity
     assert after >= before + 5  # 54% -> ~70% after 150 steps (~89% after the full 500)
     assert (tmp_path / "demo" / "reference_logps" / "logps.jsonl").is_file()

@@ -314,8 +314,11 @@ class Evaluator:
         sink = self.sink
         sink.log(result.record())
         note = " (best so far)" if improved else ""
-        sink.write(f"eval step {result.step}: loss {result.loss:.4f}, ppl {perplexity(result.loss):.3f} "
-                   f"over {result.tokens} tokens in {result.seconds:.1f} s{note}")
+        if self.objective.name == "dpo":  # a loss per preference pair: no perplexity
+            measured = f"DPO loss {result.loss:.4f} over {result.tokens} pairs"
+        else:
+            measured = f"loss {result.loss:.4f}, ppl {perplexity(result.loss):.3f} over {result.tokens} tokens"
+        sink.write(f"eval step {result.step}: {measured} in {result.seconds:.1f} s{note}")
         if result.generations:
             sink.log({"step": result.step, "samples": result.generations})
             for g in result.generations:
