@@ -215,6 +215,18 @@ def consolidated_parameters(checkpoint_root: Path, tag: str):
         yield name, tensor.contiguous()
 
 
+def generation_weights(ds_engine, *, zero_stage: int):
+    """Context for generating with the engine's model: under ZeRO-3 the whole model is gathered
+    once and ZeRO's per-module fetch/release hooks are off (DeepSpeed's
+    unwrap_model_for_generation), so a rollout of N tokens costs one gather, not one per token
+    and layer; the hooks are restored on exit. Other stages: nothing to do. Collective under ZeRO-3."""
+    import contextlib
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+    return unwrap_model_for_generation(ds_engine)
+
+
 def gathered(params, *, zero_stage: int):
     """Context giving full (un-partitioned) values of `params` on every rank under ZeRO-3."""
     import contextlib

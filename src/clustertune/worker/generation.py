@@ -1,0 +1,88 @@
+"""Generation for on-policy objectives (GRPO, issue 15 item 3): one small interface, so a backend
+other than Hugging Face generate (vLLM) can be added later without touching the objective.
+
+GROUNDWORK: tested on 2 CPU processes under ZeRO-2 and ZeRO-3 (tests/integration/test_generation.py)
+but not yet used by a training objective.
+
+    generator = HFGenerator(ds_engine, lm, zero_stage=3, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
+                            max_new_tokens=256, temperature=1.0, top_p=1.0)
+    generator.sync_weights()                        # after each optimizer step (HF: nothing to copy)
+    completions = generator.generate(prompts, num_return_sequences=8, seed=step)  # one call per rollout
+
+`generate` takes every prompt of the rollout at once and returns num_return_sequences completions
+per prompt, grouped by prompt, each cut after its first end-of-sequence token. Under ZeRO-3 the
+whole model is gathered once for the call (engine.generation_weights), never per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+from clustertune.worker import engine
+
+
+class Generator(Protocol):
+    def sync_weights(self) -> None:
+        """Make the generator use the policy's current weights (after an optimizer step)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, num_return_sequences: int,
+                 seed: int) -> list[list[int]]:
+        """len(prompts) * num_return_sequences completions (token ids), grouped by prompt."""
+
+
+class HFGenerator:
+    """Hugging Face generate on the training model itself (no second copy of the weights)."""
+
+    def __init__(self, ds_engine: Any, lm: Any, *, zero_stage: int, pad_id: int, eos_ids: Sequence[int],
+                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0):
+        self.ds_engine, self.lm, self.zero_stage = ds_engine, lm, zero_stage
+        self.pad_id, self.eos_ids = pad_id, list(eos_ids)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def sync_weights(self) -> None:
+        """Nothing to copy: generation reads the training weights themselves."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, num_return_sequences: int,
+                 seed: int) -> list[list[int]]:
+        """Left-padded batch of every prompt; sampling (temperature > 0) from a generator seeded
+        with `seed` without touching the global RNG (so training's RNG stream, which checkpoints
+        save for exact resume, is the same with or without a rollout); greedy at temperature 0.
+        Collective under ZeRO-3 (the gather): every rank calls it once per rollout."""
+        import torch
+        from transformers import GenerationConfig
+
+        if not prompts:
+            return []
+        device = next(iter(self.ds_engine.module.parameters())).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt))
+            mask[row, width - len(prompt):] = 1
+        sampling = self.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=sampling, num_return_sequences=num_return_sequences,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
+            **({"temperature": self.temperature, "top_p": self.top_p, "top_k": 0} if sampling else {}))
+        was_training = self.lm.training
+        self.lm.eval()
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with engine.generation_weights(self.ds_engine, zero_stage=self.zero_stage), torch.no_grad(), \
+                    torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                # synced_gpus off: with the whole model gathered and the hooks off, a rank's forwards
+                # hold no collective, so ranks need not run in step (transformers would turn it on
+                # under ZeRO-3 and all-reduce every token).
+                out = self.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=config, synced_gpus=False)
+        finally:
+            self.lm.train(was_training)
+        return [self._cut(row) for row in out[:, width:].tolist()]
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        for i, token in enumerate(tokens):
+            if token in self.eos_ids:
+                return tokens[:i + 1]
+        return tokens
