@@ -97,8 +97,9 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     # What the loss is (worker/objectives): "sft" supervised fine-tuning on assistant tokens;
-    # "dpo" direct preference optimization on chosen/rejected pairs ([dpo] section).
-    objective: Literal["sft", "dpo"] = "sft"
+    # "dpo" direct preference optimization on chosen/rejected pairs ([dpo] section); "grpo" group
+    # relative policy optimization with verifiable rewards on prompts with answers ([grpo] section).
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0)
     global_batch_size: int = Field(default=16, ge=1)  # samples per optimizer step (unpacked)
@@ -200,6 +201,20 @@ class DpoSection(_Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
 
 
+class GrpoSection(_Section):
+    """GRPO (train.objective = "grpo"): group_size completions per prompt (train.global_batch_size
+    counts completions: prompts per step = global_batch_size / group_size), rewarded by the sum
+    of `rewards` (built-ins exact_match, number_after_marker, format, or "module:function"),
+    group-normalized advantages, token-level loss, one update per generation."""
+
+    group_size: int = Field(default=8, ge=2)
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    rewards: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
+    scale_rewards: bool = True  # divide by the group's reward std (false: only subtract the mean)
+
+
 class CheckpointSection(_Section):
     every_steps: int = Field(default=0, ge=0)  # 0: only the final export
     keep_last: int = Field(default=2, ge=1)
@@ -241,6 +256,7 @@ class Recipe(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     dpo: DpoSection = Field(default_factory=DpoSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
@@ -253,6 +269,8 @@ class Recipe(_Section):
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= 2 x data.max_length "
                 f"({2 * self.data.max_length}) for train.objective = \"dpo\" with data.packing: a pair's chosen "
                 "and rejected sequences are packed into the same row")
+        if self.train.objective == "grpo":
+            self._check_grpo()
         if self.data.packing and self.train.micro_batch_tokens < self.data.max_length:
             raise ValueError(
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= data.max_length "
@@ -262,6 +280,20 @@ class Recipe(_Section):
         if self.checkpoint.keep_best:
             self._check_keep_best()
         return self
+
+    def _check_grpo(self) -> None:
+        group, batch = self.grpo.group_size, self.train.global_batch_size
+        if batch % group:
+            raise ValueError(f"train.global_batch_size ({batch}) must be a multiple of grpo.group_size ({group}): "
+                             "it counts completions, group_size of them per prompt")
+        if self.data.eval_files or self.data.eval_fraction:
+            raise ValueError("train.objective = \"grpo\" has no eval pass yet: remove data.eval_files / "
+                             "data.eval_fraction")
+        longest = self.data.max_length + self.grpo.max_new_tokens
+        if self.data.packing and self.train.micro_batch_tokens < longest:
+            raise ValueError(f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= data.max_length "
+                             f"+ grpo.max_new_tokens ({longest}) with data.packing: a prompt and its completion "
+                             "share one row")
 
     def _check_keep_best(self) -> None:
         every_ckpt, every_eval = self.checkpoint.every_steps, self.eval.every_steps

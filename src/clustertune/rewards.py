@@ -1,7 +1,6 @@
 """Verifiable rewards and group-normalized advantages for GRPO (issue 15, item 3).
 
-GROUNDWORK: these pure functions are tested (tests/unit/test_rewards.py) but not yet wired into a
-`train.objective = "grpo"` (no rollout phase, config section or demo yet).
+Used by train.objective = "grpo" (worker/objectives/grpo.py, the [grpo] section's `rewards`).
 
 A reward function takes (completion, reference answer) and returns a float. Built-ins:
 

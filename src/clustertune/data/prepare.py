@@ -49,6 +49,9 @@ def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: 
     if objective == "dpo":
         from clustertune.data.preference import prepare_preference_dataset
         return prepare_preference_dataset(data, tokenizer, seed=seed, cache_dir=cache_dir, log=log)
+    if objective == "grpo":  # prompts with answers (data/prompts.py)
+        from clustertune.data.prompts import prepare_prompt_dataset
+        return prepare_prompt_dataset(data, tokenizer, seed=seed, log=log)
     train_files = _paths(data.train_paths, "data.train_files")
     eval_files = _paths(data.eval_files, "data.eval_files")
     settings = {"format": data.format, "max_length": data.max_length, "overlength": data.overlength,
@@ -85,6 +88,9 @@ def check_records(data: DataSection, objective: str = "sft") -> DataReport:
     if objective == "dpo":
         from clustertune.data.preference import check_preference_records
         return check_preference_records(data)
+    if objective == "grpo":
+        from clustertune.data.prompts import check_prompt_records
+        return check_prompt_records(data)
     files = _paths(data.train_paths, "data.train_files") + _paths(data.eval_files, "data.eval_files")
     report = DataReport(files=[str(p) for p in files])
     _read_all(files, data, report)

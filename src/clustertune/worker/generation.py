@@ -1,8 +1,8 @@
 """Generation for on-policy objectives (GRPO, issue 15 item 3): one small interface, so a backend
 other than Hugging Face generate (vLLM) can be added later without touching the objective.
 
-GROUNDWORK: tested on 2 CPU processes under ZeRO-2 and ZeRO-3 (tests/integration/test_generation.py)
-but not yet used by a training objective.
+Used by worker/objectives/grpo.py; tested on 2 CPU processes under ZeRO-2 and ZeRO-3
+(tests/integration/test_generation.py).
 
     generator = HFGenerator(ds_engine, lm, zero_stage=3, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id],
                             max_new_tokens=256, temperature=1.0, top_p=1.0)
@@ -51,8 +51,9 @@ class HFGenerator:
         import torch
         from transformers import GenerationConfig
 
-        if not prompts:
-            return []
+        if not prompts:  # still take part in the ZeRO-3 gather the other ranks make
+            with engine.generation_weights(self.ds_engine, zero_stage=self.zero_stage):
+                return []
         device = next(iter(self.ds_engine.module.parameters())).device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

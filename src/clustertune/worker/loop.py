@@ -43,8 +43,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> None:
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, rt=rt, run_dir=run_dir,
                         objective=recipe.train.objective)
     objective = objective_for(recipe.train.objective, packing=recipe.data.packing, pad_id=tokenizer.pad_token_id,
-                              dpo=recipe.dpo, token_budget=recipe.train.micro_batch_tokens)
-    steps = total_steps(num_samples=len(data.train), global_batch_size=recipe.train.global_batch_size,
+                              dpo=recipe.dpo, token_budget=recipe.train.micro_batch_tokens, grpo=recipe.grpo,
+                              tokenizer=tokenizer)
+    steps = total_steps(num_samples=len(data.train), global_batch_size=samples_per_step(recipe, objective),
                         max_steps=recipe.train.max_steps, epochs=recipe.train.epochs)
 
     point = find_resume_point(run_dir, rt, recipe, total_steps=steps, num_samples=len(data.train)) if resume else None
@@ -87,6 +88,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> None:
     heartbeat.stop()  # beats through the export, which is long for big models; the launcher must not see silence
 
 
+def samples_per_step(recipe: Recipe, objective: Objective) -> int:
+    """Data samples an optimizer step takes: the global batch, or for GRPO its prompts (the global
+    batch counts completions, group_size per prompt)."""
+    return recipe.train.global_batch_size // getattr(objective, "group_size", 1)
+
+
 class TrainingLoop:
     """Steps start_step..total_steps-1: plan -> forwards/backwards -> optimizer step -> metrics,
     eval, periodic checkpoint. Every rank runs it (collective)."""
@@ -127,19 +134,26 @@ class TrainingLoop:
         """One optimizer step; returns its metrics record and the optimizer's outcome."""
         train, rt, ds_engine = self.recipe.train, self.rt, self.parts.ds_engine
         indices = batching.step_sample_indices(step, num_samples=len(self.samples),
-                                               global_batch_size=train.global_batch_size, seed=train.seed)
-        plan = batching.plan_step(step, indices, lengths=self.lengths, units=self.units, layout=self.parts.layout,
+                                               global_batch_size=samples_per_step(self.recipe, self.objective),
+                                               seed=train.seed)
+        samples, lengths, units = self.samples, self.lengths, self.units
+        if hasattr(self.objective, "rollout"):  # GRPO: the step trains on completions sampled now
+            samples = self.objective.rollout(step, indices, self.samples, rt=rt, seed=train.seed)
+            indices = list(range(len(samples)))
+            lengths = [len(s.input_ids) for s in samples]
+            units = [self.objective.loss_units(s) for s in samples]
+        plan = batching.plan_step(step, indices, lengths=lengths, units=units, layout=self.parts.layout,
                                   packing=self.recipe.data.packing, token_budget=train.micro_batch_tokens)
         started = time.perf_counter()
         lr = train.lr * lr_multiplier(step, train=train, total_steps=self.total_steps)
         with profile_step(self.run_dir / "profile", step + 1, enabled=rt.is_main and train.profile_step == step + 1):
             engine.set_lr(ds_engine, lr)
-            result = forward_backward(ds_engine, self.objective, plan, self.samples, rt=rt)
+            result = forward_backward(ds_engine, self.objective, plan, samples, rt=rt)
             outcome = engine.optimizer_step(ds_engine)
         if rt.on_gpu:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
-        doc_lengths = [self.lengths[i] for i in indices]
+        doc_lengths = [lengths[i] for i in indices]
         record = {"step": step + 1, "loss": result.loss, "lr": lr,
                   **({} if outcome.grad_norm is None else {"grad_norm": outcome.grad_norm}),
                   "tokens": sum(doc_lengths), **self.objective.step_metrics(result.metric_sums, plan),

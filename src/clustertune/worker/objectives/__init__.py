@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from clustertune.config import DpoSection
+    from clustertune.config import DpoSection, GrpoSection
 
     from clustertune.worker.batching import StepPlan
 
@@ -58,11 +58,17 @@ class Objective(Protocol):
 
 
 def objective_for(name: str = "sft", *, packing: bool, pad_id: int, dpo: "DpoSection | None" = None,
-                  token_budget: int = 0) -> Objective:
-    """The recipe's objective (train.objective): "sft" or "dpo" (with the [dpo] section and
-    train.micro_batch_tokens, which its reference stage packs with)."""
+                  token_budget: int = 0, grpo: "GrpoSection | None" = None, tokenizer: Any = None) -> Objective:
+    """The recipe's objective (train.objective): "sft", "dpo" (with the [dpo] section and
+    train.micro_batch_tokens, which its reference stage packs with) or "grpo" (the [grpo] section;
+    the tokenizer decodes completions for the rewards)."""
+    if name == "grpo":
+        from clustertune.config import GrpoSection
+        from clustertune.worker.objectives.grpo import GroupRelativePolicyOptimization
+        return GroupRelativePolicyOptimization(packing=packing, pad_id=pad_id, grpo=grpo or GrpoSection(),
+                                               tokenizer=tokenizer)
     if name == "dpo":
-        from clustertune.config import DpoSection
+        from clustertune.config import DpoSection, GrpoSection
         from clustertune.worker.objectives.dpo import DirectPreferenceOptimization
         return DirectPreferenceOptimization(packing=packing, pad_id=pad_id, dpo=dpo or DpoSection(),
                                             token_budget=token_budget)

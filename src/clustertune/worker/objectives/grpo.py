@@ -1,0 +1,145 @@
+"""GRPO with verifiable rewards (train.objective = "grpo", Shao et al. 2024), one update per
+generation, no KL term:
+
+    rollout:  each step's prompts (global_batch_size / group_size of them) are spread over the
+              ranks; each rank samples group_size completions per prompt (worker/generation.py,
+              one batched call: under ZeRO-3 one whole-model gather); rewards (clustertune.rewards)
+              and group-normalized advantages are shared by all ranks
+    loss:     per completion token t of completion i, -A_i * exp(log pi(t) - stop_grad(log pi(t)))
+              (the ratio is 1 in value; its gradient is A_i * grad log pi(t)), summed and divided
+              by the step's completion tokens (token-level normalization, as DAPO/Dr. GRPO)
+
+The completions become ordinary samples (prompt + completion, only the completion trained), so
+the step plan, packing, accumulation and ZeRO work as for SFT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from clustertune.config import GrpoSection
+from clustertune.data.types import IGNORE_INDEX
+from clustertune.rewards import group_advantages, load_reward, share_without_spread
+from clustertune.worker import batching
+from clustertune.worker.model import TokenLossModel
+from clustertune.worker.objectives import MicroBatchLoss
+
+
+@dataclass(frozen=True)
+class CompletionSample:
+    """Prompt + sampled completion; targets are the completion's tokens (pre-shifted)."""
+
+    input_ids: list[int]
+    targets: list[int]
+    advantage: float
+
+    @property
+    def num_trained(self) -> int:
+        return len(self.targets) - self.targets.count(IGNORE_INDEX)
+
+
+def completion_sample(prompt: Sequence[int], completion: Sequence[int], advantage: float) -> CompletionSample:
+    ids = list(prompt) + list(completion)
+    targets = [IGNORE_INDEX] * (len(prompt) - 1) + list(completion) + [IGNORE_INDEX]
+    return CompletionSample(ids, targets, advantage)
+
+
+class TokenLogProbModel(TokenLossModel):
+    """Forward returns each token's log-prob of its target ([batch, seq], 0 where ignored)."""
+
+    def forward(self, input_ids, position_ids, targets, attention_mask=None, cu_seq_lens=None, max_length=None):
+        return -self.token_losses(input_ids, position_ids, targets, attention_mask, cu_seq_lens, max_length)
+
+
+def per_token(samples: Sequence[CompletionSample], *, packing: bool) -> torch.Tensor:
+    """Each sample's advantage on each of its tokens, laid out as batching.collate lays out the rows."""
+    if packing:
+        return torch.tensor([[s.advantage for s in samples for _ in s.input_ids]], dtype=torch.float32)
+    width = max(len(s.input_ids) for s in samples)
+    out = torch.zeros((len(samples), width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        out[row, :len(s.input_ids)] = s.advantage
+    return out
+
+
+class GroupRelativePolicyOptimization:
+    name = "grpo"
+
+    def __init__(self, *, packing: bool, pad_id: int, grpo: GrpoSection, tokenizer: Any):
+        self.packing, self.pad_id, self.grpo, self.tokenizer = packing, pad_id, grpo, tokenizer
+        self.eos_ids = [tokenizer.eos_token_id]
+        self.group_size = grpo.group_size  # completions per prompt: the loop takes global_batch_size / this prompts
+        self.rewards = [load_reward(spec) for spec in grpo.rewards]
+        self.generator: Any = None
+        self.last_rollout: dict[str, float] = {}
+
+    def module(self, lm: Any, *, varlen: bool) -> torch.nn.Module:
+        return TokenLogProbModel(lm, varlen=varlen)
+
+    def loss_units(self, sample: CompletionSample) -> int:
+        return sample.num_trained
+
+    def before_training(self, parts: Any, data: Any, *, rt: Any, run_dir: Any, resuming: bool,
+                        heartbeat: Any) -> None:
+        from clustertune.worker.generation import HFGenerator
+        zero_stage = parts.ds_config["zero_optimization"]["stage"]
+        self.generator = HFGenerator(parts.ds_engine, parts.lm, zero_stage=zero_stage, pad_id=self.pad_id,
+                                     eos_ids=self.eos_ids, max_new_tokens=self.grpo.max_new_tokens,
+                                     temperature=self.grpo.temperature, top_p=self.grpo.top_p)
+
+    def reward(self, completion: str, answer: str) -> float:
+        return float(sum(fn(completion, answer) for fn in self.rewards))
+
+    def rollout(self, step: int, prompt_indices: Sequence[int], prompts: Sequence[Any], *, rt: Any,
+                seed: int) -> list[CompletionSample]:
+        """The step's completions, rewards and advantages: identical on every rank. Collective."""
+        started = time.perf_counter()
+        mine = list(prompt_indices)[rt.rank::rt.world_size]
+        self.generator.sync_weights()
+        completions = self.generator.generate([prompts[i].input_ids for i in mine],
+                                              num_return_sequences=self.group_size,
+                                              seed=seed * 1_000_003 + step * 1009 + rt.rank)
+        rows = []
+        for k, index in enumerate(mine):
+            for completion in completions[k * self.group_size:(k + 1) * self.group_size]:
+                text = self.tokenizer.decode(completion, skip_special_tokens=True)
+                rows.append((index, completion, self.reward(text, prompts[index].answer)))
+        everyone = [rows]
+        if dist.is_initialized() and rt.world_size > 1:
+            everyone = [None] * rt.world_size
+            dist.all_gather_object(everyone, rows)
+        order = {index: n for n, index in enumerate(prompt_indices)}
+        # Every rank orders the rollouts the same way: by the prompt's place in the step, then rank-local order.
+        ordered = sorted((row for part in everyone for row in part), key=lambda row: order[row[0]])
+        rewards = [r for _, _, r in ordered]
+        advantages = group_advantages(rewards, group_size=self.group_size, scale=self.grpo.scale_rewards)
+        samples = [completion_sample(prompts[i].input_ids, c, a) for (i, c, _), a in zip(ordered, advantages)]
+        mean = sum(rewards) / len(rewards)
+        self.last_rollout = {
+            "reward_mean": mean,
+            "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+            "groups_without_spread": share_without_spread(rewards, group_size=self.group_size),
+            "completion_len_mean": sum(len(c) for _, c, _ in ordered) / len(ordered),
+            "completion_len_max": max(len(c) for _, c, _ in ordered),
+            "generation_time_s": time.perf_counter() - started,
+        }
+        return samples
+
+    def micro_batch_loss(self, ds_engine: Any, samples: Sequence[CompletionSample], *,
+                         device: torch.device) -> MicroBatchLoss:
+        batch = batching.collate(samples, packing=self.packing, pad_id=self.pad_id)
+        logps = ds_engine(**batching.to_device(batch, device)).float()
+        if not samples:
+            return MicroBatchLoss(logps.sum() * 0.0)
+        trained = (batch["targets"] != IGNORE_INDEX).to(device)
+        advantages = per_token(samples, packing=self.packing).to(device)
+        ratio = torch.exp(logps - logps.detach())
+        return MicroBatchLoss(-(advantages * ratio * trained).sum())
+
+    def step_metrics(self, sums: dict[str, float], plan: batching.StepPlan) -> dict[str, float]:
+        return {"completion_tokens": plan.loss_units, **self.last_rollout}
