@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the bundled tiny model on the bundled task (CPU, 2 processes, a few "
                                     "minutes) and show its accuracy before and after")
     p.add_argument("--nproc", type=positive_int, default=2, help="worker processes (default: 2)")
-    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+    p.add_argument("--objective", choices=["sft", "dpo", "grpo"], default="sft",
                    help="sft: learn the task from examples (default); dpo: from preference pairs, held-out "
-                        "preference accuracy before and after")
+                        "preference accuracy before and after; grpo: a short SFT, then RL with an exact-match "
+                        "reward, held-out exact match before and after the RL")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a field of the demo recipe (repeatable)")
 

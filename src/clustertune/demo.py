@@ -129,6 +129,25 @@ def demo_dpo_recipe_dict() -> dict[str, Any]:
     return tree
 
 
+DEMO_GRPO_SFT_STEPS = 200  # the short SFT the GRPO demo starts from: ~68% held-out exact match
+
+
+def demo_grpo_recipe_dict(sft_model_dir: str | Path) -> dict[str, Any]:
+    """`clustertune demo --objective grpo`: GRPO with the exact-match reward on the demo task's
+    train prompts, from `sft_model_dir` (a short SFT of the tiny model, DEMO_GRPO_SFT_STEPS steps).
+    Measured here (2 CPU processes): held-out exact match 68% after the SFT, 85% after 150 GRPO
+    steps (47 s); 16 prompts x 8 completions per step; temperature 1.0 samples too few right
+    answers from the short SFT (reward 0.01, groups without spread 94%) and lr 3e-4 degraded it."""
+    tree = demo_recipe_dict()
+    tree["run"] = {"name": "demo-grpo", "output_dir": "runs/demo-grpo"}
+    tree["model"] = {"path": str(sft_model_dir), "attn_implementation": "sdpa"}
+    tree["train"].update({"objective": "grpo", "max_steps": 150, "global_batch_size": 128, "micro_batch_size": 32,
+                          "lr": 1e-4, "warmup_steps": 0, "schedule": "constant"})
+    tree["grpo"] = {"group_size": 8, "max_new_tokens": 12, "temperature": 0.7, "rewards": ["exact_match"]}
+    tree["checkpoint"] = {"every_steps": 0}
+    return tree
+
+
 def load_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(user prompt, assistant answer) of each single-turn `messages` line of a JSONL file."""
     pairs = []

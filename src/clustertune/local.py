@@ -56,6 +56,8 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     """Accuracy of a fresh model, 2-process ZeRO-2 training on CPU, accuracy of the export.
     --objective dpo: the DPO demo (demo.demo_dpo_recipe_dict), held-out preference accuracy."""
+    if getattr(args, "objective", "sft") == "grpo":
+        return _grpo_demo(args)
     dpo = getattr(args, "objective", "sft") == "dpo"
     if dpo:
         from clustertune.config import apply_overrides, recipe_from_dict
@@ -77,6 +79,42 @@ def cmd_demo(args) -> int:
     if code:
         return code
     code = subprocess.run(evaluate + [str(run_dir / "final")]).returncode
+    print(f"demo finished in {time.monotonic() - started:.0f} s; model in {run_dir / 'final'}", file=sys.stderr)
+    return code
+
+
+def _grpo_demo(args) -> int:
+    """`clustertune demo --objective grpo`: a short SFT of the tiny model (RUN_DIR-sft), its held-out
+    exact match, GRPO from it with the exact-match reward, the exact match after. --set applies to
+    the GRPO stage."""
+    from clustertune.config import apply_overrides, recipe_from_dict
+    from clustertune.demo import DEMO_GRPO_SFT_STEPS, demo_grpo_recipe_dict, demo_recipe_dict
+    from clustertune.preflight import check_before_workers
+    overrides, nproc = getattr(args, "overrides", []), getattr(args, "nproc", None) or 2
+    tree = apply_overrides(demo_grpo_recipe_dict("<the SFT stage's export>"), overrides)
+    run_dir = Path(tree["run"]["output_dir"])
+    sft_dir = run_dir.with_name(run_dir.name + "-sft")
+    tree["model"]["path"] = str(sft_dir / "final")
+    sft = recipe_from_dict(apply_overrides(demo_recipe_dict(), [
+        f"run.output_dir={sft_dir}", f"train.max_steps={DEMO_GRPO_SFT_STEPS}", "checkpoint.every_steps=0"]),
+        "<demo recipe (grpo: the SFT stage)>")
+    check_before_workers(sft, world_size=nproc, world_source=f"--nproc {nproc}")
+    started = time.monotonic()
+    evaluate = [sys.executable, "-m", "clustertune.worker.demo_eval"]
+    print(f"GRPO demo: first {DEMO_GRPO_SFT_STEPS} steps of SFT in {sft_dir}", file=sys.stderr)
+    code = run_local_workers(sft, nproc=nproc, resume=False, on_gpu=False)
+    if code:
+        return code
+    label = f"before GRPO ({DEMO_GRPO_SFT_STEPS}-step SFT)"
+    code = subprocess.run(evaluate + [str(sft_dir / "final"), "--label", label]).returncode
+    if code:
+        return code
+    recipe = recipe_from_dict(tree, "<demo recipe (grpo)>", overrides)
+    check_before_workers(recipe, world_size=nproc, world_source=f"--nproc {nproc}")
+    code = run_local_workers(recipe, nproc=nproc, resume=False, on_gpu=False)
+    if code:
+        return code
+    code = subprocess.run(evaluate + [str(run_dir / "final"), "--label", "after GRPO"]).returncode
     print(f"demo finished in {time.monotonic() - started:.0f} s; model in {run_dir / 'final'}", file=sys.stderr)
     return code
 

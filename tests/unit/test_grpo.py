@@ -87,3 +87,9 @@ def test_token_level_loss_gradient_is_advantage_times_grad_logp():
         for n, p in lm.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-4, msg=n)
         lm.zero_grad()
+
+
+def test_grpo_demo_recipe_validates():
+    from clustertune import demo
+    r = recipe_from_dict(demo.demo_grpo_recipe_dict("runs/x-sft/final"))
+    assert r.train.objective == "grpo" and r.train.global_batch_size % r.grpo.group_size == 0

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--preference", action="store_true", help="held-out preference accuracy (DPO demo)")
+    parser.add_argument("--label", help="what the printed line calls this model (default: before/after training)")
     args = parser.parse_args(argv)
 
     import torch
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.error("give a model directory or --random-init")
     model.eval()
+    label = args.label or label
     if args.preference:
         accuracy, count = preference_accuracy(model, tokenizer, demo.DEMO_DPO_HELDOUT_FILE)
         print(f"held-out preference accuracy {label}: {100 * accuracy:.1f}% ({count} pairs)", flush=True)
