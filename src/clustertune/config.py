@@ -213,6 +213,9 @@ class GrpoSection(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     rewards: list[str] = Field(default_factory=lambda: ["exact_match"], min_length=1)
     scale_rewards: bool = True  # divide by the group's reward std (false: only subtract the mean)
+    # k3 estimate of KL(policy || reference) per completion token, times this, added to the loss. The
+    # reference is the base model under the LoRA adapter (adapter off), so it needs lora.enabled.
+    kl_beta: float = Field(default=0.0, ge=0)
 
 
 class CheckpointSection(_Section):
@@ -289,6 +292,9 @@ class Recipe(_Section):
         if self.data.eval_files or self.data.eval_fraction:
             raise ValueError("train.objective = \"grpo\" has no eval pass yet: remove data.eval_files / "
                              "data.eval_fraction")
+        if self.grpo.kl_beta > 0 and not self.lora.enabled:
+            raise ValueError("grpo.kl_beta > 0 needs lora.enabled: the reference is the model with the adapter "
+                             "switched off (no second model is loaded); set lora.enabled = true or grpo.kl_beta = 0")
         longest = self.data.max_length + self.grpo.max_new_tokens
         if self.data.packing and self.train.micro_batch_tokens < longest:
             raise ValueError(f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) must be >= data.max_length "

@@ -13,8 +13,8 @@ from conftest import metrics, run_train, write_recipe
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("stage,packing", [(2, False), (3, True)])
-def test_grpo_rolls_out_trains_and_exports(tmp_path, task_dir, stage, packing):
+@pytest.mark.parametrize("stage,packing,kl", [(2, False, False), (3, True, False), (3, True, True)])
+def test_grpo_rolls_out_trains_and_exports(tmp_path, task_dir, stage, packing, kl):
     run_dir = tmp_path / "run"
     # operator:lt rewards a completion that sorts before the answer: about half of random ones, so
     # groups have reward spread and the gradient is not zero.
@@ -22,8 +22,9 @@ def test_grpo_rolls_out_trains_and_exports(tmp_path, task_dir, stage, packing):
                           data={"max_length": 96, "packing": packing},
                           train={"objective": "grpo", "max_steps": 3, "global_batch_size": 16, "micro_batch_size": 4,
                                  "micro_batch_tokens": 256, "lr": 1e-3},
-                          grpo={"group_size": 4, "max_new_tokens": 8, "rewards": ["operator:lt", "format"]},
-                          zero={"stage": stage})
+                          grpo={"group_size": 4, "max_new_tokens": 8, "rewards": ["operator:lt", "format"],
+                                **({"kl_beta": 0.1} if kl else {})},
+                          zero={"stage": stage}, **({"lora": {"enabled": True, "r": 4, "alpha": 8.0}} if kl else {}))
     proc = run_train(recipe)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     records = [m for m in metrics(run_dir) if "loss" in m]
@@ -34,6 +35,8 @@ def test_grpo_rolls_out_trains_and_exports(tmp_path, task_dir, stage, packing):
             assert key in m, key
         assert 1 <= m["completion_len_mean"] <= 8
         assert m["grad_norm"] > 0  # groups with spread: a real gradient
+    if kl:  # the adapter starts at zero (policy = reference), then moves away
+        assert records[0]["kl"] == pytest.approx(0.0, abs=1e-7) and records[-1]["kl"] > 0
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 

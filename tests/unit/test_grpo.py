@@ -93,3 +93,52 @@ def test_grpo_demo_recipe_validates():
     from clustertune import demo
     r = recipe_from_dict(demo.demo_grpo_recipe_dict("runs/x-sft/final"))
     assert r.train.objective == "grpo" and r.train.global_batch_size % r.grpo.group_size == 0
+
+
+def test_kl_to_the_adapter_off_reference_matches_a_direct_computation():
+    from peft import LoraConfig, get_peft_model
+
+    from clustertune.worker.objectives.grpo import k3
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation="sdpa")).float()
+    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # policy != reference
+    samples = [completion_sample([5, 6, 7], [9, 10, 11], 1.5), completion_sample([5, 8], [12, 3], -0.5)]
+    beta = 0.3
+
+    def token_logps(model, s):
+        logps = torch.log_softmax(model(input_ids=torch.tensor([s.input_ids])).logits[0].float(), -1)
+        return torch.stack([logps[i, t] for i, t in enumerate(s.targets) if t != IGNORE_INDEX])
+    direct, kl_sum = torch.zeros(()), 0.0
+    for s in samples:
+        policy = token_logps(lm, s)
+        with torch.no_grad(), lm.disable_adapter():
+            reference = token_logps(lm, s)
+        kl = k3(policy, reference)
+        direct = direct + (-s.advantage * torch.exp(policy - policy.detach()) + beta * kl).sum()
+        kl_sum += float(kl.sum())
+    direct.backward()
+    expected = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad()
+    assert kl_sum > 0
+
+    class Tok:
+        eos_token_id = 2
+    grpo = GroupRelativePolicyOptimization(packing=True, pad_id=0, grpo=GrpoSection(kl_beta=beta), tokenizer=Tok())
+    grpo.lm = lm
+    out = grpo.micro_batch_loss(TokenLogProbModel(lm), samples, device=torch.device("cpu"))
+    out.loss_sum.backward()
+    assert out.loss_sum.item() == pytest.approx(direct.item(), abs=1e-5)
+    assert out.metric_sums["kl"].item() == pytest.approx(kl_sum, rel=1e-5)
+    for n, g in expected.items():
+        torch.testing.assert_close(dict(lm.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_kl_needs_lora():
+    tree = recipe(group_size=4, kl_beta=0.1)
+    with pytest.raises(RecipeError, match="needs lora.enabled"):
+        recipe_from_dict(tree)
+    tree["lora"] = {"enabled": True}
+    assert recipe_from_dict(tree).grpo.kl_beta == 0.1

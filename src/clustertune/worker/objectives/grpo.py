@@ -6,8 +6,11 @@ generation, no KL term:
               one batched call: under ZeRO-3 one whole-model gather); rewards (clustertune.rewards)
               and group-normalized advantages are shared by all ranks
     loss:     per completion token t of completion i, -A_i * exp(log pi(t) - stop_grad(log pi(t)))
-              (the ratio is 1 in value; its gradient is A_i * grad log pi(t)), summed and divided
-              by the step's completion tokens (token-level normalization, as DAPO/Dr. GRPO)
+              (the ratio is 1 in value; its gradient is A_i * grad log pi(t)), plus with
+              grpo.kl_beta > 0 kl_beta * k3(t), k3 = exp(ref - log pi) - (ref - log pi) - 1 with ref
+              the log-prob under the LoRA adapter switched off (a no-grad forward of the same
+              micro-batch); summed and divided by the step's completion tokens (token-level
+              normalization, as DAPO/Dr. GRPO)
 
 The completions become ordinary samples (prompt + completion, only the completion trained), so
 the step plan, packing, accumulation and ZeRO work as for SFT.
@@ -76,6 +79,7 @@ class GroupRelativePolicyOptimization:
         self.group_size = grpo.group_size  # completions per prompt: the loop takes global_batch_size / this prompts
         self.rewards = [load_reward(spec) for spec in grpo.rewards]
         self.generator: Any = None
+        self.lm: Any = None  # the (PEFT) model: its adapter is switched off for the KL reference
         self.last_rollout: dict[str, float] = {}
 
     def module(self, lm: Any, *, varlen: bool) -> torch.nn.Module:
@@ -88,6 +92,7 @@ class GroupRelativePolicyOptimization:
                         heartbeat: Any) -> None:
         from clustertune.worker.generation import HFGenerator
         zero_stage = parts.ds_config["zero_optimization"]["stage"]
+        self.lm = parts.lm
         self.generator = HFGenerator(parts.ds_engine, parts.lm, zero_stage=zero_stage, pad_id=self.pad_id,
                                      eos_ids=self.eos_ids, max_new_tokens=self.grpo.max_new_tokens,
                                      temperature=self.grpo.temperature, top_p=self.grpo.top_p)
@@ -133,13 +138,35 @@ class GroupRelativePolicyOptimization:
     def micro_batch_loss(self, ds_engine: Any, samples: Sequence[CompletionSample], *,
                          device: torch.device) -> MicroBatchLoss:
         batch = batching.collate(samples, packing=self.packing, pad_id=self.pad_id)
+        # The reference forward first and on every micro-batch, fillers included: under ZeRO-3 every
+        # rank must run the same forwards.
+        reference = self.reference_logps(ds_engine, batch, device) if self.grpo.kl_beta > 0 else None
         logps = ds_engine(**batching.to_device(batch, device)).float()
         if not samples:
-            return MicroBatchLoss(logps.sum() * 0.0)
+            zero = logps.sum() * 0.0
+            return MicroBatchLoss(zero, {} if reference is None else {"kl": zero.detach()})
         trained = (batch["targets"] != IGNORE_INDEX).to(device)
         advantages = per_token(samples, packing=self.packing).to(device)
         ratio = torch.exp(logps - logps.detach())
-        return MicroBatchLoss(-(advantages * ratio * trained).sum())
+        losses = -advantages * ratio
+        metrics = {}
+        if reference is not None:
+            kl = k3(logps, reference)
+            losses = losses + self.grpo.kl_beta * kl
+            metrics["kl"] = (kl.detach() * trained).sum()
+        return MicroBatchLoss((losses * trained).sum(), metrics)
+
+    def reference_logps(self, ds_engine: Any, batch: dict, device: torch.device) -> torch.Tensor:
+        """Per-token log-probs under the reference: the same engine, LoRA adapter off, no grad."""
+        with torch.no_grad(), self.lm.disable_adapter():
+            return ds_engine(**batching.to_device(batch, device)).float()
 
     def step_metrics(self, sums: dict[str, float], plan: batching.StepPlan) -> dict[str, float]:
-        return {"completion_tokens": plan.loss_units, **self.last_rollout}
+        kl = {"kl": sums["kl"] / max(1, plan.loss_units)} if "kl" in sums else {}
+        return {"completion_tokens": plan.loss_units, **kl, **self.last_rollout}
+
+
+def k3(logps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(policy || reference) per token: unbiased, never negative."""
+    delta = reference - logps
+    return torch.exp(delta) - delta - 1
