@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from clustertune.data import cache
 from clustertune.data.chat import ChatEncoder, Rendered, fit
 from clustertune.data.prepare import (
-    FileProblem, Log, _paths, _progress, _read_all, _skip_or_raise, _split_and_shuffle)
+    FileProblem, Log, _paths, _progress, _read_all, _skip_or_raise, _split_and_shuffle, load_or_tokenize)
 from clustertune.data.records import (
     METADATA_KEYS, Message, Problem, Record, RecordError, _json_type, _message, _no_unknown_keys, _text)
 from clustertune.data.types import DataError, DataReport, PreferencePair, PreparedData
@@ -164,22 +164,10 @@ def prepare_preference_dataset(data: DataSection, tokenizer: Any, *, seed: int, 
                                log: Log = print) -> PreparedData:
     """Like prepare_dataset (cache, eval split, file weights, seeded shuffle), with PreferencePair
     samples: identical on every process for the same inputs and seed."""
-    train_files = _paths(data.train_paths, "data.train_files")
-    eval_files = _paths(data.eval_files, "data.eval_files")
-    settings = {"objective": "dpo", "format": data.format, "max_length": data.max_length,
-                "overlength": data.overlength, "skip_invalid": data.skip_invalid}
-    encoder = ChatEncoder(tokenizer)
-    key = cache.cache_key(train_files=train_files, eval_files=eval_files, settings=settings, tokenizer=tokenizer)
-    path = Path(cache_dir) / f"{key}.npz"
     # The cache holds each pair as two consecutive samples (chosen, rejected).
-    tokenized = cache.load(path, log)
-    hit = tokenized is not None
-    if tokenized is None:
-        tokenized = _tokenize_pair_files(data, encoder, train_files, eval_files, log)
-        cache.save(path, tokenized, log)
-        log(f"data: tokenized preference pairs cached in {path}")
-    else:
-        log(f"data: loaded tokenized preference pairs from {path}")
+    train_files, eval_files, tokenized, hit = load_or_tokenize(
+        data, tokenizer, cache_dir=cache_dir, tokenize=_tokenize_pair_files, what="preference pairs", log=log,
+        extra_settings={"objective": "dpo"})
     paired = cache.Tokenized(_pairs(tokenized.train), _pairs(tokenized.eval), tokenized.report,
                              train_counts=[n // 2 for n in tokenized.train_counts])
     prepared = _split_and_shuffle(paired, eval_fraction=data.eval_fraction, seed=seed,  # type: ignore[arg-type]

@@ -43,6 +43,29 @@ T = TypeVar("T")
 FileProblem = tuple[Path, Problem]
 
 
+def load_or_tokenize(data: DataSection, tokenizer: Any, *, cache_dir: Path, tokenize: Callable[..., Any],
+                     what: str, log: Log, extra_settings: dict[str, Any] | None = None):
+    """(train files, eval files, tokenized, cache hit): the tokenized files from the cache when
+    its key (files' contents, settings, tokenizer) matches, else `tokenize(data, encoder,
+    train_files, eval_files, log)` and cached."""
+    train_files = _paths(data.train_paths, "data.train_files")
+    eval_files = _paths(data.eval_files, "data.eval_files")
+    settings = {**(extra_settings or {}), "format": data.format, "max_length": data.max_length,
+                "overlength": data.overlength, "skip_invalid": data.skip_invalid}
+    encoder = ChatEncoder(tokenizer)  # checks the tokenizer before any slow work
+    key = cache.cache_key(train_files=train_files, eval_files=eval_files, settings=settings, tokenizer=tokenizer)
+    path = Path(cache_dir) / f"{key}.npz"
+    tokenized = cache.load(path, log)
+    hit = tokenized is not None
+    if tokenized is None:
+        tokenized = tokenize(data, encoder, train_files, eval_files, log)
+        cache.save(path, tokenized, log)
+        log(f"data: tokenized {what} cached in {path}")
+    else:
+        log(f"data: loaded tokenized {what} from {path}")
+    return train_files, eval_files, tokenized, hit
+
+
 def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: Path,
                     log: Log = print, objective: str = "sft") -> PreparedData:
     """objective "dpo": PreferencePair samples from preference-pair records (data/preference.py)."""
@@ -52,23 +75,8 @@ def prepare_dataset(data: DataSection, tokenizer: Any, *, seed: int, cache_dir: 
     if objective == "grpo":  # prompts with answers (data/prompts.py)
         from clustertune.data.prompts import prepare_prompt_dataset
         return prepare_prompt_dataset(data, tokenizer, seed=seed, log=log)
-    train_files = _paths(data.train_paths, "data.train_files")
-    eval_files = _paths(data.eval_files, "data.eval_files")
-    settings = {"format": data.format, "max_length": data.max_length, "overlength": data.overlength,
-                "skip_invalid": data.skip_invalid}
-    encoder = ChatEncoder(tokenizer)  # checks the tokenizer before any slow work
-    key = cache.cache_key(train_files=train_files, eval_files=eval_files, settings=settings, tokenizer=tokenizer)
-    path = Path(cache_dir) / f"{key}.npz"
-
-    tokenized = cache.load(path, log)
-    hit = tokenized is not None
-    if tokenized is None:
-        tokenized = _tokenize_files(data, encoder, train_files, eval_files, log)
-        cache.save(path, tokenized, log)
-        log(f"data: tokenized data cached in {path}")
-    else:
-        log(f"data: loaded tokenized data from {path}")
-
+    train_files, eval_files, tokenized, hit = load_or_tokenize(
+        data, tokenizer, cache_dir=cache_dir, tokenize=_tokenize_files, what="data", log=log)
     prepared = _split_and_shuffle(tokenized, eval_fraction=data.eval_fraction, seed=seed,
                                   weights=data.train_weights, names=[str(p) for p in train_files])
     prepared.report.files = [str(p) for p in train_files + eval_files]
