@@ -1,7 +1,7 @@
 """Cluster-file addresses checked like a careful colleague would (issue 16, item 20): invalid
 IPv4/IPv6 literals and addresses no host can have are errors, leading-zero octets are ambiguous,
 host names and node names are compared ignoring case, and a node on another network than the
-master (the seed article's 172.168.80.31 beside 172.16.80.33) is a warning naming both.
+master (a typo like the seed article's 172.168.80.31 beside its private master; here 192.186.80.31 beside 192.168.80.33) is a warning naming both.
 
     python -m pytest -q tests/unit/test_cluster_addresses.py
 """
@@ -53,9 +53,9 @@ def test_host_names_differing_only_in_case_are_one_node_listed_twice():
 
 
 def test_the_seed_articles_typo_is_a_warning_naming_both_addresses():
-    cluster = cluster_from_dict(nodes("172.16.80.33", "172.168.80.31"))
+    cluster = cluster_from_dict(nodes("192.168.80.33", "192.186.80.31"))
     [warning] = network_warnings(cluster)
-    assert "172.168.80.31" in warning and "172.16.80.33" in warning
+    assert "192.186.80.31" in warning and "192.168.80.33" in warning
     assert "public" in warning and "private" in warning and "typo" in warning
 
 
@@ -68,8 +68,8 @@ def test_a_different_private_16_is_a_warning_and_one_network_is_not():
 
 def test_every_command_that_reads_the_cluster_file_shows_the_warning(tmp_path, capsys):
     path = tmp_path / "cluster.toml"
-    path.write_text('[[nodes]]\nname = "m"\naddress = "172.16.80.33"\n'
-                    '[[nodes]]\nname = "w"\naddress = "172.168.80.31"\n', encoding="utf-8")
+    path.write_text('[[nodes]]\nname = "m"\naddress = "192.168.80.33"\n'
+                    '[[nodes]]\nname = "w"\naddress = "192.186.80.31"\n', encoding="utf-8")
     load_cluster(path)
     assert "warning: " in capsys.readouterr().err
     seen: list[str] = []
@@ -95,7 +95,7 @@ def test_cluster_init_leading_zero_beside_the_plain_address(tmp_path, monkeypatc
 
 def test_cluster_init_writes_the_file_and_warns_about_the_typo(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["cluster", "init", "--out", "c.toml", "--node", "m=172.16.80.33", "--node", "w=172.168.80.31"]) == 0
+    assert main(["cluster", "init", "--out", "c.toml", "--node", "m=192.168.80.33", "--node", "w=192.186.80.31"]) == 0
     err = capsys.readouterr().err
-    assert "warning: nodes[1] (w) address 172.168.80.31" in err and "172.16.80.33" in err
+    assert "warning: nodes[1] (w) address 192.186.80.31" in err and "192.168.80.33" in err
     assert (tmp_path / "c.toml").is_file()
