@@ -46,8 +46,6 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user
 _MESSAGES_KEYS = frozenset({"messages"})
 _ALPACA_KEYS = frozenset({"instruction", "input", "output"})
 _SHAREGPT_KEYS = frozenset({"conversations", "system"})
-_MESSAGE_KEYS = frozenset({"role", "content"})
-_TURN_KEYS = frozenset({"from", "value"})
 # JSON may spell a lone UTF-16 surrogate ("\ud800"); Python accepts it, the Rust tokenizer does not.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -173,15 +171,20 @@ def _detect(obj: dict[str, Any]) -> str:
                       f"'instruction' and 'output' (alpaca format); the record has keys: {keys}")
 
 
+def _turn_list(obj: dict[str, Any], key: str, fmt: str, allowed: frozenset[str] | set[str]) -> list[Any]:
+    """The record's non-empty array of turns under `key` (messages or ShareGPT conversations)."""
+    _require(obj, (key,), fmt)
+    _no_unknown_keys(obj, allowed | METADATA_KEYS, "")
+    turns = obj[key]
+    if not isinstance(turns, list):
+        raise RecordError("wrong type", f"'{key}' must be an array, got {_json_type(turns)}")
+    if not turns:
+        raise RecordError("empty content", f"'{key}' is an empty array")
+    return turns
+
+
 def _from_messages(obj: dict[str, Any]) -> list[Message]:
-    _require(obj, ("messages",), "messages")
-    _no_unknown_keys(obj, _MESSAGES_KEYS | METADATA_KEYS, "")
-    messages = obj["messages"]
-    if not isinstance(messages, list):
-        raise RecordError("wrong type", f"'messages' must be an array, got {_json_type(messages)}")
-    if not messages:
-        raise RecordError("empty content", "'messages' is an empty array")
-    return validate_messages(messages)
+    return validate_messages(_turn_list(obj, "messages", "messages", _MESSAGES_KEYS))
 
 
 def validate_messages(messages: list[Any]) -> list[Message]:
@@ -200,18 +203,24 @@ def _check_turns(out: list[Message], name: str) -> list[Message]:
 
 
 def _message(message: Any, where: str) -> Message:
-    if not isinstance(message, dict):
-        raise RecordError("wrong type", f"{where} must be an object, got {_json_type(message)}")
-    for key in _MESSAGE_KEYS:
-        if key not in message:
+    return _turn(message, where, role_key="role", text_key="content", roles={r: r for r in ROLES},
+                 expected="'system', 'user' or 'assistant'")
+
+
+def _turn(turn: Any, where: str, *, role_key: str, text_key: str, roles: dict[str, str], expected: str) -> Message:
+    """One turn as {role, content}: a `messages` entry (role/content) or a ShareGPT one (from/value)."""
+    if not isinstance(turn, dict):
+        raise RecordError("wrong type", f"{where} must be an object, got {_json_type(turn)}")
+    for key in (role_key, text_key):
+        if key not in turn:
             raise RecordError("missing field", f"{where} has no '{key}'")
-    _no_unknown_keys(message, _MESSAGE_KEYS, f"{where}.")
-    role = message["role"]
+    _no_unknown_keys(turn, frozenset({role_key, text_key}), f"{where}.")
+    role = turn[role_key]
     if not isinstance(role, str):
-        raise RecordError("wrong type", f"{where}.role must be a string, got {_json_type(role)}")
-    if role not in ROLES:
-        raise RecordError("unknown role", f"{where}.role is {role!r} (expected 'system', 'user' or 'assistant')")
-    return {"role": role, "content": _text(message["content"], f"{where}.content")}
+        raise RecordError("wrong type", f"{where}.{role_key} must be a string, got {_json_type(role)}")
+    if role not in roles:
+        raise RecordError("unknown role", f"{where}.{role_key} is {role!r} (expected {expected})")
+    return {"role": roles[role], "content": _text(turn[text_key], f"{where}.{text_key}")}
 
 
 def _from_alpaca(obj: dict[str, Any]) -> list[Message]:
@@ -227,13 +236,7 @@ def _from_alpaca(obj: dict[str, Any]) -> list[Message]:
 
 
 def _from_sharegpt(obj: dict[str, Any]) -> list[Message]:
-    _require(obj, ("conversations",), "sharegpt")
-    _no_unknown_keys(obj, _SHAREGPT_KEYS | METADATA_KEYS, "")
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        raise RecordError("wrong type", f"'conversations' must be an array, got {_json_type(turns)}")
-    if not turns:
-        raise RecordError("empty content", "'conversations' is an empty array")
+    turns = _turn_list(obj, "conversations", "sharegpt", _SHAREGPT_KEYS)
     out = [_sharegpt_turn(t, f"conversations[{i}]") for i, t in enumerate(turns)]
     if "system" in obj:
         if out[0]["role"] == "system":
@@ -245,18 +248,8 @@ def _from_sharegpt(obj: dict[str, Any]) -> list[Message]:
 
 
 def _sharegpt_turn(turn: Any, where: str) -> Message:
-    if not isinstance(turn, dict):
-        raise RecordError("wrong type", f"{where} must be an object, got {_json_type(turn)}")
-    for key in ("from", "value"):
-        if key not in turn:
-            raise RecordError("missing field", f"{where} has no '{key}'")
-    _no_unknown_keys(turn, _TURN_KEYS, f"{where}.")
-    speaker = turn["from"]
-    if not isinstance(speaker, str):
-        raise RecordError("wrong type", f"{where}.from must be a string, got {_json_type(speaker)}")
-    if speaker not in SHAREGPT_ROLES:
-        raise RecordError("unknown role", f"{where}.from is {speaker!r} (expected 'system', 'human' or 'gpt')")
-    return {"role": SHAREGPT_ROLES[speaker], "content": _text(turn["value"], f"{where}.value")}
+    return _turn(turn, where, role_key="from", text_key="value", roles=SHAREGPT_ROLES,
+                 expected="'system', 'human' or 'gpt'")
 
 
 def _text(value: Any, where: str) -> str:
