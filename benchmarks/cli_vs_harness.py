@@ -48,6 +48,7 @@ output_dir = {json.dumps(str(run_dir))}
 
 [model]
 path = {json.dumps(a.shape)}
+{f"num_layers = {a.layers}" if a.layers else ""}
 
 [data]
 train_files = [{json.dumps(str(data))}]
@@ -74,7 +75,7 @@ stage = {a.stage}
 
 def run_cli(a, data: Path, run_dir: Path) -> dict:
     recipe = write_recipe(a, data, run_dir)
-    cmd = [sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", "1"]
+    cmd = [sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", str(a.nproc)]
     for override in a.set:
         cmd += ["--set", override]
     subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL if not a.verbose else None)
@@ -86,9 +87,11 @@ def run_cli(a, data: Path, run_dir: Path) -> dict:
 
 
 def run_harness(a, out: Path) -> dict:
-    cmd = [sys.executable, str(HERE / "bench_clustertune.py"), "--shape", a.shape, "--stage", str(a.stage),
-           "--mode", "var", "--seq", str(a.seq), "--batch", str(a.batch), "--budget", str(a.budget),
-           "--steps", str(a.steps)] + (["--gc"] if a.gc else []) + (["--profile", str(out / "harness_profile")]
+    launcher = [sys.executable] if a.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
+    cmd = launcher + [str(HERE / "bench_clustertune.py"), "--shape", a.shape, "--stage", str(a.stage),
+           "--mode", a.mode, "--seq", str(a.seq), "--batch", str(a.batch), "--budget", str(a.budget),
+           "--steps", str(a.steps)] + (["--layers", str(a.layers)] if a.layers else []) + (["--gc"] if a.gc else []) + (["--profile", str(out / "harness_profile")]
                                                                    if a.profile else [])
     text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
@@ -104,11 +107,14 @@ def main() -> int:
     p.add_argument("--gc", action="store_true"); p.add_argument("--profile", action="store_true")
     p.add_argument("--tolerance", type=float, default=0.05); p.add_argument("--out", default="/tmp/cli_vs_harness")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs (ranks) on this host")
+    p.add_argument("--layers", type=int, default=None, help="model.num_layers: the shape cut to N layers")
+    p.add_argument("--mode", default="var", help="sample lengths: var (SFT-like, capped at --seq) or fixed")
     p.add_argument("--set", action="append", default=[], help="recipe override for the CLI run (repeatable)")
     p.add_argument("--cli-only", action="store_true", help="skip the harness and the check")
     a = p.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    lengths = sample_lengths("var", a.steps * a.batch, a.seq)
+    lengths = sample_lengths(a.mode, a.steps * a.batch, a.seq)
     data = out / "w1.jsonl"
     write_jsonl(data, lengths)
     cli = run_cli(a, data, out / "cli_run")

@@ -43,6 +43,22 @@ class ModelSection(_Section):
     # Liger fused kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): "auto" = on GPU only.
     liger: Literal["auto", "on", "off"] = "auto"
     trust_remote_code: bool = False
+    # Built-in shapes only: keep the first N decoder layers (a real width with fewer layers, random
+    # init), to try memory and speed of a big model's width on a smaller machine.
+    num_layers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _num_layers_only_for_shapes(self) -> "ModelSection":
+        from clustertune.shapes import lookup_shape
+        if self.num_layers is not None:
+            shape = lookup_shape(self.path)
+            if shape is None:
+                raise ValueError(f"model.num_layers needs a built-in shape for model.path (got {self.path!r}): "
+                                 "dropping layers of a pretrained model would discard its weights")
+            if self.num_layers > shape.num_hidden_layers:
+                raise ValueError(f"model.num_layers = {self.num_layers}: {self.path} has only "
+                                 f"{shape.num_hidden_layers} layers")
+        return self
 
 
 class TrainFile(_Section):
@@ -115,6 +131,10 @@ class TrainSection(_Section):
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     seed: int = 42
     gradient_checkpointing: bool = False
+    # Selective checkpointing: with gradient_checkpointing on, recompute only every N-th decoder
+    # layer (1 = all); the others keep their activations. Less recompute for more memory;
+    # `clustertune plan` counts both.
+    checkpoint_every_n_layers: int = Field(default=1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_every: int = Field(default=1, ge=1)
@@ -132,6 +152,9 @@ class TrainSection(_Section):
     def _length(self) -> "TrainSection":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
+        if self.checkpoint_every_n_layers > 1 and not self.gradient_checkpointing:
+            raise ValueError(f"train.checkpoint_every_n_layers = {self.checkpoint_every_n_layers} needs "
+                             "train.gradient_checkpointing = true (it says which layers to recompute)")
         return self
 
 

@@ -119,6 +119,9 @@ class PlanInput:
     # ZeRO++ zero.hpz_partition_size (stage 3): a second copy of the weights partitioned over
     # this many ranks (the GPUs of a node), param bytes x total / hpz per rank.
     hpz_partition_size: int = 1
+    # train.checkpoint_every_n_layers: with checkpointing on, only layers 0, n, 2n, ... recompute;
+    # the others keep everything they save (selective checkpointing).
+    checkpoint_every_n_layers: int = 1
     # More than one micro-batch per optimizer step on a rank (always assumed with packing: the
     # rows per step depend on the data). Stage 1/2 gradients then exist during the forward and
     # loss of every micro-batch after the first; without accumulation they appear in backward.
@@ -127,7 +130,7 @@ class PlanInput:
     checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB
 
     def __post_init__(self) -> None:
-        for name in ("tokens_per_micro_batch", "seq_len", "world_size", "gpus_per_node"):
+        for name in ("tokens_per_micro_batch", "seq_len", "world_size", "gpus_per_node", "checkpoint_every_n_layers"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not self.gpu_mem_gib > 0:
@@ -343,17 +346,23 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     return total
 
 
+def checkpointed_layer_count(inp: PlanInput) -> int:
+    """Decoder layers that recompute in backward when checkpointing is on: 0, n, 2n, ..."""
+    return -(-inp.shape.num_hidden_layers // inp.checkpoint_every_n_layers)
+
+
 def saved_activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
     """What the forward leaves for the backward, per rank: alive at the loss and, shrinking layer
     by layer, through the backward.
 
-    With checkpointing (HF, non-reentrant, per decoder layer) each layer keeps only its input
-    (a*h per token); without, everything `layer_activation_bytes_per_token` counts. The head adds
+    With checkpointing (HF, non-reentrant, per decoder layer) each recomputed layer keeps only its
+    input (a*h per token); every other layer everything `layer_activation_bytes_per_token` counts. The head adds
     the final norm (and, without Liger's fused loss, lm_head's saved input a*h).
     """
     s, a = inp.shape, inp.bytes.activation
-    h, layers = s.hidden_size, s.num_hidden_layers
-    body = layers * (a * h if gradient_checkpointing else layer_activation_bytes_per_token(inp))
+    h = s.hidden_size
+    recomputed = checkpointed_layer_count(inp) if gradient_checkpointing else 0
+    body = recomputed * a * h + (s.num_hidden_layers - recomputed) * layer_activation_bytes_per_token(inp)
     head = a * h + 4 if inp.liger else (4 * h + a * h) + a * h
     return tokens * (body + head)
 

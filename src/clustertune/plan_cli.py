@@ -61,7 +61,7 @@ class Job:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    shape, shape_note = resolve_shape(recipe.model.path)
+    shape, shape_note = resolve_shape(recipe.model.path, recipe.model.num_layers)
     job = resolve_job(args)
     from clustertune.preflight import check_batch_arithmetic
     check_batch_arithmetic(recipe.train, packing=recipe.data.packing, world_size=job.world_size,
@@ -92,11 +92,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ resolving inputs
 
-def resolve_shape(model_path: str) -> tuple[Shape, str]:
+def resolve_shape(model_path: str, num_layers: int | None = None) -> tuple[Shape, str]:
     """The model's shape; a local path missing on this machine (plan often runs on the launcher)
     falls back to the built-in shape of the same name, e.g. /models/DeepSeek-R1-Distill-Qwen-32B."""
     try:
-        return shape_from_model_path(model_path), ""
+        return shape_from_model_path(model_path, num_layers), ""
     except RecipeError as err:
         name = Path(model_path).name.lower()
         # An -Instruct model has its base model's shape (same config.json dimensions).
@@ -257,6 +257,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
         hpz_partition_size=zero.hpz_partition_size or 1,
+        checkpoint_every_n_layers=recipe.train.checkpoint_every_n_layers,
         checkpoint_shard_gib=checkpoint_shard_gib)
 
 

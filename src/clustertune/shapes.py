@@ -5,6 +5,7 @@ without the checkpoint on disk. Pure data: imported by the launcher side, never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,11 +95,12 @@ def lookup_shape(name: str) -> Shape | None:
     return SHAPES.get(key)
 
 
-def shape_from_model_path(path: str) -> Shape:
-    """The shape of `model.path`: a built-in name, or read from a local directory's config.json."""
+def shape_from_model_path(path: str, num_layers: int | None = None) -> Shape:
+    """The shape of `model.path`: a built-in name (cut to `num_layers` decoder layers when
+    given: model.num_layers), or read from a local directory's config.json."""
     shape = lookup_shape(path)
     if shape is not None:
-        return shape
+        return dataclasses.replace(shape, num_hidden_layers=num_layers) if num_layers else shape
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         names = ", ".join(sorted(SHAPES))

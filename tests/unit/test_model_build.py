@@ -55,3 +55,33 @@ def test_lora_with_checkpointing_recomputes_and_trains_only_the_adapters(saved_t
     assert with_grad and all("lora_" in name for name in with_grad)
     # lora_B starts at zero, so only B has a gradient at the first step; the first layer gets one too
     assert any("lora_B" in name and "layers.0." in name for name in with_grad)
+
+
+def test_selective_checkpointing_recomputes_every_nth_layer_only():
+    """train.checkpoint_every_n_layers = 2 on a 4-layer model: layers 0 and 2 recompute in
+    backward, 1 and 3 keep their activations; the gradients equal those of full checkpointing."""
+    import dataclasses
+    shape = dataclasses.replace(SHAPES["tiny"], num_hidden_layers=4)
+    grads = {}
+    for every in (1, 2):
+        torch.manual_seed(0)
+        lm = Qwen2ForCausalLM(Qwen2Config(**shape.hf_config_dict()))
+        lm.train()
+        from clustertune.worker.model import checkpointed_layers, enable_activation_checkpointing
+        enable_activation_checkpointing(lm, every_n_layers=every)
+        torch.manual_seed(1)
+        assert checkpointed_layers(lm) == ([0, 1, 2, 3] if every == 1 else [0, 2])
+        assert layer_forward_calls(lm) == ([2, 2, 2, 2] if every == 1 else [2, 1, 2, 1])
+        grads[every] = torch.cat([p.grad.flatten() for p in lm.parameters()])
+    torch.testing.assert_close(grads[1], grads[2])
+
+
+def test_num_layers_cuts_a_built_in_shape_and_is_refused_for_a_directory(saved_tiny):
+    from pydantic import ValidationError
+    lm = build_causal_lm(ModelSection(path="qwen2.5-0.5b", num_layers=1, attn_implementation="sdpa"),
+                         dtype=torch.bfloat16)
+    assert len(lm.model.layers) == 1 and lm.config.hidden_size == SHAPES["qwen2.5-0.5b"].hidden_size
+    with pytest.raises(ValidationError, match="needs a built-in shape"):
+        ModelSection(path=str(saved_tiny), num_layers=1)
+    with pytest.raises(ValidationError, match="has only 24 layers"):
+        ModelSection(path="qwen2.5-0.5b", num_layers=99)

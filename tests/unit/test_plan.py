@@ -207,3 +207,20 @@ def test_unknown_host_ram_is_not_checked_and_said():
     assert result.host_budget_gib is None
     assert all(e.fits_host for e in result.estimates)
     assert "host RAM not checked" in result.why()
+
+
+def test_selective_checkpointing_memory_lies_between_full_and_none():
+    """train.checkpoint_every_n_layers = n: ceil(L/n) layers keep only their input, the rest keep
+    all they save; the planner's saved activations follow that exactly."""
+    from clustertune.plan import layer_activation_bytes_per_token, saved_activation_bytes
+    shape = SHAPES["qwen2.5-1.5b"]  # 28 layers
+    def inp(n):
+        return PlanInput(shape, tokens_per_micro_batch=32768, seq_len=4096, world_size=1, gpus_per_node=1,
+                         gpu_mem_gib=80, host_mem_gib=None, checkpoint_every_n_layers=n)
+    full, half = saved_activation_bytes(inp(1), True, 1000), saved_activation_bytes(inp(2), True, 1000)
+    none = saved_activation_bytes(inp(1), False, 1000)
+    assert full < half < none
+    per_layer, kept = layer_activation_bytes_per_token(inp(2)), 2 * shape.hidden_size
+    assert half - full == pytest.approx(1000 * 14 * (per_layer - kept))
+    option = Option(1, False, False, True)
+    assert gpu_memory(inp(1), option).allocated_peak < gpu_memory(inp(2), option).allocated_peak

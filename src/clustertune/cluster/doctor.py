@@ -470,7 +470,7 @@ def comm_share_advice(data: dict[str, Any], recipe: Any, cluster: Cluster) -> tu
     from clustertune.shapes import shape_from_model_path
     gpus_per_node = max(n.slots for n in cluster.nodes)
     intra = [v for v in (data.get("intra_allreduce_gbs") or {}).values() if v > 0]
-    est = planned_step(recipe, shape_from_model_path(recipe.model.path), gpu=gpu, world_size=cluster.world_size,
+    est = planned_step(recipe, shape_from_model_path(recipe.model.path, recipe.model.num_layers), gpu=gpu, world_size=cluster.world_size,
                        gpus_per_node=gpus_per_node, inter_node_gbs=max(data["allreduce_gbs"], 1e-6),
                        intra_node_gbs=min(intra) if intra else None)
     share = comm_share(est)

@@ -33,7 +33,7 @@ def assemble(recipe: Recipe, rt: Runtime, objective: Objective, *, load_universa
 
     load_universal: the run resumes from a checkpoint of another world size or ZeRO stage."""
     layout = batch_layout(recipe.train, world_size=rt.world_size, packing=recipe.data.packing)
-    shape = shape_from_model_path(recipe.model.path)
+    shape = shape_from_model_path(recipe.model.path, recipe.model.num_layers)
     ds_config = engine.build_deepspeed_config(recipe.train, recipe.zero, layout=layout,
                                               precision=rt.precision, hidden_size=shape.hidden_size,
                                               load_universal=load_universal,
@@ -42,7 +42,8 @@ def assemble(recipe: Recipe, rt: Runtime, objective: Objective, *, load_universa
     hf_ds_config, zero_init = engine.zero3_init_context(ds_config) if zero3 else (None, None)
     attn = attention_implementation(recipe.model, on_gpu=rt.on_gpu, packing=recipe.data.packing)
     lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing, attn=attn,
+                         gradient_checkpointing=recipe.train.gradient_checkpointing,
+                         checkpoint_every_n_layers=recipe.train.checkpoint_every_n_layers, attn=attn,
                          liger=use_liger(recipe.model, on_gpu=rt.on_gpu))
     if recipe.train.compile:
         from clustertune.worker.kernels import compile_decoder_layers

@@ -90,10 +90,8 @@ def compile_decoder_layers(lm) -> int:
     """Regional torch.compile: each decoder layer compiled in place (same code and shapes, so
     the layers share one compiled graph; dynamic sequence length avoids a recompile per row
     length). Returns the number of layers compiled."""
-    layers = getattr(getattr(lm, "model", lm), "layers", None)
-    if layers is None:
-        base = getattr(lm, "get_base_model", lambda: lm)()
-        layers = base.model.layers
+    from clustertune.worker.model import decoder_layers
+    layers = decoder_layers(lm)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -15,7 +15,7 @@ from torch import nn
 from clustertune.config import LoraSection, ModelSection, RecipeError
 from clustertune.data.types import IGNORE_INDEX
 from clustertune.preflight import tokenizer_location
-from clustertune.shapes import lookup_shape
+from clustertune.shapes import lookup_shape, shape_from_model_path
 
 
 def load_tokenizer(model: ModelSection):
@@ -32,9 +32,8 @@ def load_tokenizer(model: ModelSection):
 
 def hf_config(model: ModelSection):
     from transformers import AutoConfig, Qwen2Config
-    shape = lookup_shape(model.path)
-    if shape is not None:
-        return Qwen2Config(**shape.hf_config_dict())
+    if lookup_shape(model.path) is not None:
+        return Qwen2Config(**shape_from_model_path(model.path, model.num_layers).hf_config_dict())
     return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
 
 
@@ -55,7 +54,8 @@ def use_liger(model: ModelSection, *, on_gpu: bool) -> bool:
 
 
 def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=None,
-                    gradient_checkpointing: bool = False, attn: str | None = None, liger: bool = False):
+                    gradient_checkpointing: bool = False, checkpoint_every_n_layers: int = 1,
+                    attn: str | None = None, liger: bool = False):
     """Create (random shape) or load (local directory) the HF model.
 
     `zero3_context` (from engine.zero3_init_context) makes every rank build only its partition.
@@ -82,18 +82,35 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
         kernels.apply_liger(lm)
         kernels.install_fused_head_loss(lm.lm_head)
     if gradient_checkpointing:
-        enable_activation_checkpointing(lm)
+        enable_activation_checkpointing(lm, every_n_layers=checkpoint_every_n_layers)
     return lm
 
 
 # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn
 # and go in v6); the GPU image's older transformers has only the old ones.
-def enable_activation_checkpointing(lm) -> None:
-    """Non-reentrant checkpointing of every decoder layer."""
+def enable_activation_checkpointing(lm, every_n_layers: int = 1) -> None:
+    """Non-reentrant checkpointing of decoder layers 0, n, 2n, ... (every layer for n = 1).
+
+    Selection goes through each decoder layer's public `gradient_checkpointing` flag
+    (GradientCheckpointingLayer), which both the GPU image's transformers and newer ones read;
+    only the newer ones take an `every_n_layers` argument."""
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if every_n_layers > 1:
+        for index, layer in enumerate(decoder_layers(lm)):
+            layer.gradient_checkpointing = index % every_n_layers == 0
+
+
+def decoder_layers(lm) -> list:
+    """The decoder layers of a causal LM, LoRA-wrapped or not (HF's `model.layers`)."""
+    return list(base_causal_lm(lm).model.layers)
+
+
+def checkpointed_layers(lm) -> list[int]:
+    """Indices of the decoder layers that recompute their forward in backward."""
+    return [i for i, layer in enumerate(decoder_layers(lm)) if getattr(layer, "gradient_checkpointing", False)]
 
 
 def is_activation_checkpointing(lm) -> bool:
