@@ -372,7 +372,10 @@ def test_plan_local_one_wrapper_per_rank_rank0_keeps_its_stderr():
     assert r1.env["CLUSTERTUNE_RUN_ID"] == "rid0" and r1.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     # the same allow-list as every launch: nothing of the shell beyond it, no secret in any env
     for proc in plan.processes:
-        assert set(proc.env) - {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "GROUP_RANK"} <= {
+        # PYTHONPATH: the wrapper imports clustertune before it reads the env file (a checkout
+        # used through PYTHONPATH, as on the GPU machines, failed to start without it)
+        assert proc.env["PYTHONPATH"] == "/opt/lib"
+        assert set(proc.env) - {"PATH", "HOME", "CUDA_VISIBLE_DEVICES", "GROUP_RANK", "PYTHONPATH"} <= {
             "CLUSTERTUNE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT"}
     assert "HF_TOKEN" not in plan.run_env and plan.secrets["HF_TOKEN"] == "hf_secretvalue"

@@ -489,6 +489,10 @@ def _plan_local(plan: LaunchPlan, *, environ: Mapping[str, str], python: str, re
     node = plan.cluster.nodes[0]
     world = node.slots
     base = {k: environ[k] for k in SESSION_NAMES if k in environ}
+    # The wrapper must import clustertune before it reads the env file: a checkout used through
+    # PYTHONPATH (not pip-installed) is found only with it (it broke `train` on the GPU machine).
+    if "PYTHONPATH" in environ:
+        base["PYTHONPATH"] = environ["PYTHONPATH"]
     if "CUDA_VISIBLE_DEVICES" in environ:  # on one machine the user's choice of GPUs is the decision
         base["CUDA_VISIBLE_DEVICES"] = environ["CUDA_VISIBLE_DEVICES"]
     procs = []
