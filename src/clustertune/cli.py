@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=None, help="number of nodes (instead of --cluster)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (instead of --cluster)")
     p.add_argument("--write", action="store_true", help="write the recommendation into the recipe")
+    p.add_argument("--lora-fit", nargs="?", const="", default=None, metavar="SHAPE",
+                   help="only a table: does LoRA (the recipe's lora.r) with the base whole on each GPU fit on "
+                        "h100/a100/h20/h200, for the recipe's model or the built-in SHAPE (GRPO: with its rollout)")
     # The time estimate (clustertune.timing): data size and bandwidth.
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="training samples (default: counted in data.train_files when they are here)")

@@ -5,7 +5,15 @@ recommended ZeRO settings back into the recipe.
         --samples 100000 --tokens-per-sample 2000 --inter-node-gbps 200
     clustertune plan RECIPE --cluster cluster.toml --gpu-mem 80 --write
 
-The arithmetic lives in plan.py (memory) and timing.py (time); this module resolves the job
+GRPO recipes (train.objective = "grpo") also get the rollout's memory per option (plan_generation.py):
+an option is recommended only when its generation phase fits too, and a set-up whose rollout fits
+no option is refused (GenerationMemoryError, with the numbers and the fixes); a GRPO LoRA recipe also
+gets the table below. `--lora-fit [SHAPE]` prints only that table: whether LoRA (the recipe's lora.r)
+with the base whole on every GPU fits on h100/a100/h20/h200, for the recipe's model or a built-in shape:
+
+    clustertune plan configs/r1-distill-32b-grpo-lora.toml --lora-fit deepseek-r1-distill-qwen-32b --gpus-per-node 8
+
+The arithmetic lives in plan.py (memory), plan_generation.py (GRPO's rollout) and timing.py (time); this module resolves the job
 (recipe, GPU, topology, host RAM, data size, bandwidth) and renders. Launcher side: never imports
 torch.
 
@@ -22,6 +30,7 @@ comments and every other line stay as written; the previous file is kept as RECI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -29,15 +38,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from clustertune import timing
+from clustertune import plan_generation, timing
 from clustertune.batch_math import total_steps
 from clustertune.config import Recipe, RecipeError, check_zero_topology, load_recipe, recipe_from_dict
 from clustertune.errors import UserError
 from clustertune.flops import effective_context
-from clustertune.gpus import known_gpu_names, local_gpu_count, lookup_gpu
+from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
                               ZeroBuckets, plan, trainable_parameters, speed_row_tokens)
-from clustertune.shapes import Shape, lookup_shape, shape_from_model_path
+from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
 
@@ -61,6 +70,9 @@ class Job:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "lora_fit", None) is not None:
+        print(render_lora_fit_job(recipe, args))
+        return 0
     shape, shape_note = resolve_shape(recipe.model.path, recipe.model.num_layers)
     job = resolve_job(args)
     from clustertune.preflight import check_batch_arithmetic
@@ -68,7 +80,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            world_source=job.topology_source)
     inp = plan_input(recipe, shape, job, checkpoint_shard_gib=_largest_shard_gib(recipe.model.path))
     result = plan(inp)
+    grpo = None
+    if recipe.train.objective == "grpo":  # an option fits only when its rollout fits too
+        grpo = plan_generation.with_rollout(result, grpo_rollout_spec(recipe))
+        result = grpo.plan
     print(render(result, recipe, job, shape_note))
+    if grpo is not None:
+        print()
+        print(render_rollout(grpo))
+        if recipe.lora.enabled:
+            print()
+            print(render_lora_fit(inp, grpo.spec, shape_name=recipe.model.path))
+        plan_generation.check_rollout_fits(grpo)  # GenerationMemoryError: numbers and fixes
     best = result.recommended
     if best is None:
         return 1
@@ -224,11 +247,16 @@ def _largest_shard_gib(model_path: str) -> float:
     return max((f.stat().st_size / GIB for f in files), default=DEFAULT_CHECKPOINT_SHARD_GIB)
 
 
+def sample_length(recipe: Recipe) -> int:
+    """The longest training sample: data.max_length, and for GRPO a prompt of it plus its completion."""
+    return recipe.data.max_length + (recipe.grpo.max_new_tokens if recipe.train.objective == "grpo" else 0)
+
+
 def tokens_per_micro_batch(recipe: Recipe) -> int:
-    """Packed: the token budget; padded: every sample padded to max_length (the worst case)."""
+    """Packed: the token budget; padded: every sample padded to the longest (the worst case)."""
     if recipe.data.packing:
         return recipe.train.micro_batch_tokens
-    return recipe.train.micro_batch_size * recipe.data.max_length
+    return recipe.train.micro_batch_size * sample_length(recipe)
 
 
 def plan_input(recipe: Recipe, shape: Shape, job: Job,
@@ -248,7 +276,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
     accumulation = recipe.data.packing or (
         recipe.train.global_batch_size > recipe.train.micro_batch_size * job.world_size)
     return PlanInput(
-        shape=shape, tokens_per_micro_batch=tokens_per_micro_batch(recipe), seq_len=recipe.data.max_length,
+        shape=shape, tokens_per_micro_batch=tokens_per_micro_batch(recipe), seq_len=sample_length(recipe),
         world_size=job.world_size, gpus_per_node=job.gpus_per_node, gpu_mem_gib=job.gpu_mem_gib,
         host_mem_gib=job.host_mem_gib,
         precision="fp32" if recipe.train.precision == "fp32" else "bf16",  # plans are for GPUs: auto = bf16
@@ -348,6 +376,85 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         out.append(f"recommended: {o.label}: {settings}")
         out.append(f"why: {result.why()}")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------ GRPO
+
+def grpo_rollout_spec(recipe: Recipe) -> plan_generation.RolloutSpec:
+    return plan_generation.rollout_spec(global_batch_size=recipe.train.global_batch_size,
+                                        group_size=recipe.grpo.group_size, max_length=recipe.data.max_length,
+                                        max_new_tokens=recipe.grpo.max_new_tokens)
+
+
+def render_rollout(grpo: plan_generation.GrpoPlan) -> str:
+    """The rollout phase of each option, in the training table's order."""
+    inp, spec = grpo.plan.input, grpo.spec
+    head = (f"{'#':>2}  {'option':<34} | {'states':>6} {'gather':>6} {'KV':>6} {'prefill':>7} {'logits':>6} "
+            f"{'buffers':>7} | {'GPU':>6} | {'rollout fits':<12}")
+    lines = [
+        f"GRPO rollout (between optimizer steps, GiB per GPU): {spec.prompts_per_step} prompts x grpo.group_size "
+        f"{spec.group_size} per step, {spec.prompts_per_rank(inp.world_size)} prompts = "
+        f"{spec.sequences_per_rank(inp.world_size)} completions on each of {inp.world_size} GPUs; static KV cache of "
+        f"{spec.prompt_tokens} prompt (data.max_length) + {spec.max_new_tokens} new tokens (grpo.max_new_tokens).",
+        "states = what the engine keeps between steps; gather = the whole model gathered once per rollout (ZeRO-3);",
+        "KV = the KV cache; prefill / logits = the prompt pass's layer temporaries / one decoding step's logits "
+        "(not at once); buffers = CUDA/NCCL runtime + allocator slack.",
+        head, "-" * len(head)]
+    best = grpo.plan.recommended
+    for rank, e in enumerate(grpo.training.estimates, 1):
+        m = grpo.rollouts[e.option]
+        fit = "yes" if plan_generation.fits(inp, m) else "no"
+        mark = "  <- recommended" if best is not None and e.option == best.option else ""
+        lines.append(f"{rank:>2}  {e.option.label:<34} | {m.engine_states:6.1f} {m.gathered_weights:6.1f} "
+                     f"{m.kv_cache:6.1f} {m.prefill:7.1f} {m.logits:6.1f} {m.runtime + m.fragmentation:7.1f} | "
+                     f"{m.total:6.1f} | {fit:<12}{mark}")
+    if best is not None:
+        most = plan_generation.max_prompts_per_rank(inp, best.option, spec)
+        longest = plan_generation.max_new_tokens(inp, best.option, spec)
+        lines.append(f"with {best.option.label}: up to {most} prompts ({most * spec.group_size} completions) per GPU "
+                     f"fit at these lengths, or grpo.max_new_tokens up to {longest} at this batch")
+    return "\n".join(lines)
+
+
+def render_lora_fit(inp: PlanInput, spec: plan_generation.RolloutSpec | None, *, shape_name: str,
+                    gpus: tuple[str, ...] = plan_generation.LORA_FIT_GPUS) -> str:
+    """Whether the LoRA set-up of `inp` fits with its base whole on each GPU (no ZeRO-3 gather)."""
+    rows = plan_generation.lora_fit_table(inp, spec, {name: GPUS[name].mem_gib for name in gpus})
+    option = plan_generation.WHOLE_BASE_OPTION
+    rollout_head = f" {'rollout':>7} {'prompts/GPU':>11}" if spec is not None else ""
+    head = f"{'GPU':<10} {'GiB':>6} | {'base':>6} {'LoRA':>6} {'train':>6}{rollout_head} | {'fits':<4}"
+    lines = [
+        f"LoRA r={inp.lora_rank} ({','.join(inp.lora_targets)}) on {shape_name} with its {inp.precision} base whole on "
+        f"every GPU ({option.label}: no gather for generation), {inp.world_size} GPU(s), "
+        f"{inp.tokens_per_micro_batch} tokens per micro-batch; GiB per GPU:",
+        "base = the frozen weights; LoRA = adapters + their gradients + optimizer states; train = the training "
+        "step's peak" + ("; rollout = the generation phase's peak (KV cache for the recipe's rollout); "
+                         "prompts/GPU = the most prompts (grpo.group_size completions each) that fit" if spec else ""),
+        head, "-" * len(head)]
+    for r in rows:
+        rollout = (f" {r.rollout.total:7.1f} {r.max_prompts:>11}" if r.rollout is not None else "")
+        lines.append(f"{r.gpu:<10} {r.gpu_mem_gib:6.1f} | {r.base:6.1f} {r.adapter_states:6.1f} {r.training_peak:6.1f}"
+                     f"{rollout} | {'yes' if r.fits(inp.safety_margin) else 'no':<4}")
+    return "\n".join(lines)
+
+
+def render_lora_fit_job(recipe: Recipe, args: argparse.Namespace) -> str:
+    """`plan RECIPE --lora-fit [SHAPE]`: the table for the recipe's model (or the built-in SHAPE) with
+    the recipe's lora.r and targets (LoRA on or not in the recipe), on the --nodes/--gpus-per-node job;
+    no GPU flag needed (the table's rows are the GPUs)."""
+    check_conflicting_flags(args)
+    if args.lora_fit:
+        shape, name = lookup_shape(args.lora_fit), args.lora_fit
+        if shape is None:
+            raise PlanFlagError(f"--lora-fit {args.lora_fit!r}: not a built-in shape ({', '.join(sorted(SHAPES))})")
+    else:
+        (shape, _), name = resolve_shape(recipe.model.path, recipe.model.num_layers), recipe.model.path
+    nodes, per_node, source = _resolve_topology(args.cluster, args.nodes, args.gpus_per_node)
+    job = Job(1.0, "--lora-fit: each GPU of the table", nodes, per_node, source, None, "not checked")
+    inp = plan_input(recipe, shape, job)
+    inp = dataclasses.replace(inp, lora_rank=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules))
+    spec = grpo_rollout_spec(recipe) if recipe.train.objective == "grpo" else None
+    return render_lora_fit(inp, spec, shape_name=name)
 
 
 # ------------------------------------------------------------------------------------ time
@@ -517,6 +624,8 @@ def render_time(recipe: Recipe, shape: Shape, job: Job, option: Option, data: Da
         caveats.append("offload is not modelled (PCIe traffic and the CPU optimizer step): a lower bound")
     if not recipe.data.packing:
         caveats.append("padded batches: the padding's compute is not counted: optimistic")
+    if recipe.train.objective == "grpo":
+        caveats.append("GRPO: the rollout's generation time between steps is not modelled: a lower bound")
     if recipe.lora.enabled:
         caveats.append("LoRA: the measured MFU is full fine-tuning's, and LoRA skips the frozen weights' "
                        "gradients: pessimistic")
