@@ -239,6 +239,9 @@ class GrpoSection(_Section):
     # k3 estimate of KL(policy || reference) per completion token, times this, added to the loss. The
     # reference is the base model under the LoRA adapter (adapter off), so it needs lora.enabled.
     kl_beta: float = Field(default=0.0, ge=0)
+    # The rollout's KV cache: "static" allocates it whole once per rollout (what `clustertune plan`
+    # counts), "dynamic" grows it token by token (worker/generation.py).
+    kv_cache: Literal["static", "dynamic"] = "static"
 
 
 class CheckpointSection(_Section):

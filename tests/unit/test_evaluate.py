@@ -241,15 +241,14 @@ def test_keep_best_needs_an_eval_set_and_checkpoints():
 def test_generation_uses_dense_attention_while_training_uses_the_varlen_kernel():
     """The varlen kernel needs a packed row's cu_seqlens, which generate does not pass (seen on
     the GPU machine: KeyError 'cu_seq_lens_q'); generation switches to sdpa and back."""
-    from clustertune.worker.evaluate import _dense_attention
-    from clustertune.worker.kernels import VARLEN_ATTENTION
+    from clustertune.worker.kernels import VARLEN_ATTENTION, dense_attention
     lm = Qwen2ForCausalLM(Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation="sdpa"))
     lm.config._attn_implementation = VARLEN_ATTENTION
     with pytest.raises(RuntimeError):
-        with _dense_attention(lm):
+        with dense_attention(lm.config):
             assert lm.config._attn_implementation == "sdpa"
             raise RuntimeError("generate failed")
     assert lm.config._attn_implementation == VARLEN_ATTENTION
     lm.config._attn_implementation = "eager"
-    with _dense_attention(lm):
+    with dense_attention(lm.config):
         assert lm.config._attn_implementation == "eager"

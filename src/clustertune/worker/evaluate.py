@@ -18,7 +18,6 @@ Worker side: imported by worker/loop.py only; torch is imported inside the funct
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -196,6 +195,9 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
     import torch.distributed as dist
     from transformers import GenerationConfig
 
+    from clustertune.worker.kernels import dense_attention
+    from clustertune.worker.model import base_causal_lm
+
     if not prompts:
         return []
     eos = {tokenizer.eos_token_id}
@@ -209,7 +211,7 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
     mine = list(range(rank, len(prompts), world_size))
     calls = -(-len(prompts) // world_size) if zero3 and world_size > 1 else len(mine)
     done: dict[int, str] = {}
-    with torch.no_grad(), _dense_attention(lm):
+    with torch.no_grad(), dense_attention(base_causal_lm(lm).config):
         for c in range(calls):
             index = mine[c] if c < len(mine) else None
             prompt = prompts[index if index is not None else 0]
@@ -225,25 +227,6 @@ def generate(lm, tokenizer, prompts: Sequence[Prompt], *, rank: int, world_size:
         dist.all_gather_object(gathered, done)
     completions = {i: text for part in gathered for i, text in part.items()}
     return [{"prompt": p.text, "completion": completions[i], "reference": p.reference} for i, p in enumerate(prompts)]
-
-
-@contextlib.contextmanager
-def _dense_attention(lm):
-    """The varlen kernel (packed training on GPU) needs the cu_seqlens of a packed row, which
-    generate does not pass: generate with sdpa (the same weights, the same math)."""
-    from clustertune.worker.kernels import VARLEN_ATTENTION
-    from clustertune.worker.model import base_causal_lm
-
-    config = base_causal_lm(lm).config
-    old = config._attn_implementation
-    if old != VARLEN_ATTENTION:
-        yield
-        return
-    config._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
 
 
 class Evaluator:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from typing import Any
@@ -74,6 +75,25 @@ def register_varlen_attention() -> str:
         _VARLEN_EXTRA = {"window_size": (-1, 0)}
     AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
     return VARLEN_ATTENTION
+
+
+@contextlib.contextmanager
+def dense_attention(config: Any):
+    """sdpa instead of the varlen kernel while generating with the model of this (HF) config.
+
+    The varlen kernel needs a packed row's cu_seqlens, which generate does not pass; and
+    transformers builds no attention mask for an attention it has no mask function for, so in a
+    left-padded generate batch the padding (and a static KV cache's unwritten slots) would be
+    attended. sdpa gets the proper mask: the same weights, the same math."""
+    old = config._attn_implementation
+    if old != VARLEN_ATTENTION:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:

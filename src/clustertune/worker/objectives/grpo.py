@@ -95,7 +95,8 @@ class GroupRelativePolicyOptimization:
         self.lm = parts.lm
         self.generator = HFGenerator(parts.ds_engine, parts.lm, zero_stage=zero_stage, pad_id=self.pad_id,
                                      eos_ids=self.eos_ids, max_new_tokens=self.grpo.max_new_tokens,
-                                     temperature=self.grpo.temperature, top_p=self.grpo.top_p)
+                                     temperature=self.grpo.temperature, top_p=self.grpo.top_p,
+                                     kv_cache=self.grpo.kv_cache)
 
     def reward(self, completion: str, answer: str) -> float:
         return float(sum(fn(completion, answer) for fn in self.rewards))
