@@ -13,6 +13,8 @@ benchmarks/post_training_gpu.sh writes. Prints one `RESULT {json}` line.
         --micro-batch 8 --max-new-tokens 8
     # clustertune side: the same RESULT fields from a run's metrics.jsonl (no TRL needed)
     python3 benchmarks/trl_peer.py --objective grpo --from-metrics runs/x/metrics.jsonl --warmup 3
+    # a table of RESULT objects (one JSON per line), clustertune over TRL per objective
+    python3 benchmarks/trl_peer.py --table results.jsonl
 
 TRL set-up, the strongest a user would reasonably pick on one GPU without vLLM (TRL 1.16):
 - DPO: precompute_ref_log_probs (the reference model is not kept beside the policy, as in
@@ -57,7 +59,8 @@ GIB = 1024 ** 3
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objective", choices=["dpo", "grpo"], required=True)
+    p.add_argument("--objective", choices=["dpo", "grpo"])
+    p.add_argument("--table", default=None, help="print a table of the RESULT objects in this JSONL file and exit")
     p.add_argument("--from-metrics", default=None,
                    help="summarize a clustertune run's metrics.jsonl into the same RESULT fields instead of training")
     p.add_argument("--label", default=None, help="the RESULT's 'run' name (default: trl-OBJECTIVE)")
@@ -175,7 +178,11 @@ def build_model(a: argparse.Namespace, torch, generation_timer: dict):
     config._attn_implementation = "sdpa"  # flash_attn is not installed on the GPU image
     torch.manual_seed(a.seed)
     dtype = torch.bfloat16 if a.device == "cuda" and a.weights == "bf16" else torch.float32
-    return TimedGenerateQwen2(config).to(dtype)  # random init, as clustertune's built-in shapes
+    with torch.device(a.device):  # random init on the device: seconds, not a CPU init of 0.5B weights
+        model = TimedGenerateQwen2(config).to(dtype)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak reported is training's, not the fp32 init's
+    return model
 
 
 def common_args(a: argparse.Namespace, micro: int) -> dict:
@@ -202,8 +209,6 @@ def run_trl(a: argparse.Namespace) -> dict:
     generation_timer = {"s": 0.0}
     model = build_model(a, torch, generation_timer)
     tokenizer = AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))
-    if on_gpu:
-        model.to("cuda")
     records: list[dict] = []
 
     class StepTimer(TrainerCallback):
@@ -266,12 +271,39 @@ def run_trl(a: argparse.Namespace) -> dict:
             "weights": a.weights if on_gpu else "fp32", "liger": a.liger, "global_batch": a.global_batch,
             "micro_batch": micro, "lr": a.lr, **({"beta": a.beta} if a.objective == "dpo" else
                                                  {"group_size": a.group_size, "max_new_tokens": a.max_new_tokens}),
-            "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            **setup_notes}
+            "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)), "attn": model.config._attn_implementation,
+            "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__, **setup_notes}
+
+
+def table(results: list[dict]) -> str:
+    """Markdown rows for RESULTS.md, and each objective's clustertune/TRL ratio of end-to-end tokens/s."""
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+    lines = ["| run | tokens/s (whole step) | tokens/s (training part) | step s (median) | generation share | "
+             "tokens/step | peak GiB | loss first -> last | row wall s |", "|---" * 9 + "|"]
+    for r in results:
+        losses = [x for x in r.get("losses", []) if x is not None]
+        lines.append(f"| {r['run']} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('train_tokens_per_s'), ',.0f')} | "
+                     f"{fmt(r.get('step_time_s'), '.3f')} | {fmt(r.get('generation_share'), '.1%')} | "
+                     f"{fmt(r.get('tokens_per_step'), ',.0f')} | {fmt(r.get('peak_gib'), '.1f')} | "
+                     f"{fmt(losses[0] if losses else None, '.4f')} -> {fmt(losses[-1] if losses else None, '.4f')} | "
+                     f"{fmt(r.get('wall_s'), '.0f')} |")
+    for objective in ("dpo", "grpo"):
+        ours = [r for r in results if r.get("objective") == objective and r["run"].startswith("clustertune")]
+        peer = [r for r in results if r.get("objective") == objective and r["run"].startswith("trl")]
+        if ours and peer and ours[0].get("tokens_per_s") and peer[0].get("tokens_per_s"):
+            lines.append(f"{objective}: clustertune / TRL tokens/s (whole step) = "
+                         f"{ours[0]['tokens_per_s'] / peer[0]['tokens_per_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if a.table:
+        print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
+        return
+    if a.objective is None:
+        raise SystemExit("--objective is required (unless --table)")
     if a.from_metrics:
         result = clustertune_result(Path(a.from_metrics), objective=a.objective, warmup=a.warmup,
                                     label=a.label or f"clustertune-{a.objective}")
