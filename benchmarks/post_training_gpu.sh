@@ -25,19 +25,23 @@ if [ "${CPU_DRYRUN:-0}" = 1 ]; then
   export DS_ACCELERATOR=cpu PYTHONPATH=${TRL_SITE:-/tmp/trlsite}:$PWD/src
   SHAPE=tiny DEVICE=cpu PRECISION=fp32 LIGER=off TRL_FLAGS="--device cpu"
   STEPS_DPO=${STEPS_DPO:-3} STEPS_GRPO=${STEPS_GRPO:-3} WARMUP=1 MAX_NEW=${MAX_NEW:-16}
-  DPO_BATCH=16 GRPO_BATCH=32 DPO_TOKENS=4096 GRPO_TOKENS=4096 DEADLINE_S=${DEADLINE_S:-900}
+  DPO_BATCH=16 DPO_MICRO=16 DPO_TOKENS=4096 GRPO_BATCH=32 GRPO_MICRO=16 GRPO_TOKENS=1024 DEADLINE_S=${DEADLINE_S:-900}
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpuwheels/*.whl .gputrl/*.whl || { echo "FAIL: wheel install (carry .gpuwheels and .gputrl)"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD/src
   SHAPE=qwen2.5-0.5b DEVICE=cuda PRECISION=bf16 LIGER=on TRL_FLAGS="--device cuda --liger --weights ${TRL_WEIGHTS:-bf16}"
   STEPS_DPO=${STEPS_DPO:-20} STEPS_GRPO=${STEPS_GRPO:-15} WARMUP=3 MAX_NEW=${MAX_NEW:-128}
-  # One micro-batch per step on both sides: 128 pairs ~10.5k tokens; 128 completions ~22k tokens.
-  DPO_BATCH=128 GRPO_BATCH=128 DPO_TOKENS=16384 GRPO_TOKENS=32768 DEADLINE_S=${DEADLINE_S:-520}
+  # DPO: one micro-batch per step on both sides (128 pairs, ~10.5k tokens). GRPO: two (128 completions of
+  # up to ~45 + 128 tokens, ~22k): clustertune's DPO/GRPO log-probs hold fp32 logits over the whole
+  # 151,936-token vocabulary (worker/model.py token_losses), ~13 GiB per copy at 22k tokens in one row.
+  DPO_BATCH=128 DPO_MICRO=128 DPO_TOKENS=16384 GRPO_BATCH=128 GRPO_MICRO=64 GRPO_TOKENS=16384
+  DEADLINE_S=${DEADLINE_S:-520}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 G=8 LR=1e-6 BETA=0.1 MAXLEN=64
-date -u; python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+date -u; python3 -c "import torch, transformers, trl, datasets, pyarrow, accelerate
+print(*(f'{m.__name__} {m.__version__}' for m in (torch, transformers, trl, datasets, pyarrow, accelerate)))"
 
 # The recipe a user would write: the demo data, the shape, packing and Liger, every other key at its default
 # except those the TRL side is given too (batch, lr, constant schedule, Adam betas, beta, G, max_new_tokens).
@@ -126,9 +130,9 @@ trl_row() {  # objective cap args...
 }
 
 clustertune_row dpo "$STEPS_DPO" $DPO_BATCH $DPO_TOKENS "$DEMO/dpo_train.jsonl" 130
-trl_row dpo 110 --steps "$STEPS_DPO" --global-batch $DPO_BATCH --micro-batch $DPO_BATCH --beta $BETA
+trl_row dpo 110 --steps "$STEPS_DPO" --global-batch $DPO_BATCH --micro-batch $DPO_MICRO --beta $BETA
 clustertune_row grpo "$STEPS_GRPO" $GRPO_BATCH $GRPO_TOKENS "$DEMO/train.jsonl" 150
-trl_row grpo 150 --steps "$STEPS_GRPO" --global-batch $GRPO_BATCH --micro-batch $GRPO_BATCH --group-size $G \
+trl_row grpo 150 --steps "$STEPS_GRPO" --global-batch $GRPO_BATCH --micro-batch $GRPO_MICRO --group-size $G \
   --max-new-tokens $MAX_NEW
 
 { echo "post_training_gpu.sh $(date -u +%FT%TZ) shape=$SHAPE device=$DEVICE steps dpo=$STEPS_DPO grpo=$STEPS_GRPO" \

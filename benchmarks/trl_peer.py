@@ -271,7 +271,8 @@ def run_trl(a: argparse.Namespace) -> dict:
             "weights": a.weights if on_gpu else "fp32", "liger": a.liger, "global_batch": a.global_batch,
             "micro_batch": micro, "lr": a.lr, **({"beta": a.beta} if a.objective == "dpo" else
                                                  {"group_size": a.group_size, "max_new_tokens": a.max_new_tokens}),
-            "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)), "attn": model.config._attn_implementation,
+            "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)),
+            "attn": model.config._attn_implementation,
             "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__, **setup_notes}
 
 
