@@ -281,14 +281,14 @@ def table(results: list[dict]) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
     lines = ["| run | tokens/s (whole step) | tokens/s (training part) | step s (median) | generation share | "
-             "tokens/step | peak GiB | loss first -> last | row wall s |", "|---" * 9 + "|"]
+             "tokens/step | peak GiB | loss first -> last | row wall s | rc |", "|---" * 10 + "|"]
     for r in results:
         losses = [x for x in r.get("losses", []) if x is not None]
         lines.append(f"| {r['run']} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('train_tokens_per_s'), ',.0f')} | "
                      f"{fmt(r.get('step_time_s'), '.3f')} | {fmt(r.get('generation_share'), '.1%')} | "
                      f"{fmt(r.get('tokens_per_step'), ',.0f')} | {fmt(r.get('peak_gib'), '.1f')} | "
                      f"{fmt(losses[0] if losses else None, '.4f')} -> {fmt(losses[-1] if losses else None, '.4f')} | "
-                     f"{fmt(r.get('wall_s'), '.0f')} |")
+                     f"{fmt(r.get('wall_s'), '.0f')} | {r.get('rc', '-')} |")
     for objective in ("dpo", "grpo"):
         ours = [r for r in results if r.get("objective") == objective and r["run"].startswith("clustertune")]
         peer = [r for r in results if r.get("objective") == objective and r["run"].startswith("trl")]
