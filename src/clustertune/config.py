@@ -315,9 +315,9 @@ class Recipe(_Section):
         if batch % group:
             raise ValueError(f"train.global_batch_size ({batch}) must be a multiple of grpo.group_size ({group}): "
                              "it counts completions, group_size of them per prompt")
-        if self.data.eval_files or self.data.eval_fraction:
-            raise ValueError("train.objective = \"grpo\" has no eval pass yet: remove data.eval_files / "
-                             "data.eval_fraction")
+        if self.checkpoint.keep_best:
+            raise ValueError("checkpoint.keep_best ranks checkpoints by eval loss, which train.objective = \"grpo\" "
+                             "has not (its eval is the reward of greedy completions); set checkpoint.keep_best = false")
         if self.grpo.kl_beta > 0 and not self.lora.enabled:
             raise ValueError("grpo.kl_beta > 0 needs lora.enabled: the reference is the model with the adapter "
                              "switched off (no second model is loaded); set lora.enabled = true or grpo.kl_beta = 0")

@@ -144,6 +144,10 @@ def demo_grpo_recipe_dict(sft_model_dir: str | Path) -> dict[str, Any]:
     tree["train"].update({"objective": "grpo", "max_steps": 150, "global_batch_size": 128, "micro_batch_size": 32,
                           "lr": 1e-4, "warmup_steps": 0, "schedule": "constant"})
     tree["grpo"] = {"group_size": 8, "max_new_tokens": 12, "temperature": 0.7, "rewards": ["exact_match"]}
+    # Held-out exact match during training (greedy, the eval_exact_match of metrics.jsonl), the same
+    # prompts as the before/after figures of demo_eval.
+    tree["data"] = {**tree["data"], "eval_files": [str(DEMO_HELDOUT_FILE)]}
+    tree["eval"] = {"every_steps": 50}
     tree["checkpoint"] = {"every_steps": 0}
     return tree
 

@@ -2,7 +2,7 @@
 the same greedy completions as the dynamic one on the tiny model, for a left-padded batch (CPU, no
 processes).
 
-    python -m pytest tests/unit/test_generation_cache.py -q
+    python -m pytest tests/unit/test_generation_cache.py -q      # on a GPU machine it also runs on CUDA
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PAD, EOS = 0, 2
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [40, 41, 42, 43, 44]]
 
 
-def tiny_lm() -> Qwen2ForCausalLM:
+def tiny_lm() -> Qwen2ForCausalLM:  # fp32: greedy ties cannot flip between the two caches
     torch.manual_seed(0)
     # A wide init so that greedy decoding wanders over the vocabulary instead of repeating one token.
     config = Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation="sdpa", initializer_range=0.4)
@@ -35,8 +35,12 @@ def completions(lm, kv_cache: str) -> list[list[int]]:
     return generator.generate(PROMPTS, num_return_sequences=1, seed=3)
 
 
-def test_static_cache_greedy_equals_dynamic():
-    lm = tiny_lm()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on the GPU machine: transformers' GPU path too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_cache_greedy_equals_dynamic(device):
+    lm = tiny_lm().to(device)
     static, dynamic = completions(lm, "static"), completions(lm, "dynamic")
     assert static == dynamic
     assert len({t for c in static for t in c}) > 8  # a real test: varied tokens, not one repeated

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clustertune.data.prepare import _paths, _read_all, _skip_or_raise
+from clustertune.data.prepare import _paths, _read_all, _skip_or_raise, split_eval
 from clustertune.data.preference import _check_prompt
 from clustertune.data.records import METADATA_KEYS, RecordError, _json_type, _message, _no_unknown_keys, _text
 from clustertune.data.types import IGNORE_INDEX, DataError, DataReport, PreparedData
@@ -88,13 +88,16 @@ def check_prompt_records(data: DataSection) -> DataReport:
 
 
 def prepare_prompt_dataset(data: DataSection, tokenizer: Any, *, seed: int, log: Any = print) -> PreparedData:
-    """Every rank gets the identical, seeded-shuffled prompt list (cheap: no cache)."""
+    """Every rank gets the identical, seeded-shuffled prompt list (cheap: no cache), and the held-out
+    prompts (data.eval_files, or a seeded data.eval_fraction of the train files) in file order."""
     files = _paths(data.train_paths, "data.train_files")
-    report = DataReport(files=[str(p) for p in files])
-    records = _read_all(files, data, report, record_to_prompt)
-    samples: list[PromptSample] = []
+    eval_files = _paths(data.eval_files, "data.eval_files")
+    report = DataReport(files=[str(p) for p in files + eval_files])
+    records = _read_all(files + eval_files, data, report, record_to_prompt)
+    per_file: list[list[PromptSample]] = []
     problems = []
     for path, file_records in records:
+        per_file.append([])
         for record in file_records:
             prompt: PromptRecord = record.messages  # type: ignore[assignment]
             try:
@@ -106,16 +109,20 @@ def prepare_prompt_dataset(data: DataSection, tokenizer: Any, *, seed: int, log:
             if len(ids) > data.max_length:
                 report.dropped_overlength += 1
                 continue
-            samples.append(PromptSample(list(ids), prompt.answer))
+            per_file[-1].append(PromptSample(list(ids), prompt.answer))
     _skip_or_raise(problems, report, data.skip_invalid)
+    samples = [s for samples in per_file[:len(files)] for s in samples]
+    held_out = [s for samples in per_file[len(files):] for s in samples]
+    if data.eval_fraction > 0:
+        samples, held_out = split_eval(samples, data.eval_fraction, seed)
     random.Random(f"clustertune-shuffle-{seed}").shuffle(samples)
-    report.train_samples = len(samples)
+    report.train_samples, report.eval_samples = len(samples), len(held_out)
     report.train_tokens = sum(len(s.input_ids) for s in samples)
     log(f"data: {report.valid} prompt records, {report.dropped_overlength} over data.max_length dropped, "
-        f"{len(samples)} prompts")
+        f"{len(samples)} prompts" + (f", {len(held_out)} held out" if held_out else ""))
     if not samples:
         raise DataError("no usable prompts left after filtering, from " + ", ".join(map(str, files)))
-    return PreparedData(train=samples, eval=[], report=report)  # type: ignore[arg-type]
+    return PreparedData(train=samples, eval=held_out, report=report)  # type: ignore[arg-type]
 
 
 def _problem(where: Any, detail: str) -> Any:

@@ -13,6 +13,11 @@ exactly one rank; the loss sum and the token count are all-reduced, so the resul
 on the world size, the micro-batch size or packing. All ranks run the same number of forwards
 (short ranks run empty filler micro-batches), which ZeRO-3 needs to keep its gathers matched.
 
+An objective with a `held_out` method (GRPO) has no eval loss: its eval is a greedy completion of
+every held-out prompt scored by the recipe's rewards (`eval_reward_mean`, `eval_exact_match`,
+`eval_completion_len_mean`, `eval_prompts` in metrics.jsonl), computed by the objective with the
+rollout's own generator and rewards.
+
 Worker side: imported by worker/loop.py only; torch is imported inside the functions that need it.
 """
 
@@ -158,8 +163,12 @@ class EvalResult:
     tokens: int
     seconds: float
     generations: list[dict[str, str]] = field(default_factory=list)
+    # A generative eval (GRPO: greedy completions scored by rewards) has these instead of a loss.
+    rewards: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
+        if self.rewards:
+            return {"step": self.step, **self.rewards, "eval_time_s": self.seconds}
         return {"step": self.step, "eval_loss": self.loss, "eval_ppl": perplexity(self.loss),
                 "eval_tokens": self.tokens, "eval_time_s": self.seconds}
 
@@ -247,6 +256,7 @@ class Evaluator:
                               micro_batch_size=recipe.train.micro_batch_size, packing=recipe.data.packing,
                               token_budget=recipe.train.micro_batch_tokens)[rt.rank]
         self.expected_tokens = sum(objective.loss_units(s) for s in samples)
+        self.generate_samples = recipe.eval.generate_samples
         headers = template_headers(tokenizer)
         prompts = (generation_prompt(tokenizer, getattr(s, "chosen", s), headers) for s in samples)  # DPO: the chosen side
         self.prompts = [p for p in prompts if p is not None][:recipe.eval.generate_samples]
@@ -265,6 +275,8 @@ class Evaluator:
         return self.run(step)
 
     def run(self, step: int) -> EvalResult:
+        if hasattr(self.objective, "held_out"):  # GRPO: greedy completions scored by rewards, no loss
+            return self._run_generative(step)
         started = time.perf_counter()
         was_training = self.ds_engine.module.training
         self.ds_engine.eval()
@@ -289,6 +301,13 @@ class Evaluator:
         self._log(result, improved)
         return result
 
+    def _run_generative(self, step: int) -> EvalResult:
+        started = time.perf_counter()
+        rewards, generations = self.objective.held_out(self.samples, rt=self.rt, samples_to_log=self.generate_samples)
+        result = EvalResult(step, float("nan"), 0, time.perf_counter() - started, generations, rewards)
+        self._log(result, improved=False)
+        return result
+
     def best_to_keep(self, step: int) -> tuple[int, float] | None:
         """The best (step, loss) for checkpoint bookkeeping at `step`, when keep_best is on."""
         return self.best if self.keep_best and self.best is not None and self.best[0] <= step else None
@@ -297,7 +316,11 @@ class Evaluator:
         sink = self.sink
         sink.log(result.record())
         note = " (best so far)" if improved else ""
-        if self.objective.name == "dpo":  # a loss per preference pair: no perplexity
+        if result.rewards:
+            measured = (f"reward mean {result.rewards['eval_reward_mean']:.3f}, exact match "
+                        f"{result.rewards['eval_exact_match']:.1%} over {result.rewards['eval_prompts']} held-out "
+                        f"prompts (greedy)")
+        elif self.objective.name == "dpo":  # a loss per preference pair: no perplexity
             measured = f"DPO loss {result.loss:.4f} over {result.tokens} pairs"
         else:
             measured = f"loss {result.loss:.4f}, ppl {perplexity(result.loss):.3f} over {result.tokens} tokens"

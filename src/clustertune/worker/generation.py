@@ -35,8 +35,9 @@ class Generator(Protocol):
         """Make the generator use the policy's current weights (after an optimizer step)."""
 
     def generate(self, prompts: Sequence[Sequence[int]], *, num_return_sequences: int,
-                 seed: int) -> list[list[int]]:
-        """len(prompts) * num_return_sequences completions (token ids), grouped by prompt."""
+                 seed: int, max_batch: int | None = None) -> list[list[int]]:
+        """len(prompts) * num_return_sequences completions (token ids), grouped by prompt;
+        batches of at most max_batch sequences (None: all at once)."""
 
 
 class HFGenerator:
@@ -53,10 +54,12 @@ class HFGenerator:
         """Nothing to copy: generation reads the training weights themselves."""
 
     def generate(self, prompts: Sequence[Sequence[int]], *, num_return_sequences: int,
-                 seed: int) -> list[list[int]]:
+                 seed: int, max_batch: int | None = None) -> list[list[int]]:
         """Left-padded batch of every prompt; sampling (temperature > 0) from a generator seeded
         with `seed` without touching the global RNG (so training's RNG stream, which checkpoints
         save for exact resume, is the same with or without a rollout); greedy at temperature 0.
+        `max_batch`: generate for at most this many sequences at once (held-out eval: no more than
+        a rollout, so the KV cache `clustertune plan` counts holds), all under one gather.
         Collective under ZeRO-3 (the gather): every rank calls it once per rollout."""
         import torch
 
@@ -67,30 +70,39 @@ class HFGenerator:
             with engine.generation_weights(self.ds_engine, zero_stage=self.zero_stage):
                 return []
         device = next(iter(self.ds_engine.module.parameters())).device
+        config = generation_config(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                   top_p=self.top_p, num_return_sequences=num_return_sequences,
+                                   eos_ids=self.eos_ids, pad_id=self.pad_id, kv_cache=self.kv_cache)
+        per_call = len(prompts) if max_batch is None else max(1, max_batch // num_return_sequences)
+        was_training = self.lm.training
+        self.lm.eval()
+        devices = [device] if device.type == "cuda" else []
+        completions: list[list[int]] = []
+        try:
+            with engine.generation_weights(self.ds_engine, zero_stage=self.zero_stage), torch.no_grad(), \
+                    torch.random.fork_rng(devices=devices), dense_attention(base_causal_lm(self.lm).config):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), per_call):
+                    ids, mask = self._left_padded(prompts[start:start + per_call])
+                    # synced_gpus off: with the whole model gathered and the hooks off, a rank's forwards
+                    # hold no collective, so ranks need not run in step (transformers would turn it on
+                    # under ZeRO-3 and all-reduce every token).
+                    out = self.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           generation_config=config, synced_gpus=False)
+                    completions += [self._cut(row) for row in out[:, ids.shape[1]:].tolist()]
+        finally:
+            self.lm.train(was_training)
+        return completions
+
+    def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+        import torch
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt):] = torch.tensor(list(prompt))
             mask[row, width - len(prompt):] = 1
-        config = generation_config(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                   top_p=self.top_p, num_return_sequences=num_return_sequences,
-                                   eos_ids=self.eos_ids, pad_id=self.pad_id, kv_cache=self.kv_cache)
-        was_training = self.lm.training
-        self.lm.eval()
-        devices = [device] if device.type == "cuda" else []
-        try:
-            with engine.generation_weights(self.ds_engine, zero_stage=self.zero_stage), torch.no_grad(), \
-                    torch.random.fork_rng(devices=devices), dense_attention(base_causal_lm(self.lm).config):
-                torch.manual_seed(seed)
-                # synced_gpus off: with the whole model gathered and the hooks off, a rank's forwards
-                # hold no collective, so ranks need not run in step (transformers would turn it on
-                # under ZeRO-3 and all-reduce every token).
-                out = self.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config, synced_gpus=False)
-        finally:
-            self.lm.train(was_training)
-        return [self._cut(row) for row in out[:, width:].tolist()]
+        return ids, mask
 
     def _cut(self, tokens: list[int]) -> list[int]:
         for i, token in enumerate(tokens):

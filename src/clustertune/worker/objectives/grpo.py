@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from clustertune.config import GrpoSection
 from clustertune.data.types import IGNORE_INDEX
-from clustertune.rewards import group_advantages, load_reward, share_without_spread
+from clustertune.plan_generation import rollout_spec
+from clustertune.rewards import exact_match, group_advantages, load_reward, share_without_spread
 from clustertune.worker import batching
 from clustertune.worker.model import TokenLossModel
 from clustertune.worker.objectives import MicroBatchLoss
@@ -79,6 +80,8 @@ class GroupRelativePolicyOptimization:
         self.group_size = grpo.group_size  # completions per prompt: the loop takes global_batch_size / this prompts
         self.rewards = [load_reward(spec) for spec in grpo.rewards]
         self.generator: Any = None
+        self.greedy: Any = None  # held-out eval: greedy completions
+        self.eval_batch: int | None = None  # sequences generated at once in eval: no more than a rollout's
         self.lm: Any = None  # the (PEFT) model: its adapter is switched off for the KL reference
         self.last_rollout: dict[str, float] = {}
 
@@ -97,6 +100,11 @@ class GroupRelativePolicyOptimization:
                                      eos_ids=self.eos_ids, max_new_tokens=self.grpo.max_new_tokens,
                                      temperature=self.grpo.temperature, top_p=self.grpo.top_p,
                                      kv_cache=self.grpo.kv_cache)
+        self.greedy = HFGenerator(parts.ds_engine, parts.lm, zero_stage=zero_stage, pad_id=self.pad_id,
+                                  eos_ids=self.eos_ids, max_new_tokens=self.grpo.max_new_tokens, temperature=0.0,
+                                  kv_cache=self.grpo.kv_cache)
+        self.eval_batch = rollout_spec(global_batch_size=parts.layout.global_batch_size, group_size=self.group_size,
+                                       max_length=0, max_new_tokens=0).sequences_per_rank(rt.world_size)
 
     def reward(self, completion: str, answer: str) -> float:
         return float(sum(fn(completion, answer) for fn in self.rewards))
@@ -113,15 +121,10 @@ class GroupRelativePolicyOptimization:
         rows = []
         for k, index in enumerate(mine):
             for completion in completions[k * self.group_size:(k + 1) * self.group_size]:
-                text = self.tokenizer.decode(completion, skip_special_tokens=True)
-                rows.append((index, completion, self.reward(text, prompts[index].answer)))
-        everyone = [rows]
-        if dist.is_initialized() and rt.world_size > 1:
-            everyone = [None] * rt.world_size
-            dist.all_gather_object(everyone, rows)
+                rows.append((index, completion, self.reward(self.decode(completion), prompts[index].answer)))
         order = {index: n for n, index in enumerate(prompt_indices)}
         # Every rank orders the rollouts the same way: by the prompt's place in the step, then rank-local order.
-        ordered = sorted((row for part in everyone for row in part), key=lambda row: order[row[0]])
+        ordered = sorted(all_ranks(rows, rt), key=lambda row: order[row[0]])
         rewards = [r for _, _, r in ordered]
         advantages = group_advantages(rewards, group_size=self.group_size, scale=self.grpo.scale_rewards)
         samples = [completion_sample(prompts[i].input_ids, c, a) for (i, c, _), a in zip(ordered, advantages)]
@@ -135,6 +138,31 @@ class GroupRelativePolicyOptimization:
             "generation_time_s": time.perf_counter() - started,
         }
         return samples
+
+    def decode(self, completion: Sequence[int]) -> str:
+        return self.tokenizer.decode(completion, skip_special_tokens=True)
+
+    def held_out(self, prompts: Sequence[Any], *, rt: Any, samples_to_log: int = 0) -> tuple[dict[str, float], list]:
+        """Held-out eval (worker/evaluate.py): a greedy completion of every prompt (spread over the
+        ranks, at most a rollout's sequences at once), scored with the recipe's rewards and exact
+        match. Returns the eval metrics and the first `samples_to_log` as {prompt, completion,
+        reference}; the same on every rank. Collective (one generate per rank: one ZeRO-3 gather)."""
+        mine = list(range(rt.rank, len(prompts), rt.world_size))
+        completions = self.greedy.generate([prompts[i].input_ids for i in mine], num_return_sequences=1, seed=0,
+                                           max_batch=self.eval_batch)
+        rows = []
+        for index, completion in zip(mine, completions):
+            text, answer = self.decode(completion), prompts[index].answer
+            rows.append((index, len(completion), text, self.reward(text, answer), exact_match(text, answer)))
+        ordered = sorted(all_ranks(rows, rt))
+        count = max(1, len(ordered))
+        metrics = {"eval_reward_mean": sum(r[3] for r in ordered) / count,
+                   "eval_exact_match": sum(r[4] for r in ordered) / count,
+                   "eval_completion_len_mean": sum(r[1] for r in ordered) / count,
+                   "eval_prompts": len(ordered)}
+        logged = [{"prompt": self.tokenizer.decode(prompts[i].input_ids), "completion": text,
+                   "reference": prompts[i].answer} for i, _, text, _, _ in ordered[:samples_to_log]]
+        return metrics, logged
 
     def micro_batch_loss(self, ds_engine: Any, samples: Sequence[CompletionSample], *,
                          device: torch.device) -> MicroBatchLoss:
@@ -165,6 +193,15 @@ class GroupRelativePolicyOptimization:
     def step_metrics(self, sums: dict[str, float], plan: batching.StepPlan) -> dict[str, float]:
         kl = {"kl": sums["kl"] / max(1, plan.loss_units)} if "kl" in sums else {}
         return {"completion_tokens": plan.loss_units, **kl, **self.last_rollout}
+
+
+def all_ranks(rows: list, rt: Any) -> list:
+    """Every rank's rows (picklable), concatenated in rank order, on every rank. Collective."""
+    if not (dist.is_initialized() and rt.world_size > 1):
+        return list(rows)
+    everyone: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(everyone, rows)
+    return [row for part in everyone for row in part]
 
 
 def k3(logps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
