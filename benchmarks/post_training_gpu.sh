@@ -12,7 +12,8 @@
 # (the script does that install and export itself: `bash benchmarks/post_training_gpu.sh` is enough).
 # On CPU, everything but the GPU parts (tiny shape, 3 steps, no Liger; TRL from TRL_SITE):
 #   CPU_DRYRUN=1 TRL_SITE=/tmp/trlsite OUT=/tmp/ptg_out bash benchmarks/post_training_gpu.sh
-# Knobs: STEPS_DPO, STEPS_GRPO, MAX_NEW (GRPO max_new_tokens), TRL_WEIGHTS (bf16|fp32), DEADLINE_S.
+# Knobs: STEPS_DPO, STEPS_GRPO, MAX_NEW (GRPO max_new_tokens), TRL_WEIGHTS (bf16|fp32), KV_CACHE (clustertune's
+# grpo.kv_cache, default static; TRL uses transformers' default dynamic cache), DEADLINE_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
@@ -84,7 +85,8 @@ stage = 1
 every_steps = 0
 EOF
   if [ "$1" = dpo ]; then printf '\n[dpo]\nbeta = %s\n' "$BETA" >> "$path"
-  else printf '\n[grpo]\ngroup_size = %s\nmax_new_tokens = %s\ntemperature = 1.0\nrewards = ["exact_match"]\n' "$G" "$MAX_NEW" >> "$path"; fi
+  else printf '\n[grpo]\ngroup_size = %s\nmax_new_tokens = %s\ntemperature = 1.0\nrewards = ["exact_match"]\n' "$G" "$MAX_NEW" >> "$path"
+    [ -n "${KV_CACHE:-}" ] && echo "kv_cache = \"$KV_CACHE\"" >> "$path"; fi
   echo "$path"
 }
 
