@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -78,12 +79,15 @@ def run_cli(a, data: Path, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "clustertune.cli", "train", str(recipe), "--nproc", str(a.nproc)]
     for override in a.set:
         cmd += ["--set", override]
+    started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL if not a.verbose else None)
+    wall_s = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if '"loss"' in line]
     measured = [r for r in records if r["step"] > 5]
     return {"step_s": statistics.median(r["step_time_s"] for r in measured),
             "tok_per_s": sum(r["tokens"] for r in measured) / sum(r["step_time_s"] for r in measured),
-            "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": records[-1].get("mem_gib", records[-1].get("mem_gb"))}
+            "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": max(r.get("mem_gib", 0) for r in records),
+            "time_to_first_step_s": records[0].get("time_to_first_step_s"), "command_wall_s": round(wall_s, 1)}
 
 
 def run_harness(a, out: Path) -> dict:

@@ -44,7 +44,7 @@ def assemble(recipe: Recipe, rt: Runtime, objective: Objective, *, load_universa
     lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
                          gradient_checkpointing=recipe.train.gradient_checkpointing,
                          checkpoint_every_n_layers=recipe.train.checkpoint_every_n_layers, attn=attn,
-                         liger=use_liger(recipe.model, on_gpu=rt.on_gpu))
+                         liger=use_liger(recipe.model, on_gpu=rt.on_gpu), init_device=rt.device)
     if recipe.train.compile:
         from clustertune.worker.kernels import compile_decoder_layers
         compile_decoder_layers(lm)

@@ -55,19 +55,27 @@ def use_liger(model: ModelSection, *, on_gpu: bool) -> bool:
 
 def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=None,
                     gradient_checkpointing: bool = False, checkpoint_every_n_layers: int = 1,
-                    attn: str | None = None, liger: bool = False):
+                    attn: str | None = None, liger: bool = False, init_device: torch.device | None = None):
     """Create (random shape) or load (local directory) the HF model.
 
     `zero3_context` (from engine.zero3_init_context) makes every rank build only its partition.
+    `init_device`: where a random-init shape is built without ZeRO-3 (the rank's GPU: random init
+    of billions of parameters on host cores takes tens of seconds before the first step).
     """
     from transformers import AutoModelForCausalLM
 
     config = hf_config(model)
     config.use_cache = False
     attn = attn or attention_implementation(model)
-    ctx = zero3_context if zero3_context is not None else contextlib.nullcontext()
+    random_init = lookup_shape(model.path) is not None
+    if zero3_context is not None:
+        ctx = zero3_context
+    elif random_init and init_device is not None:
+        ctx = torch.device(init_device)
+    else:
+        ctx = contextlib.nullcontext()
     with ctx:
-        if lookup_shape(model.path) is not None:
+        if random_init:
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         else:
             lm = AutoModelForCausalLM.from_pretrained(
