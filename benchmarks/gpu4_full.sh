@@ -23,7 +23,6 @@ row peer_w1_z2_n4 110 $TR --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 
 row peer_w3_z3_n4 110 $TR --shape 7b-8l --stage 3 --mode fixed --seq 2048 --mbs 8 --ga 2 --persist 1e8
 echo "scaling done t=$(( $(date +%s) - T0 ))s"
 if [ "${PART:-all}" = all ]; then
-  cp -r .gpuwheels .gpudebs . 2>/dev/null
   OUT=$OUT/sandbox bash benchmarks/gpu_sandbox.sh zeropp 2>&1 | tail -15
 fi
 echo "done t=$(( $(date +%s) - T0 ))s"
