@@ -27,11 +27,13 @@ row() { local lane=$1 name=$2 lim=$3; shift 3
   grep -m2 -h "Error\|out of memory" $LOGS/$name.log | cut -c1-300 >> $LOGS/$lane.sum; }
 CVH="python3 benchmarks/cli_vs_harness.py --steps $S --cli-only --verbose"
 w1() { echo "--shape qwen2.5-1.5b --seq 4096 --batch $((32 * $1)) --budget 32768 --gc --nproc $1"; }
-w3() { echo "--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch $((16 * $1)) --budget 16384 --gc --nproc $1 --set zero.param_persistence_threshold=100000000"; }
+# the persistence threshold is a ZeRO-3 key (the recipe refuses it with stage 2)
+w3() { echo "--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch $((16 * $1)) --budget 16384 --gc --nproc $1 --stage $2"
+       [ "$2" = 3 ] && echo "--set zero.param_persistence_threshold=100000000"; }
 scaling_lane() {  # LANE GPUS N
   local lane=$1 n=$3; export CUDA_VISIBLE_DEVICES=$2
   for st in 2 3; do row $lane w1_z${st}_n$n 130 $CVH $(w1 $n) --stage $st --out /tmp/sc/w1z${st}n$n; done
-  for st in 2 3; do row $lane w3_z${st}_n$n 130 $CVH $(w3 $n) --stage $st --out /tmp/sc/w3z${st}n$n; done
+  for st in 2 3; do row $lane w3_z${st}_n$n 130 $CVH $(w3 $n $st) --out /tmp/sc/w3z${st}n$n; done
 }
 lane_a() { scaling_lane A 0 1
   row A w1_profile 120 $CVH $(w1 1) --stage 1 --out /tmp/sc/prof --profile

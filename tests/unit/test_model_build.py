@@ -85,3 +85,22 @@ def test_num_layers_cuts_a_built_in_shape_and_is_refused_for_a_directory(saved_t
         ModelSection(path=str(saved_tiny), num_layers=1)
     with pytest.raises(ValidationError, match="has only 24 layers"):
         ModelSection(path="qwen2.5-0.5b", num_layers=99)
+
+
+def test_compiled_blocks_train_like_eager_under_checkpointing():
+    """train.compile: the attention and MLP blocks are compiled, the checkpointed layer around
+    them is not; one forward + backward gives eager's loss and gradients."""
+    from clustertune.worker.kernels import compile_decoder_layers
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        lm = build_causal_lm(ModelSection(path="tiny", attn_implementation="sdpa"), dtype=torch.float32,
+                             gradient_checkpointing=True)
+        if compiled:
+            assert compile_decoder_layers(lm) == SHAPES["tiny"].num_hidden_layers
+        ids = torch.randint(0, lm.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = lm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-5)

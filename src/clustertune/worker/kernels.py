@@ -107,13 +107,17 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
 
 
 def compile_decoder_layers(lm) -> int:
-    """Regional torch.compile: each decoder layer compiled in place (same code and shapes, so
-    the layers share one compiled graph; dynamic sequence length avoids a recompile per row
-    length). Returns the number of layers compiled."""
+    """Regional torch.compile of every decoder layer's attention and MLP blocks, in place (the
+    same code and shapes in every layer, so the layers share compiled graphs; dynamic sequence
+    length avoids a recompile per row length). The blocks, not the whole layer: the layer's
+    forward is what activation checkpointing wraps, and dynamo cannot trace the checkpoint around
+    Liger's RMSNorm autograd function (AssertionError in overwrite_tensor_vt_proxy, torch 2.11,
+    H100, 2026-11-26). Returns the number of layers compiled."""
     from clustertune.worker.model import decoder_layers
     layers = decoder_layers(lm)
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.self_attn.compile(dynamic=True)
+        layer.mlp.compile(dynamic=True)
     return len(layers)
 
 
