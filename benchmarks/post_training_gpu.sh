@@ -132,9 +132,9 @@ trl_row() {  # objective cap args...
 }
 
 clustertune_row dpo "$STEPS_DPO" $DPO_BATCH $DPO_TOKENS "$DEMO/dpo_train.jsonl" 130
-trl_row dpo 110 --steps "$STEPS_DPO" --global-batch $DPO_BATCH --micro-batch $DPO_MICRO --beta $BETA
+[ "${SKIP_TRL:-0}" = 1 ] || trl_row dpo 110 --steps "$STEPS_DPO" --global-batch $DPO_BATCH --micro-batch $DPO_MICRO --beta $BETA
 clustertune_row grpo "$STEPS_GRPO" $GRPO_BATCH $GRPO_TOKENS "$DEMO/train.jsonl" 150
-trl_row grpo 150 --steps "$STEPS_GRPO" --global-batch $GRPO_BATCH --micro-batch $GRPO_MICRO --group-size $G \
+[ "${SKIP_TRL:-0}" = 1 ] || trl_row grpo 150 --steps "$STEPS_GRPO" --global-batch $GRPO_BATCH --micro-batch $GRPO_MICRO --group-size $G \
   --max-new-tokens $MAX_NEW
 
 { echo "post_training_gpu.sh $(date -u +%FT%TZ) shape=$SHAPE device=$DEVICE steps dpo=$STEPS_DPO grpo=$STEPS_GRPO" \

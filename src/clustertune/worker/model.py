@@ -183,6 +183,8 @@ class TokenLossModel(nn.Module):
     def token_losses(self, input_ids, position_ids, targets, attention_mask=None, cu_seq_lens=None,
                      max_length=None) -> torch.Tensor:
         causal_lm, hidden = self._hidden(input_ids, position_ids, attention_mask, cu_seq_lens, max_length)
+        if getattr(causal_lm.lm_head, "clustertune_fused_loss", False):
+            return causal_lm.lm_head(hidden, targets, reduction="none").float().view(targets.shape)
         return self._plain_token_losses(causal_lm, hidden, targets)
 
     @staticmethod
