@@ -133,15 +133,11 @@ def install_fused_head_loss(lm_head) -> None:
     cross-entropy. Going through the module call (not reading lm_head.weight directly) keeps
     ZeRO-3's gather/release hooks in charge of the partitioned weight."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    summed = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-    # Per-token values (DPO/GRPO log-probs, eval): Liger >= 0.8 recomputes the chunked logits in
-    # backward for reduction="none", so the [tokens, vocab] fp32 logits are never materialized.
-    per_token = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
-    def forward(self, hidden, targets=None, reduction="sum"):
+    def forward(self, hidden, targets=None):
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
-        loss_fn = summed if reduction == "sum" else per_token
         return loss_fn(self.weight, hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1), self.bias)
 
     lm_head.forward = types.MethodType(forward, lm_head)
