@@ -21,6 +21,9 @@ p.add_argument("--gc", action="store_true"); p.add_argument("--steps", type=int,
 p.add_argument("--no-liger", action="store_true"); p.add_argument("--attn", default="auto")
 p.add_argument("--no-pack", action="store_true", help="padded micro-batches of --mbs samples")
 p.add_argument("--mbs", type=int, default=4)
+p.add_argument("--order", choices=["sequential", "shuffled"], default="sequential",
+               help="samples per step: in order (the HF peers' sequential sampler, for the loss gate) or "
+                    "the CLI's seeded epoch permutation (benchmarks/cli_vs_harness.py: the same rows as the CLI)")
 p.add_argument("--persist", type=int, default=None, help="zero.param_persistence_threshold")
 p.add_argument("--subgroup", type=int, default=None, help="zero.sub_group_size (ZeRO-3)")
 p.add_argument("--offload", action="store_true", help="zero.offload_optimizer (CPU Adam)")
@@ -118,7 +121,9 @@ def sync():
 
 times, losses = [], []
 for step in range(a.steps):
-    indices = list(range(step * a.batch, (step + 1) * a.batch))
+    indices = (batching.step_sample_indices(step, num_samples=n_samples, global_batch_size=a.batch,
+                                            seed=recipe.train.seed) if a.order == "shuffled"
+               else list(range(step * a.batch, (step + 1) * a.batch)))
     plan = batching.plan_step(step, indices, lengths=lengths, units=units, layout=parts.layout,
                               packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
     sync(); t0 = time.perf_counter()

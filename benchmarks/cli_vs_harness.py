@@ -94,7 +94,7 @@ def run_harness(a, out: Path) -> dict:
     launcher = [sys.executable] if a.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
     cmd = launcher + [str(HERE / "bench_clustertune.py"), "--shape", a.shape, "--stage", str(a.stage),
-           "--mode", a.mode, "--seq", str(a.seq), "--batch", str(a.batch), "--budget", str(a.budget),
+           "--mode", a.mode, "--order", "shuffled", "--seq", str(a.seq), "--batch", str(a.batch), "--budget", str(a.budget),
            "--steps", str(a.steps)] + (["--layers", str(a.layers)] if a.layers else []) + (["--gc"] if a.gc else []) + (["--profile", str(out / "harness_profile")]
                                                                    if a.profile else [])
     text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
