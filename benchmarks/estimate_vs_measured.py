@@ -81,11 +81,13 @@ def main() -> int:
         if shape is None:  # e.g. a model loaded from a directory of the GPU machine
             print(f"skipped {r.get('tag') or r['shape']}: shape {r['shape']!r} is not built in", file=sys.stderr)
             continue
-        lengths = sample_lengths(r["mode"], r["batch"] * HARNESS_STEPS, r["seq"])
-        kwargs = dict(gpu=gpu_name(r), world_size=world, gpus_per_node=a.gpus_per_node or world,
+        # T_eff: the record's own (runs on other data, e.g. the demo's), else the workload's lengths
+        t_eff = r.get("t_eff") or effective_context(sample_lengths(r["mode"], r["batch"] * HARNESS_STEPS, r["seq"]))
+        # a record may carry its own topology and measured bandwidths (the GPU sandbox's 2 nodes x 2 GPUs)
+        kwargs = dict(gpu=gpu_name(r), world_size=world, gpus_per_node=r.get("gpus_per_node") or a.gpus_per_node or world,
                       zero_stage=r["stage"], gradient_checkpointing=r["gc"], tokens_per_step=r["tokens_per_step"],
-                      t_eff=effective_context(lengths), tokens_per_micro_batch=r["budget"],
-                      intra_node_gbps=a.intra_node_gbps, inter_node_gbps=a.inter_node_gbps,
+                      t_eff=t_eff, tokens_per_micro_batch=r["budget"],
+                      intra_node_gbps=a.intra_node_gbps, inter_node_gbps=r.get("inter_node_gbps") or a.inter_node_gbps,
                       offload_optimizer=bool(r.get("offload")))
         table = timing.compare_with_measured(timing.estimate_run_time(shape, **kwargs), measured_step_s=r["step_s"])
         base = one_gpu.get((r["shape"], r["stage"], r["gc"], r["mode"]))

@@ -47,6 +47,9 @@ step() { echo "[gpu_sandbox +$(elapsed)s] $*" | tee -a "$SETUP_LOG"; }
 fail() { say "FAILED: $*"; finish 1; }
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# The GPU image sets an arch-specific TORCH_CUDA_ARCH_LIST ("9.0a") that DeepSpeed's JIT builder cannot
+# parse: the quantized ZeRO++ run failed on it (2026-11-26; `launch` now refuses it up front).
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed 's/\([0-9]\)[a-z][a-z]*/\1/g')
 PY=$(command -v python3)
 MODEL=qwen2.5-0.5b LIGER=on STEPS=30
 [ -n "${CPU_DRYRUN:-}" ] && MODEL=tiny LIGER=off STEPS=20

@@ -1,6 +1,7 @@
 """Checks that need no worker, run by `validate`, `plan`, `train` and `launch` before any process
 starts: the model directory and its tokenizer files, the batch arithmetic for the real world size,
-and a run that would land on the CPU while GPUs are visible.
+a TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT builder cannot parse (ZeRO++ quantized kernels), and a
+run that would land on the CPU while GPUs are visible.
 
     from clustertune.preflight import check_before_workers
     check_before_workers(recipe, world_size=4, world_source="--nproc 4")   # files and arithmetic only
@@ -11,10 +12,13 @@ Launcher side: standard library and the torch-free config only.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from clustertune.config import ModelSection, Recipe, RecipeError, TrainSection
+from clustertune.config import ModelSection, Recipe, RecipeError, TrainSection, ZeroSection
 from clustertune.shapes import SHAPES, lookup_shape
 
 # What AutoTokenizer reads: a fast tokenizer (tokenizer.json), a sentencepiece model, a BPE/WordPiece
@@ -101,6 +105,28 @@ def check_batch_arithmetic(train: TrainSection, *, packing: bool, world_size: in
         raise RecipeError(f"{err} ({where})") from None
 
 
+# What DeepSpeed 0.19's JIT op builder parses in TORCH_CUDA_ARCH_LIST: "9.0", "8.6+PTX" (its sort key
+# int()s each dotted part). Arch-specific entries such as "9.0a" make every JIT build fail with
+# "invalid literal for int() with base 10: '0a'" (seen on the GPU machines, 2026-11-26).
+_DEEPSPEED_ARCH_RE = re.compile(r"^\d+\.\d+(\+PTX)?$")
+
+
+def check_jit_arch_list(zero: ZeroSection, environ: Mapping[str, str]) -> None:
+    """ZeRO++ quantized communication JIT-compiles DeepSpeed's CUDA quantizer on first use, on every
+    rank, after the engine set-up: a TORCH_CUDA_ARCH_LIST it cannot parse fails the run there."""
+    if not (zero.quantized_weights or zero.quantized_gradients):
+        return
+    value = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    bad = [e for e in entries if not _DEEPSPEED_ARCH_RE.match(e)]
+    if bad:
+        fixed = ";".join(dict.fromkeys(re.sub(r"[a-z]+$", "", e.split("+")[0]) for e in entries))
+        raise RecipeError(f"zero.quantized_weights / zero.quantized_gradients JIT-compile DeepSpeed's CUDA "
+                          f"quantizer, and DeepSpeed cannot parse TORCH_CUDA_ARCH_LIST={value!r} "
+                          f"({', '.join(repr(b) for b in bad)}): export TORCH_CUDA_ARCH_LIST=\"{fixed}\" "
+                          "before launching (it reaches every rank)")
+
+
 def check_before_workers(recipe: Recipe, *, world_size: int, world_source: str, model_here: bool = True) -> None:
     """What can fail without a worker fails here, cheapest first: the model and tokenizer files,
     then the batch arithmetic for this world size (callers read the data next). `model_here`
@@ -113,6 +139,7 @@ def check_before_workers(recipe: Recipe, *, world_size: int, world_source: str, 
               "doctor --recipe ...` checks the paths on every node", file=sys.stderr)
     check_batch_arithmetic(recipe.train, packing=recipe.data.packing, world_size=world_size,
                            world_source=world_source)
+    check_jit_arch_list(recipe.zero, os.environ)
 
 
 def model_on_this_machine(model: ModelSection) -> bool:

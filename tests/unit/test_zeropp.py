@@ -105,3 +105,17 @@ def test_launch_refuses_an_hpz_partition_that_is_not_one_node():
     with pytest.raises(RecipeError, match=r"GPUs per node \(4\).*set zero.hpz_partition_size = 4"):
         plan(2)
     plan(4)
+
+
+def test_quantized_zeropp_refuses_an_arch_list_deepspeed_cannot_parse():
+    """The GPU image's TORCH_CUDA_ARCH_LIST="9.0a" failed every rank's JIT build of the quantizer
+    after the engine set-up (ValueError: '0a'); preflight names the variable and the fix first."""
+    from clustertune.preflight import check_jit_arch_list
+    quantized = ZeroSection(stage=3, quantized_weights=True)
+    with pytest.raises(RecipeError, match=r"TORCH_CUDA_ARCH_LIST='9\.0a'.*export TORCH_CUDA_ARCH_LIST=\"9\.0\""):
+        check_jit_arch_list(quantized, {"TORCH_CUDA_ARCH_LIST": "9.0a"})
+    with pytest.raises(RecipeError, match=r"'10\.0f\+PTX'.*\"8\.0;10\.0\""):
+        check_jit_arch_list(quantized, {"TORCH_CUDA_ARCH_LIST": "8.0 10.0f+PTX"})
+    for fine in ({}, {"TORCH_CUDA_ARCH_LIST": "9.0"}, {"TORCH_CUDA_ARCH_LIST": "8.0;9.0+PTX"}):
+        check_jit_arch_list(quantized, fine)
+    check_jit_arch_list(ZeroSection(stage=3), {"TORCH_CUDA_ARCH_LIST": "9.0a"})  # nothing JIT-built: no check
