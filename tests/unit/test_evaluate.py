@@ -252,3 +252,13 @@ def test_generation_uses_dense_attention_while_training_uses_the_varlen_kernel()
     lm.config._attn_implementation = "eager"
     with dense_attention(lm.config):
         assert lm.config._attn_implementation == "eager"
+
+
+def test_dpo_eval_record_counts_pairs_and_has_no_perplexity():
+    """A DPO eval loss is per preference pair: metrics.jsonl gets eval_pairs, never an eval_ppl or
+    an eval_tokens that would hold a pair count."""
+    from clustertune.worker.evaluate import EvalResult
+    dpo = EvalResult(step=4, loss=0.61, tokens=200, seconds=1.5, units="pairs").record()
+    assert dpo == {"step": 4, "eval_loss": 0.61, "eval_pairs": 200, "eval_time_s": 1.5}
+    sft = EvalResult(step=4, loss=1.0, tokens=900, seconds=1.5).record()
+    assert sft["eval_tokens"] == 900 and sft["eval_ppl"] == pytest.approx(2.718281828, rel=1e-6)

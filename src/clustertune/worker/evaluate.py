@@ -165,10 +165,16 @@ class EvalResult:
     generations: list[dict[str, str]] = field(default_factory=list)
     # A generative eval (GRPO: greedy completions scored by rewards) has these instead of a loss.
     rewards: dict[str, float] = field(default_factory=dict)
+    # What `tokens` counts: the objective's loss units ("tokens" for SFT, "pairs" for DPO, whose
+    # loss per pair has no perplexity).
+    units: str = "tokens"
 
     def record(self) -> dict[str, Any]:
         if self.rewards:
             return {"step": self.step, **self.rewards, "eval_time_s": self.seconds}
+        if self.units != "tokens":
+            return {"step": self.step, "eval_loss": self.loss, f"eval_{self.units}": self.tokens,
+                    "eval_time_s": self.seconds}
         return {"step": self.step, "eval_loss": self.loss, "eval_ppl": perplexity(self.loss),
                 "eval_tokens": self.tokens, "eval_time_s": self.seconds}
 
@@ -294,7 +300,8 @@ class Evaluator:
                 # DPO reference stage, the export that followed the final eval failed: "Cannot partition a
                 # param in flight"); release them so what follows starts clean.
                 self.ds_engine.empty_partition_cache()
-        result = EvalResult(step, loss, tokens, time.perf_counter() - started, generations)
+        result = EvalResult(step, loss, tokens, time.perf_counter() - started, generations,
+                            units="pairs" if self.objective.name == "dpo" else "tokens")
         improved = self.keep_best and is_better(loss, None if self.best is None else self.best[1])
         if improved:
             self.best = (step, loss)
@@ -320,7 +327,7 @@ class Evaluator:
             measured = (f"reward mean {result.rewards['eval_reward_mean']:.3f}, exact match "
                         f"{result.rewards['eval_exact_match']:.1%} over {result.rewards['eval_prompts']} held-out "
                         f"prompts (greedy)")
-        elif self.objective.name == "dpo":  # a loss per preference pair: no perplexity
+        elif result.units == "pairs":  # DPO: a loss per preference pair, no perplexity
             measured = f"DPO loss {result.loss:.4f} over {result.tokens} pairs"
         else:
             measured = f"loss {result.loss:.4f}, ppl {perplexity(result.loss):.3f} over {result.tokens} tokens"
