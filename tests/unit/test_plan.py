@@ -224,3 +224,22 @@ def test_selective_checkpointing_memory_lies_between_full_and_none():
     assert half - full == pytest.approx(1000 * 14 * (per_layer - kept))
     option = Option(1, False, False, True)
     assert gpu_memory(inp(1), option).allocated_peak < gpu_memory(inp(2), option).allocated_peak
+
+
+def test_fewest_recomputed_layers_is_the_largest_n_that_still_fits():
+    """W1 on an 80 GB card: every 2nd layer fits 32k-token rows (measured 53.9 GiB at ~24k tokens,
+    2026-11-26), every 3rd does not; smaller rows leave room for fewer recomputes; an option
+    without checkpointing, or a card where only full checkpointing fits, gets None."""
+    from clustertune.plan import fewest_recomputed_layers
+    def inp(gib):
+        return PlanInput(SHAPES["qwen2.5-1.5b"], tokens_per_micro_batch=32768, seq_len=4096, world_size=1,
+                         gpus_per_node=1, gpu_mem_gib=gib, host_mem_gib=None)
+    ckpt = Option(1, False, False, True)
+    assert fewest_recomputed_layers(inp(79.6), ckpt, 32768) == 2
+    assert fewest_recomputed_layers(inp(79.6), ckpt, 16384) > 2
+    assert fewest_recomputed_layers(inp(40.0), ckpt, 32768) is None
+    assert fewest_recomputed_layers(inp(79.6), Option(1, False, False, False), 32768) is None
+    n = fewest_recomputed_layers(inp(79.6), ckpt, 16384)
+    fits = lambda every: gpu_memory(dataclasses.replace(inp(79.6), checkpoint_every_n_layers=every), ckpt,
+                                    16384).total <= 79.6 * 0.9
+    assert fits(n) and (n == 28 or not fits(n + 1))
