@@ -115,9 +115,11 @@ class GroupRelativePolicyOptimization:
         started = time.perf_counter()
         mine = list(prompt_indices)[rt.rank::rt.world_size]
         self.generator.sync_weights()
+        # Seeded by step and dataset index, not by rank: the same completions on any world size
+        # (exact resume after a change of world size).
         completions = self.generator.generate([prompts[i].input_ids for i in mine],
                                               num_return_sequences=self.group_size,
-                                              seed=seed * 1_000_003 + step * 1009 + rt.rank)
+                                              seed=seed * 1_000_003 + step, prompt_keys=mine)
         rows = []
         for k, index in enumerate(mine):
             for completion in completions[k * self.group_size:(k + 1) * self.group_size]:
