@@ -210,7 +210,8 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     first = {m["step"]: m for m in records}
 
     # Interrupted after step 2's checkpoint: the resumed run samples the same rollouts (seeded by
-    # step and rank) from the same weights, so steps 3-4 give the same rewards and losses.
+    # step, dataset index and number in the group) from the same weights, so steps 3-4 give the
+    # same rewards and losses.
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     shutil.rmtree(run / "final")
     out = launch(h, recipe, "--resume")
@@ -225,9 +226,10 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     check_ranks_ran_on_their_nodes(run)
     check_export_loads(run)
 
-    # Resumed on node1 alone, one rank: the ZeRO-3 checkpoint of 2 ranks is converted and the rollouts
-    # run on the rebuilt parameters. Not compared with the first run: rollouts are seeded per rank, so
-    # on another world size they are other samples.
+    # Resumed on node1 alone, one rank: the ZeRO-3 checkpoint of 2 ranks is converted, and the one
+    # rank samples every prompt's completions from the same per-completion seeds as the two did:
+    # step 3 (weights of the step-2 checkpoint) has the same rollouts and rewards; the update then
+    # differs only by the reduction order of one rank instead of two.
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     shutil.rmtree(run / "final")
     out = launch(h, recipe, "--resume", cluster_file=one_node_cluster(h, tmp_path))
@@ -239,5 +241,9 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     assert [m["step"] for m in on_one_rank] == [1, 2, 3, 4]
     for m in on_one_rank[2:]:
         assert math.isfinite(m["loss"]) and math.isfinite(m["reward_mean"]) and m["generation_time_s"] > 0
+    step3 = on_one_rank[2]
+    assert step3["completion_tokens"] == first[3]["completion_tokens"]
+    assert step3["reward_mean"] == pytest.approx(first[3]["reward_mean"], abs=1e-9)
+    assert step3["grad_norm"] == pytest.approx(first[3]["grad_norm"], rel=1e-3)
     assert complete_steps(run) == [2, 4]
     check_export_loads(run)
