@@ -104,6 +104,22 @@ def complete_steps(run: Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[-1]) for p in (run / "checkpoints").glob("step_*/COMPLETE.json"))
 
 
+def resume_from_step_2(h, recipe: Path, run: Path, tmp_path: Path, *, one_rank: bool = False) -> str:
+    """Drop what came after step 2's checkpoint (the step-4 checkpoint, the export) and `launch
+    --resume`, on both nodes or on node1 alone (world size 1: the checkpoint is converted).
+    Returns the launcher's output after checking it resumed from step 2."""
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    shutil.rmtree(run / "final")
+    cluster = {"cluster_file": one_node_cluster(h, tmp_path)} if one_rank else {}
+    out = launch(h, recipe, "--resume", **cluster)
+    text = out.stdout + out.stderr
+    if one_rank:
+        assert "converting it to a universal checkpoint for world size 1" in text, text[-4000:]
+        assert json.loads((run / "world.json").read_text())["world_size"] == 1
+    assert "(step 2)" in [line for line in text.splitlines() if "resumed from" in line][0], text[-4000:]
+    return text
+
+
 def test_dpo_zero2_across_nodes_then_exact_resume(make_cluster, tmp_path):
     h = make_cluster(2)
     h.setup_ssh()
@@ -144,11 +160,7 @@ def test_dpo_zero2_across_nodes_then_exact_resume(make_cluster, tmp_path):
 
     # Interrupted after step 2's checkpoint: the resumed run loads the stored reference (it cannot
     # recompute it from moved weights) and redoes steps 3-4 exactly.
-    shutil.rmtree(run / "checkpoints" / "step_00000004")
-    shutil.rmtree(run / "final")
-    out = launch(h, recipe, "--resume")
-    text = out.stdout + out.stderr
-    assert "(step 2)" in [line for line in text.splitlines() if "resumed from" in line][0], text[-4000:]
+    text = resume_from_step_2(h, recipe, run, tmp_path)
     assert "reference log-probs of 3200 pairs loaded" in text
     resumed = {m["step"]: m["loss"] for m in step_records(run)}
     assert sorted(resumed) == [1, 2, 3, 4]
@@ -161,14 +173,8 @@ def test_dpo_zero2_across_nodes_then_exact_resume(make_cluster, tmp_path):
     # Resumed on another world size: node1 alone, one rank (2 micro-batches of 8 pairs per step
     # instead of 1 per rank): the 2-rank checkpoint is converted, the stored reference loaded, and the
     # step's loss, normalized over the whole step, stays on the uninterrupted trajectory.
-    shutil.rmtree(run / "checkpoints" / "step_00000004")
-    shutil.rmtree(run / "final")
-    out = launch(h, recipe, "--resume", cluster_file=one_node_cluster(h, tmp_path))
-    text = out.stdout + out.stderr
-    assert "converting it to a universal checkpoint for world size 1" in text, text[-4000:]
-    assert "(step 2)" in [line for line in text.splitlines() if "resumed from" in line][0], text[-4000:]
+    text = resume_from_step_2(h, recipe, run, tmp_path, one_rank=True)
     assert "reference log-probs of 3200 pairs loaded" in text
-    assert json.loads((run / "world.json").read_text())["world_size"] == 1
     on_one_rank = {m["step"]: m["loss"] for m in step_records(run)}
     for step in (3, 4):
         assert on_one_rank[step] == pytest.approx(first[step], rel=1e-4), step
@@ -212,11 +218,7 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     # Interrupted after step 2's checkpoint: the resumed run samples the same rollouts (seeded by
     # step, dataset index and number in the group) from the same weights, so steps 3-4 give the
     # same rewards and losses.
-    shutil.rmtree(run / "checkpoints" / "step_00000004")
-    shutil.rmtree(run / "final")
-    out = launch(h, recipe, "--resume")
-    text = out.stdout + out.stderr
-    assert "(step 2)" in [line for line in text.splitlines() if "resumed from" in line][0], text[-4000:]
+    resume_from_step_2(h, recipe, run, tmp_path)
     resumed = {m["step"]: m for m in step_records(run)}
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
@@ -230,13 +232,7 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     # rank samples every prompt's completions from the same per-completion seeds as the two did:
     # step 3 (weights of the step-2 checkpoint) has the same rollouts and rewards; the update then
     # differs only by the reduction order of one rank instead of two.
-    shutil.rmtree(run / "checkpoints" / "step_00000004")
-    shutil.rmtree(run / "final")
-    out = launch(h, recipe, "--resume", cluster_file=one_node_cluster(h, tmp_path))
-    text = out.stdout + out.stderr
-    assert "converting it to a universal checkpoint for world size 1" in text, text[-4000:]
-    assert "(step 2)" in [line for line in text.splitlines() if "resumed from" in line][0], text[-4000:]
-    assert json.loads((run / "world.json").read_text())["world_size"] == 1
+    resume_from_step_2(h, recipe, run, tmp_path, one_rank=True)
     on_one_rank = step_records(run)
     assert [m["step"] for m in on_one_rank] == [1, 2, 3, 4]
     for m in on_one_rank[2:]:
