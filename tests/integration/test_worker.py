@@ -24,6 +24,11 @@ def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    # the start-up clock: the first step's record and one log line say where the wait went
+    first = metrics(run_dir)[0]
+    assert first["step"] == 1 and 0 < first["time_to_first_step_s"] < 600
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "first step after" in log and "data" in log and "model and engine" in log
 
     # rotation kept only the newest complete checkpoint, with its marker
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000012"]
