@@ -301,7 +301,7 @@ class Evaluator:
                 # param in flight"); release them so what follows starts clean.
                 self.ds_engine.empty_partition_cache()
         result = EvalResult(step, loss, tokens, time.perf_counter() - started, generations,
-                            units="pairs" if self.objective.name == "dpo" else "tokens")
+                            units=self.objective.loss_unit)
         improved = self.keep_best and is_better(loss, None if self.best is None else self.best[1])
         if improved:
             self.best = (step, loss)

@@ -32,7 +32,7 @@ def load_tokenizer(model: ModelSection):
 
 def hf_config(model: ModelSection):
     from transformers import AutoConfig, Qwen2Config
-    if lookup_shape(model.path) is not None:
+    if lookup_shape(model.path) is not None:  # a built-in shape, maybe cut to model.num_layers
         return Qwen2Config(**shape_from_model_path(model.path, model.num_layers).hf_config_dict())
     return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
 
@@ -114,11 +114,6 @@ def enable_activation_checkpointing(lm, every_n_layers: int = 1) -> None:
 def decoder_layers(lm) -> list:
     """The decoder layers of a causal LM, LoRA-wrapped or not (HF's `model.layers`)."""
     return list(base_causal_lm(lm).model.layers)
-
-
-def checkpointed_layers(lm) -> list[int]:
-    """Indices of the decoder layers that recompute their forward in backward."""
-    return [i for i, layer in enumerate(decoder_layers(lm)) if getattr(layer, "gradient_checkpointing", False)]
 
 
 def is_activation_checkpointing(lm) -> bool:

@@ -44,6 +44,7 @@ class MicroBatchLoss:
 
 class Objective(Protocol):
     name: str
+    loss_unit: str  # what loss_units counts ("tokens", "pairs"): eval names its count after it
 
     def module(self, lm: Any, *, varlen: bool) -> "torch.nn.Module": ...
 

@@ -66,6 +66,7 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
 
 class DirectPreferenceOptimization:
     name = "dpo"
+    loss_unit = "pairs"
 
     def __init__(self, *, packing: bool, pad_id: int, dpo: DpoSection, token_budget: int):
         self.packing, self.pad_id, self.dpo = packing, pad_id, dpo

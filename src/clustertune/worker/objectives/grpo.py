@@ -73,6 +73,7 @@ def per_token(samples: Sequence[CompletionSample], *, packing: bool) -> torch.Te
 
 class GroupRelativePolicyOptimization:
     name = "grpo"
+    loss_unit = "tokens"
 
     def __init__(self, *, packing: bool, pad_id: int, grpo: GrpoSection, tokenizer: Any):
         self.packing, self.pad_id, self.grpo, self.tokenizer = packing, pad_id, grpo, tokenizer

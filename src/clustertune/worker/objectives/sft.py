@@ -18,6 +18,7 @@ class SupervisedFineTuning:
     packing: bool  # data.packing: one packed row per micro-batch, else padded rows
     pad_id: int
     name: str = "sft"
+    loss_unit: str = "tokens"
 
     def module(self, lm: Any, *, varlen: bool) -> torch.nn.Module:
         return TokenLossModel(lm, varlen=varlen)
