@@ -31,6 +31,9 @@ p.add_argument("--compile", action="store_true", help="train.compile (regional t
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
 p.add_argument("--profile", default=None, help="directory: profile step N-2 into DIR/step_K.txt (+ trace)")
+p.add_argument("--diagnose", action="store_true",
+               help="where the step's time goes: the host's enqueue time per step (before the closing sync) "
+                    "and every synchronizing CUDA call of step N-2 with its caller (torch.cuda.set_sync_debug_mode)")
 a = p.parse_args()
 
 os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
@@ -119,6 +122,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+class SyncLog:
+    """Every synchronizing CUDA call while active, keyed by its innermost caller outside torch."""
+    def __init__(self): self.calls = {}
+    def __enter__(self):
+        import traceback, warnings
+        self._saved = warnings.showwarning
+        def record(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-3:][::-1])
+            self.calls[where] = self.calls.get(where, 0) + 1
+        warnings.showwarning = record
+        self._filters = warnings.catch_warnings(); self._filters.__enter__(); warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn"); return self
+    def __exit__(self, *exc):
+        import warnings
+        torch.cuda.set_sync_debug_mode("default"); self._filters.__exit__(*exc); warnings.showwarning = self._saved
+
+
+host_times, sync_calls = [], {}
 times, losses = [], []
 for step in range(a.steps):
     indices = (batching.step_sample_indices(step, num_samples=n_samples, global_batch_size=a.batch,
@@ -128,10 +150,14 @@ for step in range(a.steps):
                               packing=recipe.data.packing, token_budget=recipe.train.micro_batch_tokens)
     sync(); t0 = time.perf_counter()
     # the CLI's own profiler (train.profile_step) on the same step number, written to the same layout
+    watch = SyncLog() if a.diagnose and torch.cuda.is_available() and step == a.steps - 3 else None
     with profile_step(Path(a.profile or "."), step + 1, enabled=bool(a.profile) and step == a.steps - 3):
+        if watch: watch.__enter__()
         engine.set_lr(parts.ds_engine, a.lr)
         losses.append(forward_backward(parts.ds_engine, objective, plan, samples, rt=rt).loss)
         engine.optimizer_step(parts.ds_engine)
+        if watch: watch.__exit__(None, None, None); sync_calls = watch.calls
+    host_times.append(time.perf_counter() - t0)
     sync(); times.append(time.perf_counter() - t0)
     if first_step_at is None:
         first_step_at = time.perf_counter() - STARTED
@@ -156,4 +182,7 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
       "offload": a.offload, "layers": shape.num_hidden_layers, "engine_build_s": round(engine_s, 1),
       "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
-      "step_times": [round(t, 3) for t in times], "losses": losses[:20]}), flush=True)
+      "step_times": [round(t, 3) for t in times], "losses": losses[:20],
+      **({"host_enqueue_s": round(statistics.median(host_times[5:] or host_times), 4),
+          "sync_calls": dict(sorted(sync_calls.items(), key=lambda kv: -kv[1])[:12])} if a.diagnose else {})}),
+      flush=True)
