@@ -52,7 +52,8 @@ def demo_tokenizer_dir() -> Path:
 def demo_recipe_dict() -> dict[str, Any]:
     """The demo's recipe tree (validated by config.recipe_from_dict like any TOML recipe).
 
-    2 ranks x micro-batch 16 = global batch 32, no gradient accumulation. Measured in
+    2 ranks x micro-batch 16 = global batch 32, no gradient accumulation (padded batches: data.packing
+    = false, as measured; packing, the default, is for GPUs). Measured in
     demo_assets/NOTES.md: every seed tried passed 95% held-out exact match between steps 300 and
     600 and ended at 99-100%; 800 steps keep a margin for a run that differs from the experiment
     (data order, init seed, loss normalisation). lr 1e-3: 2e-3 and above stall or plateau on this
@@ -60,7 +61,7 @@ def demo_recipe_dict() -> dict[str, Any]:
     return {
         "run": {"name": "demo", "output_dir": "runs/demo"},
         "model": {"path": "tiny"},  # attention "auto": sdpa on CPU, flash varlen for packed rows on GPU
-        "data": {"train_files": [str(DEMO_TRAIN_FILE)], "format": "messages", "max_length": 64},
+        "data": {"train_files": [str(DEMO_TRAIN_FILE)], "format": "messages", "max_length": 64, "packing": False},
         "train": {
             "max_steps": 800,
             "global_batch_size": 32,
@@ -122,7 +123,7 @@ def demo_dpo_recipe_dict() -> dict[str, Any]:
     tree = demo_recipe_dict()
     tree["run"] = {"name": "demo-dpo", "output_dir": "runs/demo-dpo"}
     tree["data"] = {"train_files": [str(DEMO_DPO_TRAIN_FILE)], "eval_files": [str(DEMO_DPO_HELDOUT_FILE)],
-                    "max_length": 64}
+                    "max_length": 64, "packing": False}
     tree["train"].update({"objective": "dpo", "max_steps": 500, "lr": 2e-3})
     tree["dpo"] = {"beta": 0.5}
     tree["checkpoint"] = {"every_steps": 250, "keep_last": 1}

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -727,6 +728,33 @@ def speed_row_tokens(fitting_tokens: int, *, max_length: int, cap: int = ROW_TOK
     if fitting_tokens < max_length:
         return None
     return max(max_length, min(cap, fitting_tokens) // 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class SpeedChoice:
+    """The option to run and the packed-row size to run it with (None: padded batches)."""
+
+    estimate: Estimate
+    row_tokens: int | None
+
+
+def speed_choice(result: Plan, *, shortest_row: int, packing: bool,
+                 allowed: Callable[[Option], bool] = lambda option: True) -> SpeedChoice | None:
+    """The fastest `allowed` option that fits the job's micro-batch (result.input.tokens_per_micro_batch)
+    and, packed, the row `speed_row_tokens` proposes for it (the largest that fits, up to
+    ROW_TOKENS_FOR_SPEED, at least `shortest_row`). When no allowed option fits that micro-batch,
+    packed: the allowed option that fits the largest rows, if one of at least `shortest_row` fits.
+    None when nothing allowed fits. What `plan` recommends (all options) and what the launcher
+    resolves train.micro_batch_tokens / gradient_checkpointing "auto" to (the recipe's ZeRO
+    options only) are both this choice."""
+    candidates = [e for e in result.estimates if allowed(e.option) and e.fits_host]
+    best = next((e for e in candidates if e.fits_gpu), None)
+    if best is None and packing:
+        best = max((e for e in candidates if e.max_tokens >= shortest_row), key=lambda e: e.max_tokens, default=None)
+    if best is None:
+        return None
+    row = speed_row_tokens(best.max_tokens, max_length=shortest_row) if packing else None
+    return SpeedChoice(best, row)
 
 
 def fewest_recomputed_layers(inp: PlanInput, option: Option, tokens: int) -> int | None:

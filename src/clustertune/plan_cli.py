@@ -44,9 +44,10 @@ from clustertune.config import Recipe, RecipeError, check_zero_topology, load_re
 from clustertune.errors import UserError
 from clustertune.flops import effective_context
 from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
-from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, Estimate, Option, Plan, PlanInput,
-                              ZeroBuckets, fewest_recomputed_layers, plan, trainable_parameters,
-                              speed_row_tokens)
+from clustertune.config import AUTO
+from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
+                              PlanInput, ZeroBuckets, fewest_recomputed_layers, plan, speed_choice,
+                              trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -79,6 +80,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from clustertune.preflight import check_batch_arithmetic
     check_batch_arithmetic(recipe.train, packing=recipe.data.packing, world_size=job.world_size,
                            world_source=job.topology_source)
+    # "auto" keys: what `train` / `launch` would resolve them to on this job's GPUs (the same function);
+    # the plan below is of those values.
+    from clustertune.auto import resolve_auto
+    resolved = resolve_auto(recipe, on_gpu=recipe.train.device != "cpu", gpu_mem_gib=job.gpu_mem_gib,
+                            gpu_source=job.gpu_source, nodes=job.nodes, gpus_per_node=job.gpus_per_node)
+    if resolved.note:
+        print(resolved.note + "\n")
+    recipe = resolved.recipe
     inp = plan_input(recipe, shape, job, checkpoint_shard_gib=_largest_shard_gib(recipe.model.path))
     result = plan(inp)
     grpo = None
@@ -98,7 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     print()
     print(render_time(recipe, shape, job, best.option, data_size(recipe, args), bandwidth(args)))
-    row = speed_row_tokens(best.max_tokens, max_length=recipe.data.max_length) if recipe.data.packing else None
+    choice = speed_choice(result, shortest_row=shortest_row(recipe), packing=recipe.data.packing)
+    row = choice.row_tokens if choice is not None else None
     if row is not None and row != recipe.train.micro_batch_tokens:
         print(f"\npacked rows: {best.option.label} fits rows of up to {best.max_tokens:,} tokens; "
               f"train.micro_batch_tokens = {row:,} (now {recipe.train.micro_batch_tokens:,}) runs the step in fewer, "
@@ -180,13 +190,13 @@ def _resolve_gpu(name: str | None, mem: float | None) -> tuple[float, str, str |
         if spec is None:
             raise RecipeError(f"--gpu {name!r}: unknown GPU (known: {known_gpu_names()}); pass --gpu-mem GiB instead")
         return spec.mem_gib, spec.description, spec.name
-    local = _local_gpu()
+    local = local_gpu_memory()
     if local is None:
         raise RecipeError("no GPU on this machine to measure: pass --gpu NAME or --gpu-mem GiB")
     return local
 
 
-def _local_gpu() -> tuple[float, str, str | None] | None:
+def local_gpu_memory() -> tuple[float, str, str | None] | None:
     """First local GPU's memory via nvidia-smi (no torch on the launcher side)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
@@ -260,10 +270,17 @@ def sample_length(recipe: Recipe) -> int:
     return recipe.data.max_length + (recipe.grpo.max_new_tokens if recipe.train.objective == "grpo" else 0)
 
 
+def shortest_row(recipe: Recipe) -> int:
+    """The fewest tokens a packed row of this recipe must hold (Recipe.shortest_packed_row)."""
+    return recipe.shortest_packed_row()[0]
+
+
 def tokens_per_micro_batch(recipe: Recipe) -> int:
-    """Packed: the token budget; padded: every sample padded to the longest (the worst case)."""
+    """Packed: the token budget ("auto": the row the launcher aims for, ROW_TOKENS_FOR_SPEED, or one
+    whole shortest row when that is longer); padded: every sample padded to the longest (the worst case)."""
     if recipe.data.packing:
-        return recipe.train.micro_batch_tokens
+        tokens = recipe.train.micro_batch_tokens
+        return max(ROW_TOKENS_FOR_SPEED, shortest_row(recipe)) if tokens == AUTO else tokens
     return recipe.train.micro_batch_size * sample_length(recipe)
 
 
@@ -300,7 +317,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
 # ------------------------------------------------------------------------------------- output
 
 def recipe_option(recipe: Recipe) -> Option | None:
-    if recipe.zero.stage == 0:
+    if recipe.zero.stage == 0 or recipe.train.gradient_checkpointing == AUTO:
         return None
     return Option(recipe.zero.stage, recipe.zero.offload_optimizer, recipe.zero.offload_params,
                   recipe.train.gradient_checkpointing)

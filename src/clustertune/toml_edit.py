@@ -26,8 +26,10 @@ class TomlEditError(UserError):
 
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 _ARRAY_HEADER = re.compile(r"^\s*\[\[")
-# A simple scalar value (what plan writes: integers and booleans) and what may follow it.
-_SCALAR_VALUE = re.compile(r"^(?P<value>true|false|[+-]?\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?)(?P<rest>\s*(?:#.*)?)$")
+# A simple scalar value (what plan writes: integers and booleans; "auto", which they replace) and
+# what may follow it.
+_SCALAR_VALUE = re.compile(r"""^(?P<value>true|false|"auto"|'auto'|[+-]?\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?)"""
+                           r"(?P<rest>\s*(?:#.*)?)$")
 
 
 def toml_literal(value: Any) -> str:

@@ -30,9 +30,11 @@ def here(tmp_path, monkeypatch):
 
 
 def write_recipe(path: Path, *, model: str = "tiny", train: str = "global_batch_size = 8\nmicro_batch_size = 2",
-                 extra: str = "") -> Path:
+                 extra: str = "", packing: bool | None = None) -> Path:
+    """`packing`: data.packing when given (default: the recipe default, packed)."""
+    data = "" if packing is None else f"packing = {str(packing).lower()}\n"
     path.write_text(f'[run]\noutput_dir = "runs/x"\n[model]\npath = "{model}"\n'
-                    f'[data]\ntrain_files = ["train.jsonl"]\nmax_length = 64\n'
+                    f'[data]\ntrain_files = ["train.jsonl"]\nmax_length = 64\n{data}'
                     f"[train]\nmax_steps = 2\n{train}\n{extra}", encoding="utf-8")
     return path
 
@@ -157,13 +159,13 @@ BATCH_CASES = [
 def test_batch_arithmetic_for_the_real_world_size_fails_before_any_worker(here, capsys, train, message, command):
     (here / "cluster.toml").write_text('[[nodes]]\nname = "a"\naddress = "10.0.0.1"\nslots = 2\n'
                                        '[[nodes]]\nname = "b"\naddress = "10.0.0.2"\nslots = 2\n', encoding="utf-8")
-    recipe = write_recipe(here / "r.toml", train=train)
+    recipe = write_recipe(here / "r.toml", train=train, packing=False)  # the per-rank sample split of padded batches
     fails(capsys, [*command, str(recipe)], message)
     assert not (here / "runs").exists(), "nothing may be written before the checks pass"
 
 
 def test_validate_checks_the_world_size_train_would_use_here(here, capsys):
-    recipe = write_recipe(here / "r.toml", train="global_batch_size = 3\nmicro_batch_size = 1")
+    recipe = write_recipe(here / "r.toml", train="global_batch_size = 3\nmicro_batch_size = 1", packing=False)
     fails(capsys, ["validate", "--no-data", str(recipe)], "world size (2)", "clustertune train")
 
 
@@ -302,17 +304,19 @@ def test_validate_prints_a_cache_path_that_exists_afterwards(here, capsys):
 
 def test_recipe_less_train_uses_the_gpus_when_present(here, capsys, monkeypatch):
     """The demo recipe pins train.device = "cpu"; the recipe defaults use the GPUs (device auto):
-    with 2 visible GPUs the world is the 2 GPUs. (The run stops at the batch check: 3 % 2.)"""
+    with 2 visible GPUs the world is the 2 GPUs. (Unpacked, the run stops at the batch check: 3 % 2.)"""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     err = fails(capsys, ["train", "--set", "data.train_files=['train.jsonl']", "--set", "model.path=tiny",
-                         "--set", "train.global_batch_size=3", "--set", "train.micro_batch_size=1"],
+                         "--set", "train.global_batch_size=3", "--set", "train.micro_batch_size=1",
+                         "--set", "data.packing=false"],
                 "world size (2)", "local GPUs")
     assert "note: training on the CPU" not in err
 
 
 def test_a_cpu_run_while_gpus_are_visible_says_so_at_start(here, capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    recipe = write_recipe(here / "r.toml", train="global_batch_size = 3\nmicro_batch_size = 1\ndevice = \"cpu\"")
+    recipe = write_recipe(here / "r.toml", train="global_batch_size = 3\nmicro_batch_size = 1\ndevice = \"cpu\"",
+                          packing=False)
     for command in (["train"], ["launch"]):
         err = fails(capsys, [*command, str(recipe)], "world size (2)")
         assert "note: training on the CPU although 2 GPU(s) are visible" in err, err
@@ -333,7 +337,7 @@ def test_a_cluster_launch_leaves_a_model_that_is_only_on_the_nodes_to_the_doctor
     (here / "cluster.toml").write_text('[[nodes]]\nname = "a"\naddress = "10.0.0.1"\nslots = 2\n'
                                        '[[nodes]]\nname = "b"\naddress = "10.0.0.2"\nslots = 2\n', encoding="utf-8")
     recipe = write_recipe(here / "r.toml", model="/models/only-on-the-nodes",
-                          train="global_batch_size = 30\nmicro_batch_size = 2")
+                          train="global_batch_size = 30\nmicro_batch_size = 2", packing=False)
     for command in (["launch", "--cluster", "cluster.toml"], ["validate", "--cluster", "cluster.toml"]):
         err = fails(capsys, [*command, str(recipe)], "30 % world size (4)")
         assert "note: model.path '/models/only-on-the-nodes' is not on this machine" in err

@@ -205,7 +205,7 @@ def test_host_ram_of_other_machines_is_not_the_launchers(tmp_path, capsys, monke
 
 
 def test_host_ram_of_this_machine_is_used_when_the_plan_is_for_it(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("clustertune.plan_cli._local_gpu", lambda: (79.6, "H100 (this machine)", "h100"))
+    monkeypatch.setattr("clustertune.plan_cli.local_gpu_memory", lambda: (79.6, "H100 (this machine)", "h100"))
     monkeypatch.setattr("clustertune.plan_cli.local_gpu_count", lambda: 1)
     monkeypatch.setattr("os.sysconf", lambda name: {"SC_PHYS_PAGES": 1 << 20, "SC_PAGE_SIZE": 4096}[name])
     path = tmp_path / "tiny.toml"

@@ -69,6 +69,9 @@ class Report:
     checks: tuple[str, ...]
     rows: dict[str, dict[str, Cell]] = field(default_factory=dict)
     nic_by_node: dict[str, str | None] = field(default_factory=dict)
+    # The smallest GPU of each node that said (nvidia-smi): (name, GiB). train.micro_batch_tokens /
+    # gradient_checkpointing "auto" are planned for the smallest of the cluster (clustertune.auto).
+    gpu_memory: dict[str, tuple[str, float]] = field(default_factory=dict)
     shared_fs: bool | None = None
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -600,6 +603,9 @@ def run_doctor(cluster: Cluster, *, recipe: Any = None, mutual: bool = True, con
         report.nic_by_node[n.name] = route_nic(facts[n.name])
         if probes[n.name].ok:
             report.versions[n.name] = probes[n.name].get("versions") or {}
+            memory = probes[n.name].get("gpu_memory")
+            if memory:
+                report.gpu_memory[n.name] = (str(memory[0]), float(memory[1]) / 1024)
     report.shared_fs = _shared_fs(checks, token_path, local, reachable, master, connects)
     if "disk" in checks:
         params = model_parameter_count(recipe.model.path) if recipe is not None else None

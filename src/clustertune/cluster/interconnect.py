@@ -25,8 +25,14 @@ COMM_SHARE_WARN = 0.20  # the doctor warns above this share of the step
 def planned_step(recipe: Any, shape: Any, *, gpu: str, world_size: int, gpus_per_node: int, inter_node_gbs: float,
                  intra_node_gbs: float | None = None, tokens_per_sample: float | None = None,
                  t_eff: float | None = None) -> timing.TimeEstimate:
-    """timing.estimate_run_time for the recipe on the measured links (GB/s of bus bandwidth)."""
+    """timing.estimate_run_time for the recipe on the measured links (GB/s of bus bandwidth); "auto"
+    train keys as a launch on these GPUs would resolve them (clustertune.auto)."""
+    from clustertune.auto import resolve_auto
+    from clustertune.gpus import lookup_gpu
     from clustertune.plan_cli import tokens_per_micro_batch
+    spec = lookup_gpu(gpu)
+    recipe = resolve_auto(recipe, on_gpu=True, gpu_mem_gib=spec.mem_gib if spec else None, gpu_source=gpu,
+                          nodes=max(1, world_size // gpus_per_node), gpus_per_node=gpus_per_node).recipe
     per_micro_batch = tokens_per_micro_batch(recipe)
     if tokens_per_sample is not None:
         tokens_per_step = recipe.train.global_batch_size * tokens_per_sample

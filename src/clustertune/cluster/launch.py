@@ -574,6 +574,7 @@ def launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume:
         print("note: the data files are not all on this machine; the doctor checks they exist on every node "
               "and the workers validate them", file=sys.stderr)
     nics: list[str | None] | None = [n.nic for n in cluster.ordered_nodes()]
+    report = None
     if launcher in ("deepspeed", "torchrun") and not skip_doctor:
         from clustertune.cluster.doctor import run_doctor
         report = run_doctor(cluster, recipe=recipe, mutual=False, need_pdsh=launcher == "deepspeed" and not local,
@@ -584,6 +585,10 @@ def launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume:
                   "--skip-doctor to launch anyway)", file=sys.stderr)
             return 2
         nics = [report.nic_by_node.get(n.name) for n in cluster.ordered_nodes()]
+    gpu, unknown = _cluster_gpu_memory(report, local=local, doctor_ran=report is not None)
+    recipe = resolve_auto_keys(recipe, cpu=cpu, nodes=len(cluster.nodes),
+                               gpus_per_node=max(n.slots for n in cluster.nodes), gpu=gpu, unknown=unknown,
+                               resume=resume)
     plan = build_launch_plan(recipe, cluster, launcher=launcher, local=local, resume=resume, run_id=new_run_id(),
                              environ=os.environ, nics=nics, workdir=workdir, python=sys.executable,
                              ssh_config=ssh_config, cpu_count=os.cpu_count() or 2)
@@ -596,11 +601,49 @@ def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
     check_data_before_start(recipe)
     workdir = os.getcwd()
     recipe = resolve_recipe(recipe, workdir, cpu=not on_gpu)
+    gpu = None
+    if on_gpu:
+        from clustertune.plan_cli import local_gpu_memory
+        found = local_gpu_memory()
+        gpu = (found[0], found[1]) if found else None
+    recipe = resolve_auto_keys(recipe, cpu=not on_gpu, nodes=1, gpus_per_node=nproc, gpu=gpu,
+                               unknown="nvidia-smi gave no GPU memory here", resume=resume)
     cluster = localhost_cluster(nproc, "gpu" if on_gpu else "cpu", master_port=free_port())
     plan = build_launch_plan(recipe, cluster, launcher="local", local=True, resume=resume, run_id=new_run_id(),
                              environ=os.environ, nics=None, workdir=workdir, python=sys.executable, ssh_config=None,
                              cpu_count=os.cpu_count() or 2)
     return run_plan_with_notes(plan)
+
+
+def resolve_auto_keys(recipe: Any, *, cpu: bool, nodes: int, gpus_per_node: int, gpu: tuple[float, str] | None,
+                      unknown: str, resume: bool) -> Any:
+    """The recipe the ranks get, with train.micro_batch_tokens / gradient_checkpointing "auto" resolved
+    once here (clustertune.auto) and said in one line; `gpu`: (GiB, where from) of the smallest GPU,
+    None (`unknown` says why); --resume: the values of the run's first launch (RUN/launch/recipe.toml)."""
+    from clustertune.auto import launched_train_section, resolve_auto
+    started = launched_train_section(RunFiles(Path(recipe.run.output_dir)).run_dir) if resume else None
+    resolved = resolve_auto(recipe, on_gpu=not cpu, gpu_mem_gib=gpu[0] if gpu else None,
+                            gpu_source=gpu[1] if gpu else unknown, nodes=nodes, gpus_per_node=gpus_per_node,
+                            started_with=started)
+    if resolved.note:
+        print(resolved.note, file=sys.stderr)
+    return resolved.recipe
+
+
+def _cluster_gpu_memory(report: Any, *, local: bool, doctor_ran: bool) -> tuple[tuple[float, str] | None, str]:
+    """(GiB, where from) of the cluster's smallest GPU: the doctor's nvidia-smi on every node, else
+    (this machine only) nvidia-smi here; None and why when neither says."""
+    if report is not None and report.gpu_memory:
+        node, (name, gib) = min(report.gpu_memory.items(), key=lambda item: item[1][1])
+        return (gib, f"{name}, {gib:.1f} GiB on {node}: the smallest GPU of the nodes (doctor)"), ""
+    if local:
+        from clustertune.plan_cli import local_gpu_memory
+        found = local_gpu_memory()
+        if found:
+            return (found[0], found[1]), ""
+    if not doctor_ran:
+        return None, "the doctor, which reads every node's GPUs, did not run (--skip-doctor or --launcher slurm)"
+    return None, "nvidia-smi on the nodes gave no GPU memory"
 
 
 def run_plan_with_notes(plan: LaunchPlan) -> int:

@@ -206,6 +206,19 @@ def _nearest_existing(path):
     return path
 
 
+def _gpu_memory(smi):
+    """[name, MiB] of the node's smallest GPU (what train.micro_batch_tokens "auto" is planned for),
+    None when nvidia-smi does not say."""
+    try:
+        p = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        rows = [line.rsplit(",", 1) for line in p.stdout.decode().splitlines() if "," in line]
+        gpus = [[name.strip(), float(mib)] for name, mib in rows]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return min(gpus, key=lambda g: g[1]) if p.returncode == 0 and gpus else None
+
+
 def probe(a):
     out = {"hostname": socket.gethostname(), "home": os.path.expanduser("~"), "uid": os.getuid()}
     py = a["python"]
@@ -224,6 +237,7 @@ def probe(a):
                 out["gpus"] = min(out["gpus"], len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
             if p.returncode != 0:
                 out["gpu_error"] = p.stderr.decode("utf-8", "replace").strip()[-200:]
+            out["gpu_memory"] = _gpu_memory(smi)
         except (OSError, subprocess.TimeoutExpired) as err:
             out["gpu_error"] = str(err)
     out["route"] = route_to(a["master_addr"])
