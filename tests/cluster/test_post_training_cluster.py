@@ -129,7 +129,7 @@ def test_dpo_zero2_across_nodes_then_exact_resume(make_cluster, tmp_path):
         "run": {"name": "dpo", "output_dir": str(run)},
         "model": {"path": "tiny"},
         "data": {"train_files": [str(DEMO_DPO_TRAIN_FILE)], "eval_files": [str(DEMO_DPO_HELDOUT_FILE)],
-                 "max_length": 64},
+                 "max_length": 64, "packing": False},  # padded micro-batches of 8, as written and checked
         "train": {"objective": "dpo", "max_steps": 4, "global_batch_size": 16, "micro_batch_size": 8,
                   "lr": 2e-3, "schedule": "constant", "seed": 3},
         "zero": {"stage": 2},
@@ -191,7 +191,7 @@ def test_grpo_zero3_across_nodes_then_exact_resume(make_cluster, tmp_path):
     recipe.write_text(recipe_text({
         "run": {"name": "grpo", "output_dir": str(run)},
         "model": {"path": "tiny"},
-        "data": {"train_files": [str(DEMO_TRAIN_FILE)], "max_length": 64},
+        "data": {"train_files": [str(DEMO_TRAIN_FILE)], "max_length": 64, "packing": False},  # as checked
         "train": {"objective": "grpo", "max_steps": 4, "global_batch_size": 16, "micro_batch_size": 8,
                   "lr": 1e-3, "schedule": "constant", "seed": 3},
         "zero": {"stage": 3},

@@ -41,18 +41,24 @@ def write_uppercase_task(path: Path, *, count: int, seed: int) -> Path:
 
 
 def write_recipe(path: Path, task_dir: Path, run_dir: Path, **sections) -> Path:
-    """A tiny-model recipe; `sections` override/extend e.g. train={"max_steps": 4}."""
+    """A tiny-model recipe; `sections` override/extend e.g. train={"max_steps": 4}; a value None
+    removes the key (its default applies). The base recipe is unpacked (data.packing = false,
+    micro_batch_size 2): these tests were written and checked for padded micro-batches; a test of
+    the recipe defaults passes data={"packing": None}."""
     base = {
         "run": {"output_dir": str(run_dir)},
         "model": {"path": "tiny", "tokenizer": str(task_dir / "tokenizer")},
         "data": {"train_files": [str(task_dir / "train.jsonl")], "max_length": 128,
-                 "cache_dir": str(task_dir / "cache")},
+                 "cache_dir": str(task_dir / "cache"), "packing": False},
         "train": {"max_steps": 8, "global_batch_size": 8, "micro_batch_size": 2, "lr": 3e-3,
                   "warmup_steps": 2, "seed": 7},
         "zero": {"stage": 2},
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        section = base.setdefault(name, {})
+        section.update(values)
+        for key in [k for k, v in section.items() if v is None]:
+            del section[key]
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")

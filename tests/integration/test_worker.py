@@ -15,11 +15,19 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
+    """The recipe defaults for how to batch (packed rows, train.micro_batch_tokens and
+    gradient_checkpointing "auto"): on the CPU the launcher resolves auto to 8192 / false, says so,
+    and the ranks read those values."""
     run_dir = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 12},
-                          checkpoint={"every_steps": 6, "keep_last": 1})
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 12, "micro_batch_size": None},
+                          data={"packing": None}, checkpoint={"every_steps": 6, "keep_last": 1})
+    assert "packing" not in recipe.read_text() and "micro_batch_tokens" not in recipe.read_text()
     proc = run_train(recipe)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("auto: train.micro_batch_tokens = 8,192, train.gradient_checkpointing = false (CPU: the former defaults"
+            in proc.stderr)
+    ran = (run_dir / "recipe.toml").read_text()
+    assert "packing = true" in ran and "micro_batch_tokens = 8192" in ran and "gradient_checkpointing = false" in ran
 
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 12
