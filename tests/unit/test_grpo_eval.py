@@ -62,7 +62,7 @@ def test_eval_logs_the_greedy_reward_and_exact_match(tmp_path):
     config = Qwen2Config(**SHAPES["tiny"].hf_config_dict(), attn_implementation="sdpa", initializer_range=0.4)
     lm = Qwen2ForCausalLM(config).float()
     tok = load_tokenizer(ModelSection(path="tiny"))
-    recipe = recipe_from_dict(grpo_recipe(eval_fraction=0.1))
+    recipe = recipe_from_dict(grpo_recipe(eval_fraction=0.1, packing=False))  # padded, as the objective below
     objective = GroupRelativePolicyOptimization(packing=False, pad_id=tok.pad_token_id, grpo=recipe.grpo,
                                                 tokenizer=tok)
     engine = types.SimpleNamespace(module=lm)  # below ZeRO-3 generation needs only the module
