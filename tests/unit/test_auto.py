@@ -186,7 +186,7 @@ def test_the_doctor_reads_each_nodes_smallest_gpu_and_launch_plans_for_the_small
     from types import SimpleNamespace
 
     from clustertune.cluster import remote_snippets
-    from clustertune.cluster.launch import _cluster_gpu_memory
+    from clustertune.cluster.launch import smallest_gpu_memory
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text(
@@ -199,6 +199,11 @@ def test_the_doctor_reads_each_nodes_smallest_gpu_and_launch_plans_for_the_small
                                  "output_dir": str(tmp_path)})
     assert out["gpus"] == 2 and out["gpu_memory"] == ["NVIDIA H100 80GB HBM3", 81000.0]
     report = SimpleNamespace(gpu_memory={"a": ("NVIDIA H100 80GB HBM3", 79.6), "b": ("NVIDIA A100-SXM4-40GB", 40.0)})
-    (gib, source), _ = _cluster_gpu_memory(report, local=False, doctor_ran=True)
+    (gib, source), _ = smallest_gpu_memory(report, local=False)
     assert gib == 40.0 and "on b" in source
-    assert _cluster_gpu_memory(SimpleNamespace(gpu_memory={}), local=False, doctor_ran=True)[0] is None
+    assert smallest_gpu_memory(SimpleNamespace(gpu_memory={}), local=False) == (
+        None, "nvidia-smi on the nodes gave no GPU memory")
+    assert "did not run" in smallest_gpu_memory(None, local=False)[1]
+    # this machine (train, launch without --cluster): nvidia-smi here, the same stand-in
+    (gib, source), _ = smallest_gpu_memory(None, local=True)
+    assert gib == 81559 / 1024 and "this machine, nvidia-smi" in source

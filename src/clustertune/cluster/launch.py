@@ -585,7 +585,7 @@ def launch(recipe: Any, cluster: Cluster, *, local: bool, launcher: str, resume:
                   "--skip-doctor to launch anyway)", file=sys.stderr)
             return 2
         nics = [report.nic_by_node.get(n.name) for n in cluster.ordered_nodes()]
-    gpu, unknown = _cluster_gpu_memory(report, local=local, doctor_ran=report is not None)
+    gpu, unknown = smallest_gpu_memory(report, local=local)
     recipe = resolve_auto_keys(recipe, cpu=cpu, nodes=len(cluster.nodes),
                                gpus_per_node=max(n.slots for n in cluster.nodes), gpu=gpu, unknown=unknown,
                                resume=resume)
@@ -601,13 +601,9 @@ def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
     check_data_before_start(recipe)
     workdir = os.getcwd()
     recipe = resolve_recipe(recipe, workdir, cpu=not on_gpu)
-    gpu = None
-    if on_gpu:
-        from clustertune.plan_cli import local_gpu_memory
-        found = local_gpu_memory()
-        gpu = (found[0], found[1]) if found else None
-    recipe = resolve_auto_keys(recipe, cpu=not on_gpu, nodes=1, gpus_per_node=nproc, gpu=gpu,
-                               unknown="nvidia-smi gave no GPU memory here", resume=resume)
+    gpu, unknown = smallest_gpu_memory(None, local=True) if on_gpu else (None, "")
+    recipe = resolve_auto_keys(recipe, cpu=not on_gpu, nodes=1, gpus_per_node=nproc, gpu=gpu, unknown=unknown,
+                               resume=resume)
     cluster = localhost_cluster(nproc, "gpu" if on_gpu else "cpu", master_port=free_port())
     plan = build_launch_plan(recipe, cluster, launcher="local", local=True, resume=resume, run_id=new_run_id(),
                              environ=os.environ, nics=None, workdir=workdir, python=sys.executable, ssh_config=None,
@@ -630,18 +626,18 @@ def resolve_auto_keys(recipe: Any, *, cpu: bool, nodes: int, gpus_per_node: int,
     return resolved.recipe
 
 
-def _cluster_gpu_memory(report: Any, *, local: bool, doctor_ran: bool) -> tuple[tuple[float, str] | None, str]:
-    """(GiB, where from) of the cluster's smallest GPU: the doctor's nvidia-smi on every node, else
-    (this machine only) nvidia-smi here; None and why when neither says."""
+def smallest_gpu_memory(report: Any, *, local: bool) -> tuple[tuple[float, str] | None, str]:
+    """((GiB, where from), "") of the GPU memory to plan for: the smallest GPU the doctor's nvidia-smi
+    found on the nodes (`report`, None when it did not run), else on this machine only its first GPU
+    (plan_cli.local_gpu_memory, what `plan` uses); (None, why) when nothing says."""
     if report is not None and report.gpu_memory:
         node, (name, gib) = min(report.gpu_memory.items(), key=lambda item: item[1][1])
         return (gib, f"{name}, {gib:.1f} GiB on {node}: the smallest GPU of the nodes (doctor)"), ""
     if local:
         from clustertune.plan_cli import local_gpu_memory
         found = local_gpu_memory()
-        if found:
-            return (found[0], found[1]), ""
-    if not doctor_ran:
+        return ((found[0], found[1]), "") if found else (None, "nvidia-smi gave no GPU memory on this machine")
+    if report is None:
         return None, "the doctor, which reads every node's GPUs, did not run (--skip-doctor or --launcher slurm)"
     return None, "nvidia-smi on the nodes gave no GPU memory"
 
