@@ -128,7 +128,7 @@ def _planned(recipe: Recipe, *, gpu_mem_gib: float, gpu_source: str, nodes: int,
                           allowed=allowed)
     where = f"{gpu_mem_gib:.1f} GiB GPUs [{gpu_source}], {job.world_size} rank(s)"
     if choice is None:
-        return _with_values(recipe, fallback_tokens, True,
+        return _with_values(recipe, fallback_tokens, UNKNOWN_GPU_GRADIENT_CHECKPOINTING,
                             f"planner: no ZeRO-{zero.stage} option of this recipe fits {where}: the least-memory "
                             "values; `clustertune plan RECIPE` shows what would fit")
     option, fitting = choice.estimate.option, choice.estimate.max_tokens
