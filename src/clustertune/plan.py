@@ -385,13 +385,23 @@ def activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) 
             + backward_extra_bytes(inp, gradient_checkpointing, tokens))
 
 
+# Liger's fused loss runs its rows through the vocabulary in chunks sized so that a chunk's logits
+# take C times the hidden states' memory (its chunk_mem_const; Liger's default C = 1). With C = 1 a
+# 24k-token row of Qwen2.5-1.5B (V/h = 99) is ~94 chunks of 256 tokens: the host's launches of the
+# small chunks, not the GPU, set the loss's time (profile of W1: 100 ms of host time per row, 68 ms
+# on the GPU). C = 16: 6-12 chunks, ~1-3 GB of chunk logits at 32k-token rows. The worker
+# (worker/kernels.py) passes this to Liger; the planner counts it here.
+LIGER_CHUNK_MEM_CONST = 16
+
+
 def logits_bytes(inp: PlanInput, tokens: int) -> float:
     """Memory of the logits and the loss at their peak, per rank.
 
     Liger's fused linear cross-entropy (liger_kernel/ops/fused_linear_cross_entropy.py) never
-    materializes all logits: chunks of next_pow2(ceil(T / ceil(V/h))) tokens x V, plus the
-    lm_head weight gradient (V x h, weight dtype) and the input gradient (T x h) that it computes
-    in the forward. gpu/README.md measured 0.53 GB at 8192 x 151936 x 1536; this gives 0.49 GiB.
+    materializes all logits: chunks of next_pow2(ceil(T / ceil(V / (C h)))) tokens x V with
+    C = LIGER_CHUNK_MEM_CONST, plus the lm_head weight gradient (V x h, weight dtype) and the input
+    gradient (T x h) that it computes in the forward. gpu/README.md measured 0.53 GB at
+    8192 x 151936 x 1536 with C = 1; this gives 0.49 GiB.
     Plain loss (HF's ForCausalLMLoss and TokenLossModel alike: logits.float(), cross_entropy):
     the peak is in the backward of log_softmax, which holds its saved fp32 output, the fp32
     gradient from nll_loss and the fp32 gradient it returns -- 4+4+4 = 12 B per token per vocab
@@ -402,7 +412,7 @@ def logits_bytes(inp: PlanInput, tokens: int) -> float:
     s, a = inp.shape, inp.bytes.activation
     v, h = s.vocab_size, s.hidden_size
     if inp.liger:
-        inc = math.ceil(v / h)
+        inc = math.ceil(v / (LIGER_CHUNK_MEM_CONST * h))
         chunk = min(tokens, 1 << max(0, math.ceil(math.log2(math.ceil(tokens / inc)))))
         return a * (chunk * v + v * h + tokens * h)
     return tokens * v * 12

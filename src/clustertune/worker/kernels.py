@@ -131,14 +131,18 @@ def apply_liger(lm) -> None:
 def install_fused_head_loss(lm_head) -> None:
     """Make `lm_head(hidden, targets)` return the summed cross-entropy via Liger's fused linear
     cross-entropy. Going through the module call (not reading lm_head.weight directly) keeps
-    ZeRO-3's gather/release hooks in charge of the partitioned weight."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    ZeRO-3's gather/release hooks in charge of the partitioned weight. Chunks of the vocabulary
+    pass are sized by plan.LIGER_CHUNK_MEM_CONST (fewer, larger chunks; the planner counts them)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    from clustertune.plan import LIGER_CHUNK_MEM_CONST
 
     def forward(self, hidden, targets=None):
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
-        return loss_fn(self.weight, hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1), self.bias)
+        return liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), self.weight, targets.reshape(-1),
+                                                self.bias, ignore_index=IGNORE_INDEX, reduction="sum",
+                                                chunk_mem_const=LIGER_CHUNK_MEM_CONST)
 
     lm_head.forward = types.MethodType(forward, lm_head)
     lm_head.clustertune_fused_loss = True
