@@ -43,7 +43,10 @@ def write_jsonl(path: Path, lengths: list[int]) -> None:
 
 
 def write_recipe(a, data: Path, run_dir: Path) -> Path:
-    """The recipe a user would write for this work (every other key at its default)."""
+    """The recipe a user would write for this work (every other key at its default). With --plain,
+    packing, the row size, checkpointing and the ZeRO stage are left to their defaults too (what
+    `clustertune train` resolves them to is in the RESULT line's "resolved")."""
+    speed_keys = not getattr(a, "plain", False)
     text = f"""[run]
 output_dir = {json.dumps(str(run_dir))}
 
@@ -54,20 +57,20 @@ path = {json.dumps(a.shape)}
 [data]
 train_files = [{json.dumps(str(data))}]
 max_length = {a.seq}
-packing = true
+{"packing = true" if speed_keys else ""}
 
 [train]
 max_steps = {a.steps}
 global_batch_size = {a.batch}
-micro_batch_tokens = {max(a.budget, a.seq)}
-gradient_checkpointing = {"true" if a.gc else "false"}
+{f"micro_batch_tokens = {max(a.budget, a.seq)}" if speed_keys else ""}
+{f'gradient_checkpointing = {"true" if a.gc else "false"}' if speed_keys else ""}
 schedule = "constant"
 lr = 1e-5
 adam_beta2 = 0.999
 {f"profile_step = {a.steps - 2}" if a.profile else ""}
 
 [zero]
-stage = {a.stage}
+{f"stage = {a.stage}" if speed_keys else ""}
 """
     path = run_dir.parent / "cli_recipe.toml"
     path.write_text(text)
@@ -87,7 +90,21 @@ def run_cli(a, data: Path, run_dir: Path) -> dict:
     return {"step_s": statistics.median(r["step_time_s"] for r in measured),
             "tok_per_s": sum(r["tokens"] for r in measured) / sum(r["step_time_s"] for r in measured),
             "mfu": statistics.median(r["mfu"] for r in measured), "peak_gib": max(r.get("mem_gib", 0) for r in records),
-            "time_to_first_step_s": records[0].get("time_to_first_step_s"), "command_wall_s": round(wall_s, 1)}
+            "time_to_first_step_s": records[0].get("time_to_first_step_s"), "command_wall_s": round(wall_s, 1),
+            "resolved": resolved_speed_keys(run_dir)}
+
+
+def resolved_speed_keys(run_dir: Path) -> dict:
+    """The speed keys the run trained with (the launcher's resolved recipe handed to the ranks)."""
+    import tomllib
+    path = run_dir / "launch" / "recipe.toml"
+    if not path.exists():
+        return {}
+    r = tomllib.loads(path.read_text())
+    train, zero, data = r.get("train", {}), r.get("zero", {}), r.get("data", {})
+    return {"packing": data.get("packing"), "micro_batch_tokens": train.get("micro_batch_tokens"),
+            "gradient_checkpointing": train.get("gradient_checkpointing"),
+            "checkpoint_every_n_layers": train.get("checkpoint_every_n_layers"), "zero_stage": zero.get("stage")}
 
 
 def run_harness(a, out: Path) -> dict:
@@ -116,6 +133,8 @@ def main() -> int:
     p.add_argument("--mode", default="var", help="sample lengths: var (SFT-like, capped at --seq) or fixed")
     p.add_argument("--set", action="append", default=[], help="recipe override for the CLI run (repeatable)")
     p.add_argument("--cli-only", action="store_true", help="skip the harness and the check")
+    p.add_argument("--plain", action="store_true", help="the CLI's recipe leaves packing, micro_batch_tokens, "
+                   "gradient checkpointing and zero.stage at their defaults (issue 13 item 5: the fast path by default)")
     a = p.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     lengths = sample_lengths(a.mode, a.steps * a.batch, a.seq)
