@@ -127,10 +127,10 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(recipe_to_toml(recipe))
     from clustertune.auto import auto_keys
-    auto = auto_keys(recipe.train)
+    auto = auto_keys(recipe)
     if auto:
-        print(f"note: {' and '.join(auto)} = \"auto\": `train` / `launch` resolve them for the GPUs they run on "
-              "(the CPU: 8192 tokens, no checkpointing); `clustertune plan RECIPE --gpu NAME` shows to what",
+        print(f"note: {', '.join(auto)} = \"auto\": `train` / `launch` resolve them for the GPUs they run on "
+              "(the CPU: ZeRO-2, 8192 tokens, no checkpointing); `clustertune plan RECIPE --gpu NAME` shows to what",
               file=sys.stderr)
     world_size, world_source = _validate_world(recipe, args)
     model_here = not args.cluster or model_on_this_machine(recipe.model)

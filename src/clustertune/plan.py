@@ -160,7 +160,9 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Option:
-    stage: Literal[1, 2, 3]
+    # 0: DeepSpeed without ZeRO partitioning (bf16: its DDP-like path, every state whole on each
+    # rank); offered on one rank only (all_options), where it holds what ZeRO-1 holds.
+    stage: Literal[0, 1, 2, 3]
     offload_optimizer: bool
     offload_params: bool
     gradient_checkpointing: bool
@@ -181,7 +183,10 @@ class Option:
         4. gradient checkpointing: one extra forward, <= +33% FLOPs; measured 1.17x
            (19.9% vs 23.3% MFU) -- cheaper than ZeRO-3, hence ranked after it.
         5. ZeRO-1 before ZeRO-2: with gradient accumulation stage 1 reduces gradients once per
-           optimizer step, stage 2 reduce-scatters them every micro-batch.
+           optimizer step, stage 2 reduce-scatters them every micro-batch. ZeRO-0 (one rank only)
+           before ZeRO-1: measured on one H100, W1 with checkpointing through `clustertune train`,
+           ZeRO-0 32,731 vs ZeRO-1 29,592 tokens/s (+10.6%, full checkpointing) and 36,241 vs
+           35,256 (+2.8%, every 2nd layer), at less memory (28.8 vs 31.7 GiB; 2026-11-26).
         """
         return (self.offload_params, self.offload_optimizer, self.stage == 3,
                 self.gradient_checkpointing, self.stage)
@@ -201,9 +206,12 @@ class Option:
         return text
 
 
-def all_options(lora: bool = False) -> list[Option]:
-    """Every option, fastest first. LoRA with param offload is not supported by the recipe."""
-    options = []
+def all_options(lora: bool = False, single_rank: bool = False) -> list[Option]:
+    """Every option, fastest first. LoRA with param offload is not supported by the recipe.
+    ZeRO-0 only for `single_rank` full fine-tuning without offload: on several ranks it keeps every
+    state whole on each (ZeRO-1's memory at world 1) and was not measured faster there; with LoRA the
+    optimizer states it would not partition are small, and that path was not run on a GPU here."""
+    options = [Option(0, False, False, ckpt) for ckpt in (False, True)] if single_rank and not lora else []
     for stage in (1, 2, 3):
         for offload_optimizer in (False, True):
             for offload_params in ((False, True) if stage == 3 else (False,)):
@@ -611,6 +619,9 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     total = inp.shape.parameter_count()
     trainable = trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets)
     stage3 = option.stage == 3
+    # ZeRO-0 partitions nothing: every rank holds what ZeRO-1 holds on one rank (measured on one
+    # H100: less, 28.8 vs 31.7 GiB for W1, so this errs on the safe side).
+    states_over = 1 if option.stage == 0 else n
 
     # Model states. Frozen params (LoRA base) are in no optimizer group: stage 1/2 keep them
     # whole on every rank, stage 3 (zero.Init) partitions them like the rest. Stage 3 on more
@@ -636,9 +647,9 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
         optimizer = 0.0
         step_transient = 0.0
     else:
-        grads = b.grad * trainable / (1 if option.stage == 1 else n)
-        optimizer = b.optimizer * trainable / n
-        stepped = largest_sub_group(inp) if stage3 else trainable / n
+        grads = b.grad * trainable / (1 if option.stage <= 1 else n)
+        optimizer = b.optimizer * trainable / states_over
+        stepped = largest_sub_group(inp) if stage3 else trainable / states_over
         step_transient = step_bytes * stepped
 
     # Communication buffers. Stage 1/2 double-buffer the reduce bucket when overlap_comm is on;
@@ -696,7 +707,7 @@ def host_memory(inp: PlanInput, option: Option) -> HostMemory:
         load_per_rank = PROCESS_HOST_GIB * GIB + inp.checkpoint_shard_gib * GIB
     else:
         load_per_rank = PROCESS_HOST_GIB * GIB + b.param * total
-    offload = 0.0
+    offload = 0.0  # (none at ZeRO-0: the recipe refuses offload there)
     partition = trainable / n
     if option.offload_optimizer:
         if option.stage == 3:
@@ -760,11 +771,38 @@ def speed_choice(result: Plan, *, shortest_row: int, packing: bool,
     candidates = [e for e in result.estimates if allowed(e.option) and e.fits_host]
     best = next((e for e in candidates if e.fits_gpu), None)
     if best is None and packing:
-        best = max((e for e in candidates if e.max_tokens >= shortest_row), key=lambda e: e.max_tokens, default=None)
+        # The fastest kind of option (no offload before offload, ZeRO-0/1/2 before ZeRO-3: the start of
+        # speed_key) that fits one row, and of that kind the largest rows (ties: the fastest): never
+        # ZeRO-3 or offload just for larger rows.
+        rows_fit = [e for e in candidates if e.max_tokens >= shortest_row]
+        if rows_fit:
+            kind = min(_option_kind(e.option) for e in rows_fit)
+            best = max((e for e in rows_fit if _option_kind(e.option) == kind), key=lambda e: e.max_tokens)
     if best is None:
         return None
     row = speed_row_tokens(best.max_tokens, max_length=shortest_row) if packing else None
     return SpeedChoice(best, row)
+
+
+def _option_kind(option: Option) -> tuple[bool, ...]:
+    return option.speed_key()[:3]  # (param offload, optimizer offload, ZeRO-3)
+
+
+# train.checkpoint_every_n_layers = "auto": the largest n that fits (fewest_recomputed_layers), at most
+# this. Measured on one H100, W1 (Qwen2.5-1.5B shape, 32k-token rows, ZeRO-1) through `clustertune train`
+# (2026-11-26): n = 2 ran 3.1% faster than n = 1; n = 2, 3, 4 gave 35,256, 35,746 and 33,978 tokens/s,
+# within noise of each other: the gain stops at 2, and a larger n only costs memory.
+CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED = 2
+
+
+def checkpoint_every_n_for_speed(inp: PlanInput, option: Option, tokens: int,
+                                 cap: int = CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED) -> int:
+    """The train.checkpoint_every_n_layers to run `option` with on rows of `tokens`: 1 without
+    checkpointing or when only full checkpointing fits, else the largest n that fits, at most `cap`."""
+    if not option.gradient_checkpointing:
+        return 1
+    fitting = fewest_recomputed_layers(inp, option, tokens)
+    return min(cap, fitting) if fitting else 1
 
 
 def fewest_recomputed_layers(inp: PlanInput, option: Option, tokens: int) -> int | None:
@@ -832,7 +870,8 @@ def smallest_fitting_world(inp: PlanInput) -> int | None:
 
 def plan(inp: PlanInput) -> Plan:
     """Every option (fastest first) with its memory, and the job's checkpoint sizes."""
-    estimates = [estimate(inp, option) for option in all_options(lora=inp.lora_rank is not None)]
+    estimates = [estimate(inp, option)
+                 for option in all_options(lora=inp.lora_rank is not None, single_rank=inp.world_size == 1)]
     nothing_fits = not any(e.fits for e in estimates)
     return Plan(input=inp, parameters=inp.shape.parameter_count(),
                 trainable=trainable_parameters(inp.shape, inp.lora_rank, inp.lora_targets),

@@ -45,8 +45,9 @@ from clustertune.errors import UserError
 from clustertune.flops import effective_context
 from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
-from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
-                              PlanInput, ZeroBuckets, fewest_recomputed_layers, plan, speed_choice,
+from clustertune.plan import (CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED, DEFAULT_CHECKPOINT_SHARD_GIB, GIB,
+                              ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan, PlanInput, ZeroBuckets,
+                              checkpoint_every_n_for_speed, fewest_recomputed_layers, plan, speed_choice,
                               trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
@@ -116,13 +117,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
               + ("" if args.write else "; --write sets it"))
     tokens = row or recipe.train.micro_batch_tokens
     every = fewest_recomputed_layers(inp, best.option, tokens) if recipe.data.packing else None
-    if every is not None and every != recipe.train.checkpoint_every_n_layers:
+    if every is not None and every > recipe.train.checkpoint_every_n_layers < CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED:
         recomputed = -(-shape.num_hidden_layers // every)
-        print(f"\nselective checkpointing: train.checkpoint_every_n_layers = {every} still fits {tokens:,}-token rows "
-              f"(recomputes {recomputed} of {shape.num_hidden_layers} layers instead of all; more memory for less "
-              f"recompute: n = 2 ran W1 3% faster at +22 GiB on an H100); not written by --write")
+        print(f"\nselective checkpointing: train.checkpoint_every_n_layers up to {every} still fits {tokens:,}-token "
+              f"rows (at {every}: recomputes {recomputed} of {shape.num_hidden_layers} layers instead of all; more "
+              f"memory for less recompute: n = 2 ran W1 3% faster than 1 on an H100, 3 and 4 no faster than 2); "
+              f"\"auto\" takes 2")
     if args.write:
-        changed, backup = write_recommendation(Path(args.recipe), best.option, micro_batch_tokens=row)
+        # The n written: what "auto" resolves to for the recommended option (1 without checkpointing).
+        recompute = checkpoint_every_n_for_speed(inp, best.option, tokens if recipe.data.packing
+                                                 else inp.tokens_per_micro_batch)
+        changed, backup = write_recommendation(Path(args.recipe), best.option, micro_batch_tokens=row,
+                                               checkpoint_every_n_layers=recompute)
         if not changed:
             print(f"\n{args.recipe} already has the recommended settings: not written")
         else:
@@ -310,14 +316,16 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
         hpz_partition_size=zero.hpz_partition_size or 1,
-        checkpoint_every_n_layers=recipe.train.checkpoint_every_n_layers,
+        # "auto" (resolved by clustertune.auto from this plan): every layer recomputed, the baseline
+        checkpoint_every_n_layers=1 if recipe.train.checkpoint_every_n_layers == AUTO
+        else recipe.train.checkpoint_every_n_layers,
         checkpoint_shard_gib=checkpoint_shard_gib)
 
 
 # ------------------------------------------------------------------------------------- output
 
 def recipe_option(recipe: Recipe) -> Option | None:
-    if recipe.zero.stage == 0 or recipe.train.gradient_checkpointing == AUTO:
+    if AUTO in (recipe.zero.stage, recipe.train.gradient_checkpointing):
         return None
     return Option(recipe.zero.stage, recipe.zero.offload_optimizer, recipe.zero.offload_params,
                   recipe.train.gradient_checkpointing)
@@ -677,11 +685,12 @@ def next_backup(path: Path) -> Path:
     return candidate
 
 
-def write_recommendation(path: Path, option: Option,
-                         micro_batch_tokens: int | None = None) -> tuple[list[str], Path | None]:
+def write_recommendation(path: Path, option: Option, micro_batch_tokens: int | None = None,
+                         checkpoint_every_n_layers: int | None = None) -> tuple[list[str], Path | None]:
     """Set the option's keys (and the packed-row size, when given) that differ from the file's own
     values (not the --set overrides) in place; returns the keys written and the backup of the
-    previous file (None: nothing to write)."""
+    previous file (None: nothing to write). train.checkpoint_every_n_layers: written where the file
+    says "auto" (explicit values stay), and set to 1 where the option does not checkpoint."""
     text = path.read_text(encoding="utf-8")
     current = load_recipe(path)  # the file alone: what it says, defaults filled in
     sections = {"zero": current.zero, "train": current.train}
@@ -689,6 +698,11 @@ def write_recommendation(path: Path, option: Option,
                if getattr(sections[section], key) != getattr(option, attr)}
     if micro_batch_tokens is not None and current.train.micro_batch_tokens != micro_batch_tokens:
         changes[("train", "micro_batch_tokens")] = micro_batch_tokens
+    every = current.train.checkpoint_every_n_layers
+    if not option.gradient_checkpointing and every != 1:  # n > 1 without checkpointing is refused
+        changes[("train", "checkpoint_every_n_layers")] = 1
+    elif checkpoint_every_n_layers is not None and every == AUTO:
+        changes[("train", "checkpoint_every_n_layers")] = checkpoint_every_n_layers
     if not changes:
         return [], None
     edited = set_scalars(text, changes, where=str(path))

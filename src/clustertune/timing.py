@@ -158,6 +158,8 @@ def communication_per_step(*, zero_stage: int, parameters: int, trainable: int, 
     """Bytes of the ZeRO stage's collectives per optimizer step (see the module docstring)."""
     m = max(1, micro_batches)
     params, grads = parameters * param_bytes, trainable * param_bytes
+    if zero_stage == 0:  # DeepSpeed's all-reduce at the step boundary: a reduce-scatter + an all-gather's bytes
+        return Communication(2 * grads, "all-reduce of the gradients once per step (ZeRO-0)")
     if zero_stage == 1:
         return Communication(2 * grads, "reduce-scatter + all-gather of the trainable params once per step (ZeRO-1)")
     if zero_stage == 2:

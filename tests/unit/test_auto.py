@@ -1,6 +1,7 @@
-"""train.micro_batch_tokens / train.gradient_checkpointing "auto" (clustertune.auto): what the
-launcher resolves them to (planner on a GPU, the former defaults on the CPU, a fallback when the GPU
-memory is unknown, the run's previous values on --resume), and that ranks only get values.
+"""zero.stage, train.micro_batch_tokens, train.gradient_checkpointing and train.checkpoint_every_n_layers
+"auto" (clustertune.auto): what the launcher resolves them to (planner on a GPU, the former defaults on
+the CPU, a fallback when the GPU memory is unknown, the run's previous values on --resume), and that
+ranks only get values.
 
     python -m pytest -q tests/unit/test_auto.py
 """
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clustertune.auto import launched_train_section, require_resolved, resolve_auto
+from clustertune.auto import launched_recipe, require_resolved, resolve_auto
 from clustertune.config import RecipeError, recipe_from_dict
-from clustertune.plan import ROW_TOKENS_FOR_SPEED, plan
+from clustertune.plan import ROW_TOKENS_FOR_SPEED, plan, speed_choice
 from clustertune.plan_cli import Job, plan_input
 from clustertune.shapes import lookup_shape
 
@@ -24,20 +25,32 @@ ROOT = Path(__file__).resolve().parents[2]
 def w1(**train) -> dict:
     """The W1 recipe of benchmarks/cli_vs_harness.py without its packing / micro_batch_tokens /
     gradient_checkpointing lines: Qwen2.5-1.5B shape, lengths to 4096, 32 samples per step, ZeRO-2."""
+    return {**plain_w1(**train), "zero": {"stage": 2}}
+
+
+def plain_w1(**train) -> dict:
+    """W1 with every "auto" key at its default: nothing but the model, the data and the batch."""
     return {"run": {"output_dir": "/runs/w1"}, "model": {"path": "qwen2.5-1.5b"},
             "data": {"train_files": ["/data/w1.jsonl"], "max_length": 4096},
-            "train": {"max_steps": 30, "global_batch_size": 32, **train}, "zero": {"stage": 2}}
+            "train": {"max_steps": 30, "global_batch_size": 32, **train}}
 
 
-def resolve(tree: dict, *, gpu_mem_gib: float | None = 79.6, on_gpu: bool = True, **kw):
+def resolve(tree: dict, *, gpu_mem_gib: float | None = 79.6, on_gpu: bool = True, nodes: int = 1,
+            gpus_per_node: int = 1, **kw):
     return resolve_auto(recipe_from_dict(tree), on_gpu=on_gpu, gpu_mem_gib=gpu_mem_gib, gpu_source="test",
-                        nodes=1, gpus_per_node=1, **kw)
+                        nodes=nodes, gpus_per_node=gpus_per_node, **kw)
+
+
+def resolved_keys(out) -> tuple:
+    r = out.recipe
+    return (r.zero.stage, r.train.micro_batch_tokens, r.train.gradient_checkpointing, r.train.checkpoint_every_n_layers)
 
 
 def test_the_defaults_are_packing_and_auto():
-    train = recipe_from_dict(w1()).train
-    assert recipe_from_dict(w1()).data.packing is True
-    assert train.micro_batch_tokens == "auto" and train.gradient_checkpointing == "auto"
+    recipe = recipe_from_dict(plain_w1())
+    assert recipe.data.packing is True
+    assert (recipe.zero.stage, recipe.train.micro_batch_tokens, recipe.train.gradient_checkpointing,
+            recipe.train.checkpoint_every_n_layers) == ("auto",) * 4
 
 
 def test_an_h100_gets_the_planners_32k_row_with_checkpointing():
@@ -46,13 +59,97 @@ def test_an_h100_gets_the_planners_32k_row_with_checkpointing():
     out = resolve(w1(), gpu_mem_gib=80.0)
     assert out.recipe.train.micro_batch_tokens == ROW_TOKENS_FOR_SPEED == 32768
     assert out.recipe.train.gradient_checkpointing is True
-    assert out.note.startswith("auto: train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true "
-                               "(planner: ZeRO-2 + ckpt on 80.0 GiB GPUs [test], 1 rank(s)")
+    assert out.recipe.zero.stage == 2  # explicit: kept
+    assert out.note.startswith("auto: train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true, "
+                               "train.checkpoint_every_n_layers = 2 (planner: ZeRO-2 + ckpt on 80.0 GiB GPUs "
+                               "[test], 1 rank(s)")
     # the planner's own numbers agree: ZeRO-2 without checkpointing does not fit 32k rows, with it does
     job = Job(80.0, "test", 1, 1, "test", None, "")
     estimates = {e.option: e for e in plan(plan_input(recipe_from_dict(w1()), lookup_shape("qwen2.5-1.5b"), job)).estimates}
     z2 = {o.gradient_checkpointing: e for o, e in estimates.items() if o.stage == 2 and not o.offload_optimizer}
     assert not z2[False].fits and z2[True].fits and z2[True].max_tokens >= 32768
+
+
+def test_a_plain_recipe_on_one_h100_gets_zero0_and_every_2nd_layer_recomputed():
+    """The measured fast path of W1 on one H100 (benchmarks/RESULTS.md, issue 13): ZeRO-0 (+10.6% over
+    ZeRO-1), one 32k-token row, checkpointing of every 2nd layer (+3% over every layer) -- from a
+    recipe that names none of these keys; the line names each key it set."""
+    out = resolve(plain_w1(), gpu_mem_gib=80.0)
+    assert resolved_keys(out) == (0, 32768, True, 2)
+    assert out.note.startswith("auto: zero.stage = 0, train.micro_batch_tokens = 32,768, "
+                               "train.gradient_checkpointing = true, train.checkpoint_every_n_layers = 2 "
+                               "(planner: ZeRO-0 + ckpt on 80.0 GiB GPUs [test], 1 rank(s)")
+    # the planner's own numbers: n = 2 is the largest that fits the 32k row (and the cap: measured no
+    # faster beyond it)
+    job = Job(80.0, "test", 1, 1, "test", None, "")
+    inp = plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), job)
+    from clustertune.plan import Option, fewest_recomputed_layers
+    assert fewest_recomputed_layers(inp, Option(0, False, False, True), 32768) == 2
+    # on 2 x 80 GiB ZeRO-1 (half the optimizer states) fits more than n = 2: still 2
+    two = Job(80.0, "test", 1, 2, "test", None, "")
+    assert fewest_recomputed_layers(plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), two),
+                                    Option(1, False, False, True), 32768) > 2
+    # a row that only fits with every layer recomputed gets n = 1 (a 40 GiB GPU)
+    small = resolve(plain_w1(), gpu_mem_gib=40.0)
+    assert small.recipe.train.gradient_checkpointing is True and small.recipe.train.checkpoint_every_n_layers == 1
+
+
+@pytest.mark.parametrize("nodes, gpus_per_node", [(1, 2), (2, 8)])
+def test_several_ranks_get_the_planners_stage(nodes, gpus_per_node):
+    """Several ranks: no ZeRO-0 (not offered there); the stage `clustertune plan` recommends for the
+    job (its fastest fitting option, ZeRO-1 before ZeRO-2 with accumulation), with its rows and n."""
+    out = resolve(plain_w1(), gpu_mem_gib=80.0, nodes=nodes, gpus_per_node=gpus_per_node)
+    job = Job(80.0, "test", nodes, gpus_per_node, "test", None, "")
+    result = plan(plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), job))
+    best = speed_choice(result, shortest_row=4096, packing=True)
+    assert out.recipe.zero.stage == best.estimate.option.stage == 1
+    assert resolved_keys(out) == (1, 32768, True, 2)
+    assert f"{nodes * gpus_per_node} rank(s)" in out.note
+
+
+@pytest.mark.parametrize("zero", [{"offload_params": True}, {"param_persistence_threshold": 0},
+                                  {"hpz_partition_size": 8}, {"quantized_weights": True},
+                                  {"quantized_gradients": True}, {"sub_group_size": 100_000_000},
+                                  {"prefetch_bucket_size": 1000}])
+def test_a_zero3_only_key_makes_auto_stage_3(zero):
+    tree = {**plain_w1(), "zero": zero}
+    assert recipe_from_dict(tree).zero.stage == "auto"  # accepted with stage "auto"
+    one_gpu = [] if "hpz_partition_size" in zero else [{"gpu_mem_gib": 80.0}]  # hpz: a node's 8 GPUs
+    for kw in [{"gpu_mem_gib": 80.0, "nodes": 2, "gpus_per_node": 8}, *one_gpu, {"gpu_mem_gib": None},
+               {"on_gpu": False}]:
+        assert resolve(tree, **kw).recipe.zero.stage == 3, kw
+    key = next(iter(zero))
+    with pytest.raises(RecipeError, match=f'zero.{key} needs zero.stage = 3 or "auto" \\(got stage 2\\)'):
+        recipe_from_dict({**plain_w1(), "zero": {**zero, "stage": 2}})
+
+
+def test_optimizer_offload_keeps_a_partitioning_stage():
+    """zero.offload_optimizer with stage "auto": never ZeRO-0 (which cannot offload); the fastest
+    stage >= 1 that fits, i.e. the lowest one here."""
+    tree = {**plain_w1(), "zero": {"offload_optimizer": True}}
+    for kw in ({"nodes": 1, "gpus_per_node": 1}, {"nodes": 2, "gpus_per_node": 8}):
+        out = resolve(tree, gpu_mem_gib=80.0, **kw)
+        assert out.recipe.zero.stage == 1 and out.recipe.zero.offload_optimizer, kw
+        assert "ZeRO-1 + opt offload" in out.note
+    with pytest.raises(RecipeError, match="offload_optimizer needs zero.stage >= 1"):
+        recipe_from_dict({**plain_w1(), "zero": {"offload_optimizer": True, "stage": 0}})
+
+
+def test_lora_dpo_and_grpo_resolve_sensibly():
+    # LoRA: no ZeRO-0 (its optimizer states are small, that path not run here): ZeRO-1 on one GPU
+    lora = {**plain_w1(), "lora": {"enabled": True}}
+    assert resolved_keys(resolve(lora, gpu_mem_gib=80.0)) == (1, 32768, True, 2)
+    # DPO: a pair per row (2 x max_length), ZeRO-0 on one GPU like SFT
+    dpo = resolve(plain_w1(objective="dpo"), gpu_mem_gib=80.0)
+    assert dpo.recipe.zero.stage == 0 and dpo.recipe.train.micro_batch_tokens >= 2 * 4096
+    # GRPO (the shipped 32B LoRA recipe, its stage left to "auto"): the rollout is planned too; the base
+    # stays whole on each of 8 H100s at ZeRO-1; one H100 holds no option: ZeRO-3, the least memory
+    from clustertune.config import load_recipe
+    grpo = load_recipe(ROOT / "configs" / "r1-distill-32b-grpo-lora.toml", ['zero.stage="auto"'])
+    eight = resolve_auto(grpo, on_gpu=True, gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=8)
+    assert eight.recipe.zero.stage == 1 and eight.recipe.train.gradient_checkpointing is True
+    one = resolve_auto(grpo, on_gpu=True, gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=1)
+    assert one.recipe.zero.stage == 3 and "no option of this recipe fits" in one.note
 
 
 def test_a_small_model_fits_the_32k_row_without_checkpointing():
@@ -70,19 +167,30 @@ def test_the_cpu_keeps_the_former_defaults():
     out = resolve(w1(), on_gpu=False)
     assert (out.recipe.train.micro_batch_tokens, out.recipe.train.gradient_checkpointing) == (8192, False)
     assert "CPU" in out.note
+    # the plain recipe: ZeRO-2 (the former default), every layer (none: checkpointing is off)
+    assert resolved_keys(resolve(plain_w1(), on_gpu=False, gpus_per_node=2)) == (2, 8192, False, 1)
+    # checkpointing asked for on the CPU: n = 1, nothing to plan with
+    assert resolved_keys(resolve(plain_w1(gradient_checkpointing=True), on_gpu=False)) == (2, 8192, True, 1)
     # a DPO pair shares a row: never below 2 x max_length
     dpo = resolve({**w1(objective="dpo"), "data": {"train_files": ["/d.jsonl"], "max_length": 8192}}, on_gpu=False)
     assert dpo.recipe.train.micro_batch_tokens == 16384
 
 
 def test_explicit_values_are_never_changed():
-    both = w1(micro_batch_tokens=16384, gradient_checkpointing=True)
-    out = resolve(both)
-    assert out.note is None and out.recipe == recipe_from_dict(both)
-    # one explicit: kept; the other planned for it (16k rows fit without checkpointing on an H100)
+    every = w1(micro_batch_tokens=16384, gradient_checkpointing=True, checkpoint_every_n_layers=3)
+    out = resolve(every)
+    assert out.note is None and out.recipe == recipe_from_dict(every)
+    # one explicit: kept; the other planned for it (16k rows fit without checkpointing on an H100;
+    # without checkpointing n is 1)
     out = resolve(w1(micro_batch_tokens=16384))
     assert (out.recipe.train.micro_batch_tokens, out.recipe.train.gradient_checkpointing) == (16384, False)
-    assert out.note.startswith("auto: train.gradient_checkpointing = false (planner: ZeRO-2 on")
+    assert out.recipe.train.checkpoint_every_n_layers == 1
+    assert out.note.startswith("auto: train.gradient_checkpointing = false, train.checkpoint_every_n_layers = 1 "
+                               "(planner: ZeRO-2 on")
+    # explicit stage and n on a plain recipe: kept, the rest planned around them (n = 4 keeps more
+    # activations: a smaller row than 32k fits)
+    assert resolved_keys(resolve(plain_w1(checkpoint_every_n_layers=4) | {"zero": {"stage": 1}},
+                                 gpu_mem_gib=80.0)) == (1, 24576, True, 4)
     out = resolve(w1(gradient_checkpointing=False))
     assert out.recipe.train.gradient_checkpointing is False
     assert out.recipe.train.micro_batch_tokens < 32768  # the largest row without checkpointing
@@ -92,6 +200,11 @@ def test_unknown_gpu_memory_falls_back_and_says_so():
     out = resolve(w1(), gpu_mem_gib=None)
     assert (out.recipe.train.micro_batch_tokens, out.recipe.train.gradient_checkpointing) == (8192, True)
     assert "GPU memory unknown (test)" in out.note and "clustertune plan" in out.note
+    assert resolved_keys(resolve(plain_w1(), gpu_mem_gib=None, nodes=2, gpus_per_node=8)) == (2, 8192, True, 1)
+    # a model whose size is unknown here: the same values
+    unknown = {**plain_w1(), "model": {"path": "/nowhere/my-model"}}
+    out = resolve(unknown, gpu_mem_gib=80.0)
+    assert resolved_keys(out) == (2, 8192, True, 1) and "model size unknown here" in out.note
 
 
 def test_selective_checkpointing_makes_auto_checkpoint():
@@ -106,20 +219,26 @@ def test_resume_takes_the_previous_launch_values(tmp_path):
     from clustertune.config import recipe_to_toml
     run_dir = tmp_path / "run"
     (run_dir / "launch").mkdir(parents=True)
-    first = recipe_from_dict(w1(micro_batch_tokens=20480, gradient_checkpointing=False))
+    first = recipe_from_dict(plain_w1(micro_batch_tokens=20480, gradient_checkpointing=False,
+                                      checkpoint_every_n_layers=1) | {"zero": {"stage": 1}})
     (run_dir / "launch" / "recipe.toml").write_text(recipe_to_toml(first))
-    started = launched_train_section(run_dir)
-    out = resolve(w1(), gpu_mem_gib=80.0, started_with=started)
-    assert (out.recipe.train.micro_batch_tokens, out.recipe.train.gradient_checkpointing) == (20480, False)
-    assert "--resume" in out.note
-    assert launched_train_section(tmp_path / "none") is None
+    started = launched_recipe(run_dir)
+    # an H100 would plan ZeRO-0 and n = 2 for the plain recipe: the run keeps what it started with
+    out = resolve(plain_w1(), gpu_mem_gib=80.0, started_with=started)
+    assert resolved_keys(out) == (1, 20480, False, 1)
+    assert out.note.startswith("auto: zero.stage = 1, train.micro_batch_tokens = 20,480") and "--resume" in out.note
+    assert launched_recipe(tmp_path / "none") is None
 
 
 def test_a_worker_refuses_auto():
-    with pytest.raises(RecipeError, match="train.micro_batch_tokens, train.gradient_checkpointing = \"auto\" "
-                                          "reached a worker"):
-        require_resolved(recipe_from_dict(w1()).train)
-    require_resolved(resolve(w1(), on_gpu=False).recipe.train)
+    with pytest.raises(RecipeError, match="train.micro_batch_tokens, train.gradient_checkpointing, "
+                                          "train.checkpoint_every_n_layers = \"auto\" reached a worker"):
+        require_resolved(recipe_from_dict(w1()))
+    with pytest.raises(RecipeError, match="^zero.stage = \"auto\" reached a worker"):
+        require_resolved(recipe_from_dict(plain_w1(micro_batch_tokens=8192, gradient_checkpointing=False,
+                                                   checkpoint_every_n_layers=1)))
+    require_resolved(resolve(plain_w1(), on_gpu=False).recipe)
+    require_resolved(resolve(plain_w1(), gpu_mem_gib=80.0).recipe)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -128,6 +247,9 @@ def test_a_worker_refuses_auto():
     ("micro_batch_tokens", True, 'expected a whole number >= 8 or "auto"'),
     ("gradient_checkpointing", "fast", 'expected true, false or "auto"'),
     ("gradient_checkpointing", 1, 'expected true, false or "auto"'),
+    ("checkpoint_every_n_layers", "some", 'expected a whole number >= 1 or "auto"'),
+    ("checkpoint_every_n_layers", 0, 'must be >= 1 (or "auto")'),
+    ("checkpoint_every_n_layers", 2.0, 'expected a whole number >= 1 or "auto"'),
 ])
 def test_junk_is_an_error_naming_the_key(key, value, message):
     with pytest.raises(RecipeError) as err:
@@ -135,9 +257,18 @@ def test_junk_is_an_error_naming_the_key(key, value, message):
     assert f"train.{key}: {message}" in str(err.value)
 
 
+@pytest.mark.parametrize("value", ["fast", 4, -1, True, 2.0, "2"])
+def test_a_junk_stage_is_an_error_naming_the_key(value):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({**plain_w1(), "zero": {"stage": value}})
+    assert 'zero.stage: expected 0, 1, 2, 3 or "auto"' in str(err.value)
+
+
 @pytest.mark.parametrize("key, value", [("micro_batch_tokens", "auto"), ("micro_batch_tokens", 4096),
                                         ("micro_batch_tokens", 32768), ("gradient_checkpointing", "auto"),
-                                        ("gradient_checkpointing", True), ("gradient_checkpointing", False)])
+                                        ("gradient_checkpointing", True), ("gradient_checkpointing", False),
+                                        ("checkpoint_every_n_layers", "auto"), ("checkpoint_every_n_layers", 1),
+                                        ("checkpoint_every_n_layers", 3)])
 def test_auto_ints_and_bools_validate(key, value):
     assert getattr(recipe_from_dict(w1(**{key: value})).train, key) == value
 
@@ -156,6 +287,28 @@ def test_plan_prints_what_auto_resolves_to(tmp_path, capsys):
     assert written.micro_batch_tokens == 32768 and written.gradient_checkpointing is True
 
 
+def test_plan_of_a_plain_recipe_shows_and_writes_what_train_resolves(tmp_path, capsys):
+    from clustertune.cli import main
+    path = tmp_path / "w1.toml"
+    path.write_text('[model]\npath = "qwen2.5-1.5b"\n[data]\ntrain_files = ["/data/w1.jsonl"]\nmax_length = 4096\n'
+                    '[train]\nmax_steps = 30\nglobal_batch_size = 32\n')
+    flags = ["--gpu-mem", "80", "--samples", "1400", "--tokens-per-sample", "1500"]
+    assert main(["plan", str(path), *flags, "--nodes", "1", "--gpus-per-node", "1", "--write"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("auto: zero.stage = 0, train.micro_batch_tokens = 32,768, train.gradient_checkpointing = "
+                          "true, train.checkpoint_every_n_layers = 2 (planner: ZeRO-0 + ckpt")
+    assert "recommended: ZeRO-0 + ckpt: zero.stage=0" in out
+    written = recipe_from_dict(__import__("tomllib").loads(path.read_text()))
+    assert (written.zero.stage, written.train.micro_batch_tokens, written.train.gradient_checkpointing,
+            written.train.checkpoint_every_n_layers) == (0, 32768, True, 2)
+    # 2 x 8 GPUs: the same line as a launch there
+    path.write_text(path.with_name("w1.toml.bak").read_text())
+    assert main(["plan", str(path), *flags, "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "auto: zero.stage = 1, train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true, "
+        "train.checkpoint_every_n_layers = 2 (planner: ZeRO-1 + ckpt on 80.0 GiB GPUs [--gpu-mem 80 (GiB)], 16 rank(s)")
+
+
 def test_a_launch_hands_ranks_values_and_resume_keeps_them(tmp_path, monkeypatch, capsys):
     """`launch --launcher slurm` (no doctor: GPU memory unknown) writes RUN/launch/recipe.toml with the
     fallback values; a --resume launch after the file says otherwise keeps the file's values."""
@@ -172,8 +325,11 @@ def test_a_launch_hands_ranks_values_and_resume_keeps_them(tmp_path, monkeypatch
     text = handed.read_text()
     assert "micro_batch_tokens = 8192" in text and "gradient_checkpointing = true" in text
     assert 'micro_batch_tokens = "auto"' not in text and 'gradient_checkpointing = "auto"' not in text
-    assert "auto: train.micro_batch_tokens = 8,192, train.gradient_checkpointing = true (GPU memory unknown " \
-           "(the doctor, which reads every node's GPUs, did not run" in capsys.readouterr().err
+    assert "\nstage = 2\n" in text and "checkpoint_every_n_layers = 1" in text
+    assert 'stage = "auto"' not in text and 'checkpoint_every_n_layers = "auto"' not in text
+    assert "auto: zero.stage = 2, train.micro_batch_tokens = 8,192, train.gradient_checkpointing = true, " \
+           "train.checkpoint_every_n_layers = 1 (GPU memory unknown (the doctor, which reads every node's GPUs, " \
+           "did not run" in capsys.readouterr().err
     handed.write_text(text.replace("micro_batch_tokens = 8192", "micro_batch_tokens = 12288"))
     assert cmd_launch(argparse.Namespace(**{**vars(args), "resume": True})) == 0
     assert "micro_batch_tokens = 12288" in handed.read_text()

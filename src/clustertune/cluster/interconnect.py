@@ -66,7 +66,9 @@ def zeropp_advice(share: float, zero: Any, *, gpus_per_node: int) -> str | None:
     if share <= COMM_SHARE_WARN:
         return None
     hpz = f"zero.hpz_partition_size = {gpus_per_node}, " if gpus_per_node > 1 else ""
-    if zero.stage != 3:
+    # zero.stage "auto" (not resolved yet when the doctor runs) becomes 3 only with a ZeRO-3-only key
+    stage3 = zero.stage == 3 or (zero.stage == "auto" and bool(zero.stage3_keys_set()))
+    if not stage3:
         return (f"communication between nodes ~{share:.0%} of each step: ZeRO++ (zero.stage = 3 with "
                 f"{hpz}zero.quantized_weights = true) halves the bytes of ZeRO-3's weight gathers between nodes")
     keys = []

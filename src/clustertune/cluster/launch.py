@@ -613,11 +613,11 @@ def launch_here(recipe: Any, *, nproc: int, on_gpu: bool, resume: bool) -> int:
 
 def resolve_auto_keys(recipe: Any, *, cpu: bool, nodes: int, gpus_per_node: int, gpu: tuple[float, str] | None,
                       unknown: str, resume: bool) -> Any:
-    """The recipe the ranks get, with train.micro_batch_tokens / gradient_checkpointing "auto" resolved
+    """The recipe the ranks get, with its "auto" keys (zero.stage, train.micro_batch_tokens, ...) resolved
     once here (clustertune.auto) and said in one line; `gpu`: (GiB, where from) of the smallest GPU,
     None (`unknown` says why); --resume: the values of the run's first launch (RUN/launch/recipe.toml)."""
-    from clustertune.auto import launched_train_section, resolve_auto
-    started = launched_train_section(RunFiles(Path(recipe.run.output_dir)).run_dir) if resume else None
+    from clustertune.auto import launched_recipe, resolve_auto
+    started = launched_recipe(RunFiles(Path(recipe.run.output_dir)).run_dir) if resume else None
     resolved = resolve_auto(recipe, on_gpu=not cpu, gpu_mem_gib=gpu[0] if gpu else None,
                             gpu_source=gpu[1] if gpu else unknown, nodes=nodes, gpus_per_node=gpus_per_node,
                             started_with=started)

@@ -37,7 +37,7 @@ from clustertune.worker.step import forward_backward
 def run(recipe: Recipe, *, resume: bool = False) -> None:
     """Train `recipe` on this rank, save its checkpoints and export the model to RUN_DIR/final."""
     from clustertune.auto import require_resolved
-    require_resolved(recipe.train)  # "auto" keys are the launcher's to resolve, once, for every rank
+    require_resolved(recipe)  # "auto" keys are the launcher's to resolve, once, for every rank
     heartbeat = watchdog.start_heartbeat(rank=distributed.world_info()[0], stall_timeout_s=recipe.run.stall_timeout_s)
     startup = StartupClock()
     rt = setup_runtime(recipe.train, collective_timeout_s=recipe.run.collective_timeout_s)
