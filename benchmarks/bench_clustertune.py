@@ -72,7 +72,8 @@ recipe = recipe_from_dict({
     "data": {"train_files": ["<synthetic: benchmarks/workload.py>"], "packing": not a.no_pack, "max_length": a.seq},
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
-              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc, "device": a.device, "compile": a.compile},
+              "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc,
+              "checkpoint_every_n_layers": 1, "device": a.device, "compile": a.compile},  # every layer: as measured
     "zero": {"stage": a.stage, "offload_optimizer": a.offload, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
              **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
 })
