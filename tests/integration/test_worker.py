@@ -15,19 +15,22 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
-    """The recipe defaults for how to batch (packed rows, train.micro_batch_tokens and
-    gradient_checkpointing "auto"): on the CPU the launcher resolves auto to 8192 / false, says so,
-    and the ranks read those values."""
+    """The recipe defaults for how to batch and shard (packed rows; zero.stage, train.micro_batch_tokens,
+    gradient_checkpointing and checkpoint_every_n_layers "auto"): on the CPU the launcher resolves
+    them to ZeRO-2 / 8192 / false / 1, deterministically, says so, and the ranks read those values."""
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 12, "micro_batch_size": None},
-                          data={"packing": None}, checkpoint={"every_steps": 6, "keep_last": 1})
-    assert "packing" not in recipe.read_text() and "micro_batch_tokens" not in recipe.read_text()
+                          data={"packing": None}, zero={"stage": None}, checkpoint={"every_steps": 6, "keep_last": 1})
+    text = recipe.read_text()
+    assert "packing" not in text and "micro_batch_tokens" not in text and "stage" not in text
     proc = run_train(recipe)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert ("auto: train.micro_batch_tokens = 8,192, train.gradient_checkpointing = false (CPU: the former defaults"
-            in proc.stderr)
+    assert ("auto: zero.stage = 2, train.micro_batch_tokens = 8,192, train.gradient_checkpointing = false, "
+            "train.checkpoint_every_n_layers = 1 (CPU: the former defaults" in proc.stderr)
     ran = (run_dir / "recipe.toml").read_text()
     assert "packing = true" in ran and "micro_batch_tokens = 8192" in ran and "gradient_checkpointing = false" in ran
+    assert "\nstage = 2\n" in ran and "checkpoint_every_n_layers = 1" in ran
+    assert '"stage": 2' in (run_dir / "ds_config.json").read_text()  # what DeepSpeed ran
 
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == 12
