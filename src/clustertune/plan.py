@@ -394,12 +394,12 @@ def activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) 
 
 
 # Liger's fused loss runs its rows through the vocabulary in chunks sized so that a chunk's logits
-# take C times the hidden states' memory (its chunk_mem_const; Liger's default C = 1). With C = 1 a
-# 24k-token row of Qwen2.5-1.5B (V/h = 99) is ~94 chunks of 256 tokens: the host's launches of the
-# small chunks, not the GPU, set the loss's time (profile of W1: 100 ms of host time per row, 68 ms
-# on the GPU). C = 16: 6-12 chunks, ~1-3 GB of chunk logits at 32k-token rows. The worker
-# (worker/kernels.py) passes this to Liger; the planner counts it here.
-LIGER_CHUNK_MEM_CONST = 16
+# take C times the hidden states' memory (its chunk_mem_const). With C = 1 a 24k-token row of
+# Qwen2.5-1.5B (V/h = 99) is ~94 chunks of 256 tokens, so fewer, larger chunks looked like a lever
+# for the host-bound step; measured on W1 (1 x H100, 2026-11-26, benchmarks/gpu1_chunks.sh): C = 16
+# ran 34,007 tokens/s against 33,806 for C = 1 in the same call (+0.6%, noise) for up to 3 GB
+# more, so Liger's default stays. The worker (worker/kernels.py) passes this; the planner counts it.
+LIGER_CHUNK_MEM_CONST = 1
 
 
 def logits_bytes(inp: PlanInput, tokens: int) -> float:

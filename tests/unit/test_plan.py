@@ -41,17 +41,14 @@ def test_r1_32b_on_2x8_h20_recommends_zero3_with_checkpointing_no_offload():
     assert g.optimizer == pytest.approx(22.89, abs=0.01)  # fp32 master + m + v, 1/16
     assert g.model_states == pytest.approx(30.5, abs=0.1)
     assert g.activations == pytest.approx(4.0, abs=0.1)  # layer inputs 2.5 + one recomputed layer 1.0 + ...
-    # Liger: the lm_head weight gradient 1.45 + input gradient 0.04 + one chunk of 2048 tokens x V
-    # (LIGER_CHUNK_MEM_CONST = 16: ceil(V / (16 h)) = 2 chunks of a 4096-token row) 0.58
-    assert g.logits == pytest.approx(2.07, abs=0.05)
+    assert g.logits == pytest.approx(1.56, abs=0.05)  # Liger: mostly the lm_head weight gradient
     # the optimizer step converts one sub-group at a time: 2.05e9 params per rank cut into
     # sub-groups of >= 1e9, the largest 1.04e9 elements x (2 B flattened + 4 B fp32)
     assert g.step_transient == pytest.approx(1_041_530_880 * 6 / GIB)
-    # the backward and the step peak within 0.1 GiB of each other at ~37.3 GiB; the loss's
-    # 2048-token chunk of logits puts its peak ~0.6 GiB above them
-    assert abs(g.backward_peak - g.step_peak) < 0.1 and g.step_peak == pytest.approx(37.27, abs=0.1)
-    assert g.allocated_peak == g.loss_peak == pytest.approx(37.86, abs=0.1)
-    assert g.total == pytest.approx(40.15, abs=0.3)
+    # the loss, the backward and the step peak within 0.1 GiB of each other at ~37.3 GiB
+    assert g.allocated_peak == pytest.approx(37.35, abs=0.1)
+    assert max(g.loss_peak, g.backward_peak, g.step_peak) - min(g.loss_peak, g.backward_peak, g.step_peak) < 0.1
+    assert g.total == pytest.approx(39.6, abs=0.3)
     assert best.host.load == pytest.approx(64, abs=1)  # zero.Init: one shard per rank, 8 ranks
     assert best.max_tokens > 4 * 4096  # room to grow the micro-batch
 
