@@ -43,7 +43,9 @@ def write_jsonl(path: Path, lengths: list[int]) -> None:
 
 
 def write_recipe(a, data: Path, run_dir: Path) -> Path:
-    """The recipe a user would write for this work (every other key at its default). With --plain,
+    """The recipe a user would write for this work (every other key at its default, except
+    checkpoint_every_n_layers = 1: the harness recomputes every layer, and "auto" would take 2 on an
+    H100; --set train.checkpoint_every_n_layers=N overrides it). With --plain,
     packing, the row size, checkpointing and the ZeRO stage are left to their defaults too (what
     `clustertune train` resolves them to is in the RESULT line's "resolved")."""
     speed_keys = not getattr(a, "plain", False)
@@ -64,6 +66,7 @@ max_steps = {a.steps}
 global_batch_size = {a.batch}
 {f"micro_batch_tokens = {max(a.budget, a.seq)}" if speed_keys else ""}
 {f'gradient_checkpointing = {"true" if a.gc else "false"}' if speed_keys else ""}
+{"checkpoint_every_n_layers = 1" if speed_keys else ""}
 schedule = "constant"
 lr = 1e-5
 adam_beta2 = 0.999
