@@ -251,3 +251,24 @@ def test_fewest_recomputed_layers_is_the_largest_n_that_still_fits():
     fits = lambda every: gpu_memory(dataclasses.replace(inp(79.6), checkpoint_every_n_layers=every), ckpt,
                                     16384).total <= 79.6 * 0.9
     assert fits(n) and (n == 28 or not fits(n + 1))
+
+
+def test_speed_choice_never_takes_zero3_or_offload_just_for_larger_rows():
+    """Packed: when the fast kind of option (no offload, not ZeRO-3) runs only smaller rows than the
+    planned micro-batch and ZeRO-3 fits it whole, the choice stays with the fast kind and its largest
+    rows; ZeRO-3 is taken only when nothing faster runs a row at all."""
+    from clustertune.plan import speed_choice
+    inp = PlanInput(QWEN_1_5B, tokens_per_micro_batch=32768, seq_len=4096, world_size=1, gpus_per_node=1,
+                    gpu_mem_gib=79.6, host_mem_gib=None)
+    result = plan(inp)
+    fast = lambda e: e.option.stage != 3 and not e.option.offload_optimizer  # noqa: E731
+
+    def with_fast_rows(tokens: int):
+        return dataclasses.replace(result, estimates=[
+            dataclasses.replace(e, fits_gpu=False, max_tokens=tokens) if fast(e) else e for e in result.estimates])
+    smaller = speed_choice(with_fast_rows(8192), shortest_row=4096, packing=True)
+    assert smaller.estimate.option.stage == 0 and smaller.row_tokens == 8192
+    none_fast = speed_choice(with_fast_rows(2048), shortest_row=4096, packing=True)
+    assert none_fast.estimate.option.stage == 3 and none_fast.row_tokens == 32768
+    # padded batches have no smaller row to fall back to: the fastest option that fits them
+    assert speed_choice(with_fast_rows(8192), shortest_row=4096, packing=False).estimate.option.stage == 3
