@@ -72,6 +72,23 @@ def test_total_time_falls_back_to_step_times(tmp_path):
     assert "tokens/s:         n/a" in text
 
 
+def test_steady_rates_are_total_work_over_total_time_not_a_mean_of_step_rates(tmp_path):
+    # steps of 10k tokens in 0.5 s (20k/s, 40% MFU) and 30k in 1.0 s (30k/s, 60%): 40k tokens in
+    # 1.5 s = 26,667 tokens/s and 53.3% MFU, where the plain means would say 25,000 and 50%
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "loss": 2.0, "tokens_per_s": 1.0, "tokens_per_s_per_gpu": 0.5, "mfu": 0.01, "step_time_s": 9.0}]  # warm-up: left out
+    for i in range(1, 5):
+        t, tokens, mfu = (0.5, 10_000, 0.4) if i % 2 else (1.0, 30_000, 0.6)
+        rows.append({"step": i, "loss": 1.0, "tokens_per_s": tokens / t, "tokens_per_s_per_gpu": tokens / t / 2,
+                     "mfu": mfu, "step_time_s": t, "world_size": 2})
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    s = summarize(read_metrics(run))
+    assert s["mean_tokens_per_s"] == pytest.approx(80_000 / 3)
+    assert s["mean_tokens_per_s_per_gpu"] == pytest.approx(40_000 / 3)
+    assert s["mean_mfu"] == pytest.approx((0.4 * 1.0 + 0.6 * 2.0) / 3.0)
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "run directory not found"),
     (lambda d: d.mkdir(), "no metrics file"),
