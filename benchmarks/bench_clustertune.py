@@ -162,9 +162,8 @@ for step in range(a.steps):
     with profile_step(Path(a.profile or "."), step + 1, enabled=bool(a.profile) and step == a.steps - 3):
         if watch: watch.__enter__()
         engine.set_lr(parts.ds_engine, a.lr)
-        pending = forward_backward(parts.ds_engine, objective, plan, samples, rt=rt)
+        losses.append(forward_backward(parts.ds_engine, objective, plan, samples, rt=rt).loss)
         engine.optimizer_step(parts.ds_engine)
-        losses.append(pending.result().loss)
         if watch: watch.__exit__(None, None, None); sync_calls = watch.calls
     host_times.append(time.perf_counter() - t0)
     sync(); times.append(time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from clustertune import watchdog
 from clustertune.batch_math import lr_multiplier, total_steps
@@ -175,17 +176,14 @@ class TrainingLoop:
             units = [self.objective.loss_units(s) for s in samples]
         plan = batching.plan_step(step, indices, lengths=lengths, units=units, layout=self.parts.layout,
                                   packing=self.recipe.data.packing, token_budget=train.micro_batch_tokens)
-        lr = train.lr * lr_multiplier(step, train=train, total_steps=self.total_steps)
         started = time.perf_counter()
+        lr = train.lr * lr_multiplier(step, train=train, total_steps=self.total_steps)
         with profile_step(self.run_dir / "profile", step + 1, enabled=rt.is_main and train.profile_step == step + 1):
             engine.set_lr(ds_engine, lr)
-            pending = forward_backward(ds_engine, self.objective, plan, samples, rt=rt)
+            result = forward_backward(ds_engine, self.objective, plan, samples, rt=rt)
             outcome = engine.optimizer_step(ds_engine)
-            result = pending.result()
-        # No device sync at the step's end: the GPU finishes the optimizer update while the host
-        # logs and plans the next step (before: it idled through both). The step's time runs from
-        # its first forward to its all-reduced loss, so whatever is left of the previous update
-        # counts in the step that waits for it; the host's planning counts in none (as before).
+        if rt.on_gpu:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         doc_lengths = [lengths[i] for i in indices]
         record = {"step": step + 1, "loss": result.loss, "lr": lr,
