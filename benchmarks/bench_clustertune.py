@@ -31,6 +31,9 @@ p.add_argument("--compile", action="store_true", help="train.compile (regional t
 p.add_argument("--lr", type=float, default=1e-5); p.add_argument("--tag", default="")
 p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
 p.add_argument("--profile", default=None, help="directory: profile step N-2 into DIR/step_K.txt (+ trace)")
+p.add_argument("--liger-layer-kernels", default=None,
+               help="comma list overriding clustertune.worker.kernels.LIGER_LAYER_KERNELS (rope,rms_norm,swiglu; "
+                    "'' for none: HF's own ops in the layers, the fused loss stays) for an A/B")
 p.add_argument("--liger-chunk-mem-const", type=int, default=None,
                help="override clustertune.plan.LIGER_CHUNK_MEM_CONST (the fused loss's chunk size) for an A/B; "
                     "1 is Liger's own default")
@@ -106,6 +109,9 @@ class HostPeak:
         return (self.peak - self.base) / 2**30
 
 
+if a.liger_layer_kernels is not None:  # our own constant, read by worker/kernels.py when the model is built
+    from clustertune.worker import kernels as worker_kernels
+    worker_kernels.LIGER_LAYER_KERNELS = tuple(k for k in a.liger_layer_kernels.split(",") if k)
 if a.liger_chunk_mem_const is not None:  # our own constant, read by worker/kernels.py when the model is built
     from clustertune import plan as planner
     planner.LIGER_CHUNK_MEM_CONST = a.liger_chunk_mem_const
@@ -188,7 +194,7 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
                              peak_flops_per_gpu=peak), 4),
       # GiB (the key keeps its old name for the logs' readers: plan_validation.py, bench.py)
       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
-      "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "engine_build_s": round(engine_s, 1),
+      "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "liger_layer_kernels": a.liger_layer_kernels, "engine_build_s": round(engine_s, 1),
       "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
       "step_times": [round(t, 3) for t in times], "losses": losses[:20],
       **({"host_enqueue_s": round(statistics.median(host_times[5:] or host_times), 4),

@@ -121,11 +121,15 @@ def compile_decoder_layers(lm) -> int:
     return len(layers)
 
 
+# The decoder-layer ops swapped for Liger's Triton kernels (apply_liger_kernel_to_qwen2's flags).
+LIGER_LAYER_KERNELS = ("rope", "rms_norm", "swiglu")
+
+
 def apply_liger(lm) -> None:
-    """Swap RMSNorm/RoPE/SwiGLU of a Qwen2 model instance for Liger's Triton kernels."""
+    """Swap the LIGER_LAYER_KERNELS of a Qwen2 model instance for Liger's Triton kernels."""
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=lm)
+    apply_liger_kernel_to_qwen2(**{op: op in LIGER_LAYER_KERNELS for op in ("rope", "rms_norm", "swiglu")},
+                                cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
 
 
 def install_fused_head_loss(lm_head) -> None:
