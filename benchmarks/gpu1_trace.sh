@@ -6,12 +6,8 @@
 #   PYTHONPATH=/tmp/site:$PWD/src OUT=/tmp/out bash benchmarks/gpu1_trace.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT; T0=$(date +%s); SUM=$OUT/summary.txt
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader; date -u
-row() { local name=$1 lim=$2; shift 2; echo "== $name t=$(( $(date +%s) - T0 ))s" >> $SUM
-  timeout $lim "$@" > $OUT/$name.log 2>&1; echo "rc=$?" >> $SUM
-  grep -h "^RESULT\|^FAIL" $OUT/$name.log | cut -c1-700 >> $SUM; grep -m2 -h "Error\|out of memory" $OUT/$name.log | cut -c1-300 >> $SUM; }
+source benchmarks/rows.sh; SUM=$OUT/summary.txt
+row() { row_to $SUM "$@"; }
 row w1_trace 100 python3 benchmarks/cli_vs_harness.py --steps 15 --cli-only --plain --profile --shape qwen2.5-1.5b --seq 4096 --batch 32 --out /tmp/t/prof
 gzip -c /tmp/t/prof/cli_run/profile/step_13.trace.json > $OUT/w1_step13.trace.json.gz; ls -la $OUT
 H="python3 benchmarks/bench_clustertune.py --shape qwen2.5-1.5b --mode var --seq 4096 --batch 32 --budget 32768 --gc --steps 15 --order shuffled --stage 0"

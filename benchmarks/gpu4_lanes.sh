@@ -11,20 +11,10 @@
 #   PYTHONPATH=/tmp/site:$PWD/src OUT=/tmp/out DEADLINE_S=570 bash benchmarks/gpu4_lanes.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; LOGS=/tmp/lanes; mkdir -p $LOGS $OUT
-T0=$(date +%s); DEADLINE=$(( T0 + ${DEADLINE_S:-570} ))
+LOGS=/tmp/lanes; source benchmarks/rows.sh
 S=${STEPS:-15}
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader; date -u; free -g | head -2
-# row LANE NAME LIMIT cmd...: the command under `timeout` (never past the call's deadline); RESULT lines to the lane's summary
-row() { local lane=$1 name=$2 lim=$3; shift 3
-  local left=$(( DEADLINE - $(date +%s) )); [ $left -lt $lim ] && lim=$left
-  [ $lim -lt 20 ] && { echo "== $name skipped (call deadline)" >> $LOGS/$lane.sum; return; }
-  echo "== $name (limit ${lim}s, t=$(( $(date +%s) - T0 ))s)" >> $LOGS/$lane.sum
-  timeout $lim "$@" > $LOGS/$name.log 2>&1; echo "rc=$?" >> $LOGS/$lane.sum
-  grep -h "^RESULT\|^FAIL" $LOGS/$name.log | cut -c1-1500 >> $LOGS/$lane.sum
-  grep -h "first step after" $LOGS/$name.log | tail -1 | cut -c1-300 >> $LOGS/$lane.sum
-  grep -m2 -h "Error\|out of memory" $LOGS/$name.log | cut -c1-300 >> $LOGS/$lane.sum; }
+# row LANE NAME LIMIT cmd...: a row of that lane (its summary: $LOGS/LANE.sum)
+row() { local lane=$1; shift; row_to $LOGS/$lane.sum "$@"; }
 CVH="python3 benchmarks/cli_vs_harness.py --steps $S --cli-only --verbose"
 w1() { echo "--shape qwen2.5-1.5b --seq 4096 --batch $((32 * $1)) --budget 32768 --gc --nproc $1"; }
 # the persistence threshold is a ZeRO-3 key (the recipe refuses it with stage 2)

@@ -1,0 +1,18 @@
+# Sourced by the benchmarks/gpu*.sh call scripts: the call's clock and one way to run a row.
+#   OUT (default /tmp/out): what comes back from the GPU machine; LOGS (default $OUT): each row's log;
+#   DEADLINE_S (default 570): no row runs past this many seconds after the call started.
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-$OUT}; mkdir -p "$OUT" "$LOGS"
+T0=$(date +%s); DEADLINE=$(( T0 + ${DEADLINE_S:-570} ))
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader; date -u
+
+# row_to SUMMARY NAME LIMIT cmd...: cmd under `timeout` (cut to the call's deadline) into
+# $LOGS/NAME.log; its RESULT/FAIL lines, start-up line and first errors appended to SUMMARY.
+row_to() { local sum=$1 name=$2 lim=$3; shift 3
+  local left=$(( DEADLINE - $(date +%s) )); [ $left -lt $lim ] && lim=$left
+  [ $lim -lt 20 ] && { echo "== $name skipped (call deadline)" >> "$sum"; return; }
+  echo "== $name (limit ${lim}s, t=$(( $(date +%s) - T0 ))s)" >> "$sum"
+  timeout $lim "$@" > "$LOGS/$name.log" 2>&1; echo "rc=$?" >> "$sum"
+  grep -h "^RESULT\|^FAIL\|^auto:" "$LOGS/$name.log" | cut -c1-2500 >> "$sum"
+  grep -h "first step after" "$LOGS/$name.log" | tail -1 | cut -c1-300 >> "$sum"
+  grep -m2 -h "Error\|out of memory" "$LOGS/$name.log" | cut -c1-300 >> "$sum"; }
