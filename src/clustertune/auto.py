@@ -16,7 +16,7 @@ rows and takes the fastest option that fits them among those the recipe leaves o
 keys are never changed; zero.offload_* are never turned on here), and the largest row that option
 fits:
   * zero.stage "auto": the planner's stage. On one rank that is ZeRO-0 when it fits (the planner
-    offers it on one rank only: +10.6% over ZeRO-1 on W1, plan.Option.speed_key); on several, the
+    offers it on one rank only: +2.8% over ZeRO-1 on W1 with the same rows, plan.Option.speed_key); on several, the
     planner's fastest fitting stage (ZeRO-1 before ZeRO-2 before ZeRO-3). A ZeRO-3-only key in the
     recipe (zero.offload_params, param_persistence_threshold, hpz_partition_size, quantized_* ...)
     makes it 3; zero.offload_optimizer leaves stages 1 to 3 open.

@@ -209,7 +209,7 @@ class TrainSection(_Section):
 
 class ZeroSection(_Section):
     # "auto": the launcher picks it for the GPUs it finds (clustertune.auto): 0 on one GPU when it
-    # fits (W1 on an H100: 10.6% faster than ZeRO-1), else the planner's fastest stage that fits;
+    # fits (W1 on an H100: 3% faster than ZeRO-1, same rows), else the planner's fastest stage that fits;
     # 3 when a ZeRO-3-only key below is set; 2 on the CPU or when the GPU memory is unknown.
     stage: StageOrAuto = AUTO
     offload_optimizer: bool = False

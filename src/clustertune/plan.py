@@ -184,9 +184,10 @@ class Option:
            (19.9% vs 23.3% MFU) -- cheaper than ZeRO-3, hence ranked after it.
         5. ZeRO-1 before ZeRO-2: with gradient accumulation stage 1 reduces gradients once per
            optimizer step, stage 2 reduce-scatters them every micro-batch. ZeRO-0 (one rank only)
-           before ZeRO-1: measured on one H100, W1 with checkpointing through `clustertune train`,
-           ZeRO-0 32,731 vs ZeRO-1 29,592 tokens/s (+10.6%, full checkpointing) and 36,241 vs
-           35,256 (+2.8%, every 2nd layer), at less memory (28.8 vs 31.7 GiB; 2026-11-26).
+           before ZeRO-1: measured on one H100, W1 with checkpointing: ZeRO-0 36,241 vs ZeRO-1
+           35,256 tokens/s through `clustertune train` (+2.8%, every 2nd layer), 32,731 vs 29,592 in
+           the harness (+10.6%, full checkpointing; ZeRO-1 ran first on a fresh machine, ~6% of it
+           warm-up), at less memory (28.8 vs 31.7 GiB; 2026-11-26).
         """
         return (self.offload_params, self.offload_optimizer, self.stage == 3,
                 self.gradient_checkpointing, self.stage)
