@@ -121,22 +121,23 @@ def compile_decoder_layers(lm) -> int:
     return len(layers)
 
 
-# The decoder-layer ops swapped for Liger's Triton kernels (apply_liger_kernel_to_qwen2's flags).
-LIGER_LAYER_KERNELS = ("rope", "rms_norm", "swiglu")
+# The decoder-layer ops Liger can swap (apply_liger_kernel_to_qwen2's flags), and those swapped.
+LIGER_LAYER_OPS = ("rope", "rms_norm", "swiglu")
+LIGER_LAYER_KERNELS = LIGER_LAYER_OPS
 
 
 def apply_liger(lm) -> None:
     """Swap the LIGER_LAYER_KERNELS of a Qwen2 model instance for Liger's Triton kernels."""
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    apply_liger_kernel_to_qwen2(**{op: op in LIGER_LAYER_KERNELS for op in ("rope", "rms_norm", "swiglu")},
+    apply_liger_kernel_to_qwen2(**{op: op in LIGER_LAYER_KERNELS for op in LIGER_LAYER_OPS},
                                 cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
 
 
 def install_fused_head_loss(lm_head) -> None:
     """Make `lm_head(hidden, targets)` return the summed cross-entropy via Liger's fused linear
     cross-entropy. Going through the module call (not reading lm_head.weight directly) keeps
-    ZeRO-3's gather/release hooks in charge of the partitioned weight. Chunks of the vocabulary
-    pass are sized by plan.LIGER_CHUNK_MEM_CONST (fewer, larger chunks; the planner counts them)."""
+    ZeRO-3's gather/release hooks in charge of the partitioned weight. The chunk size of its pass
+    over the vocabulary is plan.LIGER_CHUNK_MEM_CONST, the value the planner counts."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     from clustertune.plan import LIGER_CHUNK_MEM_CONST
