@@ -40,6 +40,12 @@ p.add_argument("--liger-chunk-mem-const", type=int, default=None,
 p.add_argument("--diagnose", action="store_true",
                help="where the step's time goes: the host's enqueue time per step (before the closing sync) "
                     "and every synchronizing CUDA call of step N-2 with its caller (torch.cuda.set_sync_debug_mode)")
+p.add_argument("--every-n", type=int, default=1, help="train.checkpoint_every_n_layers (with --gc)")
+p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+               help="recipe override, e.g. --set zero.grad_accum_dtype='\"fp32\"' (repeatable)")
+p.add_argument("--busy", action="store_true",
+               help="GPU busy share of step N-2 from a kernels-only profile (no CPU ops recorded, so the host "
+                    "runs at about its unprofiled speed); written with --profile's layout into --profile or /tmp")
 a = p.parse_args()
 
 os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
@@ -68,7 +74,7 @@ if a.layers:  # a truncated built-in shape, registered under a new name for this
     model_path = f"{a.shape}-{a.layers}l"
     shapes.SHAPES[model_path] = dataclasses.replace(base, num_hidden_layers=a.layers)
 
-recipe = recipe_from_dict({
+recipe_dict = {
     "run": {"output_dir": "/tmp/bench_run"},
     "model": {"path": model_path, "liger": "off" if a.no_liger else "on", "attn_implementation": a.attn},
     # Samples are generated below (benchmarks/workload.py); the file list only satisfies the schema.
@@ -76,10 +82,15 @@ recipe = recipe_from_dict({
     "train": {"max_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.mbs,
               "micro_batch_tokens": max(a.budget, a.seq), "lr": a.lr, "schedule": "constant",
               "adam_beta2": 0.999, "grad_clip": 1.0, "gradient_checkpointing": a.gc,
-              "checkpoint_every_n_layers": 1, "device": a.device, "compile": a.compile},  # every layer: as measured
+              "checkpoint_every_n_layers": a.every_n, "device": a.device, "compile": a.compile},
     "zero": {"stage": a.stage, "offload_optimizer": a.offload, **({"param_persistence_threshold": a.persist} if a.persist is not None else {}),
              **({"sub_group_size": a.subgroup} if a.subgroup is not None else {})},
-})
+}
+for override in a.set:
+    dotted, _, value = override.partition("=")
+    section, _, key = dotted.partition(".")
+    recipe_dict.setdefault(section, {})[key] = json.loads(value)
+recipe = recipe_from_dict(recipe_dict)
 rt = setup_runtime(recipe.train, collective_timeout_s=recipe.run.collective_timeout_s)
 objective = objective_for(packing=recipe.data.packing, pad_id=0)
 
@@ -165,7 +176,8 @@ for step in range(a.steps):
     sync(); t0 = time.perf_counter()
     # the CLI's own profiler (train.profile_step) on the same step number, written to the same layout
     watch = SyncLog() if a.diagnose and torch.cuda.is_available() and step == a.steps - 3 else None
-    with profile_step(Path(a.profile or "."), step + 1, enabled=bool(a.profile) and step == a.steps - 3):
+    with profile_step(Path(a.profile or "/tmp/bench_busy"), step + 1, kernels_only=a.busy,
+                      enabled=bool(a.profile or a.busy) and step == a.steps - 3):
         if watch: watch.__enter__()
         engine.set_lr(parts.ds_engine, a.lr)
         losses.append(forward_backward(parts.ds_engine, objective, plan, samples, rt=rt).loss)
@@ -197,6 +209,9 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
       "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "liger_layer_kernels": a.liger_layer_kernels, "engine_build_s": round(engine_s, 1),
       "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
       "step_times": [round(t, 3) for t in times], "losses": losses[:20],
+      "overrides": a.set, "every_n": a.every_n, "optimizer": type(parts.ds_engine.optimizer).__name__,
+      **({"busy": (Path(a.profile or "/tmp/bench_busy") / f"step_{a.steps - 2}.txt").read_text().splitlines()[0]}
+         if a.busy else {}),
       **({"host_enqueue_s": round(statistics.median(host_times[5:] or host_times), 4),
           "sync_calls": dict(sorted(sync_calls.items(), key=lambda kv: -kv[1])[:12])} if a.diagnose else {})}),
       flush=True)

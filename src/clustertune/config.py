@@ -232,6 +232,11 @@ class ZeroSection(_Section):
     # Weights all-gathered in int8 and gradients reduce-scattered in int4/int8 blocks (CUDA only).
     quantized_weights: bool = False
     quantized_gradients: bool = False
+    # The dtype gradients accumulate in across micro-batches before the optimizer step (DeepSpeed
+    # data_types.grad_accum_dtype). "fp32" with ZeRO-1 runs DeepSpeed's BF16_Optimizer: flat fp32
+    # gradient and master buffers, one norm and one fused AdamW over them instead of per-parameter
+    # copies and overflow checks. Not with ZeRO-0 (DeepSpeed refuses bf16 weights with fp32 accumulation there).
+    grad_accum_dtype: Literal["bf16", "fp32"] = "bf16"
 
     # Keys that only ZeRO-3 reads: with stage "auto", setting one makes it 3.
     STAGE3_KEYS: ClassVar[tuple[str, ...]] = (
@@ -252,6 +257,9 @@ class ZeroSection(_Section):
                                  "ZeRO-3 setting")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("zero.offload_optimizer needs zero.stage >= 1 (got stage 0)")
+        if self.grad_accum_dtype == "fp32" and self.stage == 0:
+            raise ValueError("zero.grad_accum_dtype = \"fp32\" needs zero.stage >= 1 (got stage 0): DeepSpeed "
+                             "accumulates ZeRO-0 gradients in the weights' dtype; use stage 1 on one GPU")
         return self
 
 

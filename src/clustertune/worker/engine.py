@@ -74,6 +74,8 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if zero.grad_accum_dtype == "fp32":
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     if load_universal or node_local_storage:
         config["checkpoint"] = {"load_universal": load_universal, "use_node_local_storage": node_local_storage}
     if zero.offload_optimizer:

@@ -32,12 +32,16 @@ def busy_summary(events, wall_s: float) -> str:
 
 
 @contextlib.contextmanager
-def profile_step(out_dir: Path, step: int, *, enabled: bool) -> Iterator[None]:
-    """Profile the enclosed work when `enabled` (CPU and CUDA activity), else do nothing."""
+def profile_step(out_dir: Path, step: int, *, enabled: bool, kernels_only: bool = False) -> Iterator[None]:
+    """Profile the enclosed work when `enabled` (CPU and CUDA activity), else do nothing.
+
+    kernels_only: record GPU activity only (no CPU ops), which barely slows the host, so the
+    busy share is close to the unprofiled step's; the table then lists kernels only.
+    """
     if not enabled:
         yield
         return
-    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities = [] if kernels_only and torch.cuda.is_available() else [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     out_dir.mkdir(parents=True, exist_ok=True)
