@@ -172,6 +172,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--adam-beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
+    p.add_argument("--stage", type=int, default=2, help="clustertune's zero.stage (1: fp32 gradient accumulation, "
+                   "DeepSpeed's BF16_Optimizer, what one GPU resolves to)")
     p.add_argument("--tolerance", type=float,
                    help="largest mean relative loss difference (0.01; smoke: 1e-4, which a peer trained on "
                         "unmasked labels exceeds)")
@@ -194,7 +196,7 @@ def main() -> int:
     write_jsonl(data, sample_lengths("var", a.steps * a.batch, a.seq))
     run_dir = out / "cli_run"
     recipe_args = argparse.Namespace(shape=str(init), layers=None, seq=a.seq, steps=a.steps, batch=a.batch,
-                                     budget=32768, gc=True, profile=False, stage=2)
+                                     budget=32768, gc=True, profile=False, stage=a.stage)
     recipe = write_recipe(recipe_args, data, run_dir)
     overrides = gate_overrides(a)
     peer_tokens = write_peer_samples(recipe, overrides, out, steps=a.steps)

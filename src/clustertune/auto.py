@@ -3,9 +3,9 @@ train.checkpoint_every_n_layers (their defaults) becomes: decided once, on the l
 any rank starts; the ranks get the concrete values in RUN/launch/recipe.toml (a worker refuses
 "auto") and every later --resume of the run reuses them.
 
-    clustertune train RECIPE      # prints e.g. "auto: zero.stage = 0, train.micro_batch_tokens = 32,768,
+    clustertune train RECIPE      # prints e.g. "auto: zero.stage = 1, train.micro_batch_tokens = 32,768,
                                   #   train.gradient_checkpointing = true, train.checkpoint_every_n_layers = 2
-                                  #   (planner: ZeRO-0 + ckpt ...)"
+                                  #   (planner: ZeRO-1 + ckpt ...)"
     clustertune plan RECIPE --gpu-mem 80   # the same line for a GPU of 80 GiB, then the plan
 
 The rule, from benchmarks/RESULTS.md (W1, Qwen2.5-1.5B shape, one H100): packed rows as large as
@@ -15,9 +15,10 @@ when the rows need it (32k rows with checkpointing: 32,597 tokens/s; without it 
 rows and takes the fastest option that fits them among those the recipe leaves open (its explicit
 keys are never changed; zero.offload_* are never turned on here), and the largest row that option
 fits:
-  * zero.stage "auto": the planner's stage. On one rank that is ZeRO-0 when it fits (the planner
-    offers it on one rank only: +2.8% over ZeRO-1 on W1 with the same rows, plan.Option.speed_key); on several, the
-    planner's fastest fitting stage (ZeRO-1 before ZeRO-2 before ZeRO-3). A ZeRO-3-only key in the
+  * zero.stage "auto": the planner's fastest fitting stage: ZeRO-1 (in bf16 with fp32 gradient
+    accumulation, zero.grad_accum_dtype "auto": DeepSpeed's BF16_Optimizer, +4.2% over ZeRO-0 on W1),
+    then ZeRO-0 (offered on one rank only), ZeRO-2, ZeRO-3 (plan.Option.speed_key). zero.grad_accum_dtype
+    = "fp32" keeps it at 1. A ZeRO-3-only key in the
     recipe (zero.offload_params, param_persistence_threshold, hpz_partition_size, quantized_* ...)
     makes it 3; zero.offload_optimizer leaves stages 1 to 3 open.
   * train.checkpoint_every_n_layers "auto": with checkpointing on, the largest n <= 2 that still fits
@@ -99,7 +100,10 @@ def _literal(value: object) -> str:
 
 
 def _unplanned_stage(recipe: Recipe, default: int) -> int:
-    """zero.stage "auto" where nothing is planned: `default`, or 3 when a ZeRO-3-only key is set."""
+    """zero.stage "auto" where nothing is planned: `default`, or 3 when a ZeRO-3-only key is set,
+    1 with zero.grad_accum_dtype = "fp32" (ZeRO-1's only)."""
+    if recipe.zero.grad_accum_dtype == "fp32":
+        return 1
     return 3 if recipe.zero.stage3_keys_set() else default
 
 
@@ -153,6 +157,8 @@ def _planned(recipe: Recipe, *, gpu_mem_gib: float, gpu_source: str, nodes: int,
         stages = {zero.stage}
     elif zero.stage3_keys_set():
         stages = {3}
+    elif zero.grad_accum_dtype == "fp32":  # only ZeRO-1 accumulates in fp32 (config validation)
+        stages = {1}
     else:  # ZeRO-0 is among the planner's options on one rank only (plan.all_options)
         stages = {0, 1, 2, 3}
     if zero.stage == 0:  # ZeRO-0 keeps every state whole on each rank: one rank's memory, planned as such
@@ -176,8 +182,9 @@ def _planned(recipe: Recipe, *, gpu_mem_gib: float, gpu_source: str, nodes: int,
                           allowed=allowed)
     where = f"{gpu_mem_gib:.1f} GiB GPUs [{gpu_source}], {job.world_size} rank(s)"
     if choice is None:
-        stage = "ZeRO-3 (the least memory)" if zero.stage == AUTO else f"ZeRO-{zero.stage}"
-        return _with_values(recipe, {**unplanned, "zero.stage": 3},
+        least = _unplanned_stage(recipe, 3)
+        stage = f"ZeRO-{least} (the least memory)" if zero.stage == AUTO else f"ZeRO-{zero.stage}"
+        return _with_values(recipe, {**unplanned, "zero.stage": least},
                             f"planner: no option of this recipe fits {where}: {stage} and the least-memory values; "
                             "`clustertune plan RECIPE` shows what would fit")
     option, fitting = choice.estimate.option, choice.estimate.max_tokens

@@ -32,6 +32,9 @@ on one H100 (benchmarks/plan_validation.py, benchmarks/RESULTS.md "Planner valid
   * three moments compete for the peak, each with what is alive then: the loss (saved
     activations + logits), the backward through the layers (saved activations + one recomputed
     layer with checkpointing + the gradient working set) and the optimizer step.
+  * ZeRO-1 in bf16 accumulating gradients in fp32 (zero.grad_accum_dtype, "auto" there) is
+    DeepSpeed's BF16_Optimizer: a full-size fp32 gradient buffer on every rank from start-up
+    (+4 B/param) besides the bf16 gradients, and no conversion copy at the step.
   * optimizer offload moves master + Adam states + fp32 gradient buffers into pinned host RAM;
     stage 2/3 then keep no gradient partition on the GPU. Param offload (stage 3) moves the bf16
     partition to host RAM too; the GPU only holds the parameters being used.
@@ -112,7 +115,9 @@ class PlanInput:
     host_mem_gib: float | None  # per node; None: unknown, the host check is skipped (and said)
     precision: Literal["bf16", "fp32"] = "bf16"
     liger: bool = True  # fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy
-    attention: Literal["sdpa", "eager"] = "sdpa"  # sdpa/flash/flex: no seq^2 memory
+    # sdpa/flash/flex: no seq^2 memory; varlen: flash varlen of packed rows on a GPU (model.attn_implementation
+    # "auto"), which keeps k/v at their GQA width and whose output is o_proj's saved input
+    attention: Literal["sdpa", "eager", "varlen"] = "sdpa"
     lora_rank: int | None = None  # None: full fine-tuning
     lora_targets: tuple[str, ...] = LORA_TARGETS
     buckets: ZeroBuckets = field(default_factory=ZeroBuckets)
@@ -127,6 +132,7 @@ class PlanInput:
     # rows per step depend on the data). Stage 1/2 gradients then exist during the forward and
     # loss of every micro-batch after the first; without accumulation they appear in backward.
     grad_accumulation: bool = True
+    grad_accum_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # zero.grad_accum_dtype
     safety_margin: float = DEFAULT_SAFETY_MARGIN
     checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB
 
@@ -183,14 +189,14 @@ class Option:
         4. gradient checkpointing: one extra forward, <= +33% FLOPs; measured 1.17x
            (19.9% vs 23.3% MFU) -- cheaper than ZeRO-3, hence ranked after it.
         5. ZeRO-1 before ZeRO-2: with gradient accumulation stage 1 reduces gradients once per
-           optimizer step, stage 2 reduce-scatters them every micro-batch. ZeRO-0 (one rank only)
-           before ZeRO-1: measured on one H100, W1 with checkpointing: ZeRO-0 36,241 vs ZeRO-1
-           35,256 tokens/s through `clustertune train` (+2.8%, every 2nd layer), 32,731 vs 29,592 in
-           the harness (+10.6%, full checkpointing; ZeRO-1 ran first on a fresh machine, ~6% of it
-           warm-up), at less memory (28.8 vs 31.7 GiB; 2026-11-26).
+           optimizer step, stage 2 reduce-scatters them every micro-batch. ZeRO-1 before ZeRO-0
+           (one rank only) with zero.grad_accum_dtype "auto" (fp32 at ZeRO-1: DeepSpeed's
+           BF16_Optimizer): one H100, W1, 32k rows, every 2nd layer recomputed, harness, ABAB in one
+           call: 37,747 / 38,072 vs ZeRO-0's 36,543 / 36,239 tokens/s (+4.2%) for +5.8 GiB; W2 +4.4%;
+           W3 (7B width) -0.5%. ZeRO-0 in turn beat ZeRO-1 with bf16 accumulation by 2-3%.
         """
         return (self.offload_params, self.offload_optimizer, self.stage == 3,
-                self.gradient_checkpointing, self.stage)
+                self.gradient_checkpointing, STAGE_SPEED_RANK[self.stage])
 
     @property
     def offload_label(self) -> str:
@@ -221,6 +227,20 @@ def all_options(lora: bool = False, single_rank: bool = False) -> list[Option]:
                 for ckpt in (False, True):
                     options.append(Option(stage, offload_optimizer, offload_params, ckpt))
     return sorted(options, key=Option.speed_key)
+
+
+# Among the stages without offload on one rank, fastest first (Option.speed_key, point 5).
+STAGE_SPEED_RANK = {1: 0, 0: 1, 2: 2, 3: 3}
+
+
+def fp32_grad_accumulation(grad_accum_dtype: str, *, stage: int, precision: str, offload_optimizer: bool) -> bool:
+    """Whether gradients accumulate in fp32 (DeepSpeed's BF16_Optimizer): zero.grad_accum_dtype "fp32",
+    or "auto" at ZeRO-1 in bf16 without optimizer offload, the one place DeepSpeed runs that optimizer.
+    Measured there on one H100 (W1, 32k rows): +4.2% over ZeRO-0 and +5.2% over ZeRO-1 with bf16
+    accumulation, GPU busy 95% of the step instead of 84% (ZeRO-0's per-parameter overflow checks)."""
+    if precision != "bf16" or stage != 1 or offload_optimizer:
+        return False
+    return grad_accum_dtype in ("auto", "fp32")
 
 
 # --------------------------------------------------------------------------------- parameters
@@ -334,6 +354,10 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     and recomputes silu): norms 2*(a*h + 4), MLP a*h + 3*a*i; bf16 total 18h + 6i (+...).
     Calibrated on gpu/README.md (H100, qwen2.5-1.5b, 8192 tokens): checkpointing off minus on
     measured 21.4 GiB (HF) and 16.6 GiB (Liger); this model predicts 22.3 and 16.2 GiB.
+    Flash varlen (packed rows on a GPU) saves q/k/v's input, q, k and v at their own widths (GQA:
+    kv = num_kv_heads*head_dim) and its output, which o_proj saves as its input: a*(3h + 2kv). On
+    W2 (one 32k-token row, every 2nd layer recomputed, ZeRO-1, 1 x H100) ZeRO-1 measured 59.7 GiB
+    peak where the sdpa count above plans 75.7 GiB and this one 69.5 (both with the margins below).
     Eager attention adds its saved fp32 softmax and bf16 probabilities: (4 + a) * heads * seq.
     LoRA adds each target's rank-r intermediate (a*r) and ignores that frozen base layers need
     not save their inputs (an upper bound).
@@ -342,6 +366,8 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     h, i, heads = s.hidden_size, s.intermediate_size, s.num_attention_heads
     kvr = h
     attention = a * (h + h + 2 * kvr + h + h) + 4 * heads
+    if inp.attention == "varlen":  # q/k/v input, q and k after RoPE at GQA width, v, output = o_proj input
+        attention = a * (h + h + 2 * _kv_dim(s) + h) + 4 * heads
     if inp.liger:
         norms = 2 * (a * h + 4)
         mlp = a * (h + 3 * i)
@@ -623,6 +649,8 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     # ZeRO-0 partitions nothing: every rank holds what ZeRO-1 holds on one rank (measured on one
     # H100: less, 28.8 vs 31.7 GiB for W1, so this errs on the safe side).
     states_over = 1 if option.stage == 0 else n
+    fp32_accumulation = fp32_grad_accumulation(inp.grad_accum_dtype, stage=option.stage, precision=inp.precision,
+                                               offload_optimizer=option.offload_optimizer)
 
     # Model states. Frozen params (LoRA base) are in no optimizer group: stage 1/2 keep them
     # whole on every rank, stage 3 (zero.Init) partitions them like the rest. Stage 3 on more
@@ -652,6 +680,9 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
         optimizer = b.optimizer * trainable / states_over
         stepped = largest_sub_group(inp) if stage3 else trainable / states_over
         step_transient = step_bytes * stepped
+        if fp32_accumulation:  # the fp32 buffer is the step's gradient: no conversion copy
+            grads += 4 * trainable
+            step_transient = 0.0
 
     # Communication buffers. Stage 1/2 double-buffer the reduce bucket when overlap_comm is on;
     # stage 3 has one bucket per dtype, and gathers params module by module: the module in use
@@ -680,7 +711,7 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
                      live_params=live / GIB, step_transient=step_transient / GIB,
                      runtime=runtime, fragmentation=frag / GIB, saved_activations=saved / GIB,
                      buckets_in_backward_only=not stage3,
-                     grads_in_backward_only=not stage3 and not inp.grad_accumulation)
+                     grads_in_backward_only=not stage3 and not inp.grad_accumulation and not fp32_accumulation)
 
 
 def host_memory(inp: PlanInput, option: Option) -> HostMemory:

@@ -290,6 +290,15 @@ def tokens_per_micro_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * sample_length(recipe)
 
 
+def attention_kind(recipe: Recipe) -> str:
+    """The planner's attention memory kind: packed rows with "auto" run flash varlen on a GPU
+    (worker/model.attention_implementation); plans are for GPUs."""
+    attn = recipe.model.attn_implementation
+    if attn == "auto" and recipe.data.packing:
+        return "varlen"
+    return "eager" if attn == "eager" else "sdpa"
+
+
 def plan_input(recipe: Recipe, shape: Shape, job: Job,
                checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB) -> PlanInput:
     zero, h2 = recipe.zero, shape.hidden_size * shape.hidden_size
@@ -312,10 +321,10 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         host_mem_gib=job.host_mem_gib,
         precision="fp32" if recipe.train.precision == "fp32" else "bf16",  # plans are for GPUs: auto = bf16
         liger=recipe.model.liger != "off",  # auto = on with a GPU
-        attention="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
+        attention=attention_kind(recipe),
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
-        hpz_partition_size=zero.hpz_partition_size or 1,
+        hpz_partition_size=zero.hpz_partition_size or 1, grad_accum_dtype=zero.grad_accum_dtype,
         # "auto" (resolved by clustertune.auto from this plan): every layer recomputed, the baseline
         checkpoint_every_n_layers=1 if recipe.train.checkpoint_every_n_layers == AUTO
         else recipe.train.checkpoint_every_n_layers,

@@ -81,3 +81,34 @@ def test_constant_and_linear():
     assert lr_multiplier(9, train=train(schedule="constant"), total_steps=10) == 1.0
     lin = train(schedule="linear", min_lr_ratio=0.0)
     assert lr_multiplier(5, train=lin, total_steps=10) == pytest.approx(0.5)
+
+
+def test_zero1_in_bf16_accumulates_in_fp32_by_default_and_nowhere_else():
+    """grad_accum_dtype "auto": fp32 (DeepSpeed's BF16_Optimizer) exactly at ZeRO-1 in bf16 without
+    optimizer offload; an explicit "bf16" or any other stage/precision writes no data_types block."""
+    layout = batch_layout(train(global_batch_size=8, micro_batch_size=1), world_size=1, packing=False)
+
+    def data_types(zero: ZeroSection, precision: str = "bf16"):
+        cfg = build_deepspeed_config(train(global_batch_size=8, micro_batch_size=1), zero, layout=layout,
+                                     precision=precision, hidden_size=64)
+        return cfg.get("data_types")
+
+    assert ZeroSection().grad_accum_dtype == "auto"
+    assert data_types(ZeroSection(stage=1)) == {"grad_accum_dtype": "fp32"}
+    assert data_types(ZeroSection(stage=1, grad_accum_dtype="fp32")) == {"grad_accum_dtype": "fp32"}
+    assert data_types(ZeroSection(stage=1, grad_accum_dtype="bf16")) is None
+    assert data_types(ZeroSection(stage=1), precision="fp32") is None
+    assert data_types(ZeroSection(stage=1, offload_optimizer=True)) is None
+    for stage in (0, 2, 3):
+        assert data_types(ZeroSection(stage=stage)) is None
+
+
+@pytest.mark.parametrize("zero, named", [({"stage": 0}, "got stage 0"), ({"stage": 2}, "got stage 2"),
+                                         ({"stage": 3}, "got stage 3"),
+                                         ({"stage": 1, "offload_optimizer": True}, "offload_optimizer")])
+def test_fp32_accumulation_is_refused_where_deepspeed_would_not_run_it(zero, named):
+    from clustertune.config import recipe_from_dict
+    tree = {"run": {"output_dir": "/runs/x"}, "model": {"path": "tiny"}, "data": {"train_files": ["/d.jsonl"]},
+            "train": {"max_steps": 1}, "zero": {**zero, "grad_accum_dtype": "fp32"}}
+    with pytest.raises(RecipeError, match=rf"zero.grad_accum_dtype = \"fp32\" needs zero.stage = 1.*{named}"):
+        recipe_from_dict(tree)

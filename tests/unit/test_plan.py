@@ -92,9 +92,12 @@ def test_small_model_on_one_h100_fits_without_zero3():
     assert by_label(result, "ZeRO-2").fits
     assert by_label(result, "ZeRO-2 + ckpt").fits
     best = result.recommended
-    # one rank: ZeRO-0 (nothing to partition; measured faster than ZeRO-1), memory as ZeRO-1's
-    assert best.option == Option(0, False, False, False)
-    assert best.gpu.total == pytest.approx(by_label(result, "ZeRO-1").gpu.total)
+    # one rank: ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, measured faster than
+    # ZeRO-0), its fp32 buffer counted: 4 B/param more than ZeRO-0, whose memory is ZeRO-1's with bf16 accumulation
+    assert best.option == Option(1, False, False, False)
+    assert best.gpu.grads - by_label(result, "ZeRO-0").gpu.grads == pytest.approx(4 * 1.54e9 / 2**30, rel=0.01)
+    bf16_accumulation = plan(dataclasses.replace(inp, grad_accum_dtype="bf16"))
+    assert by_label(result, "ZeRO-0").gpu.total == pytest.approx(by_label(bf16_accumulation, "ZeRO-1").gpu.total)
     # several ranks: no ZeRO-0 among the options (not measured there)
     assert all(e.option.stage for e in plan(dataclasses.replace(inp, world_size=2, gpus_per_node=2)).estimates)
 
@@ -180,10 +183,12 @@ def test_speed_order_ends_points():
     assert options[-1] == Option(3, True, True, True)
     # ZeRO-2 + ckpt is ranked faster than ZeRO-3 without ckpt (measured 1.17x vs 1.86x costs)
     assert options.index(Option(2, False, False, True)) < options.index(Option(3, False, False, False))
-    # one rank: ZeRO-0 first, with and without checkpointing; never with offload, never for LoRA
+    # one rank: ZeRO-0 among the options, after ZeRO-1 (fp32 accumulation measured faster), before ZeRO-2;
+    # never with offload, never for LoRA
     single = all_options(single_rank=True)
-    assert len(single) == 18 and single[0] == Option(0, False, False, False)
-    assert single.index(Option(0, False, False, True)) < single.index(Option(1, False, False, True))
+    assert len(single) == 18 and single[:2] == [Option(1, False, False, False), Option(0, False, False, False)]
+    assert single.index(Option(1, False, False, True)) < single.index(Option(0, False, False, True)) \
+        < single.index(Option(2, False, False, True))
     assert all(o.stage for o in all_options(lora=True, single_rank=True))
 
 
@@ -239,9 +244,9 @@ def test_fewest_recomputed_layers_is_the_largest_n_that_still_fits():
     2026-11-26), every 3rd does not; smaller rows leave room for fewer recomputes; an option
     without checkpointing, or a card where only full checkpointing fits, gets None."""
     from clustertune.plan import fewest_recomputed_layers
-    def inp(gib):
+    def inp(gib):  # packed rows on a GPU: flash varlen attention
         return PlanInput(SHAPES["qwen2.5-1.5b"], tokens_per_micro_batch=32768, seq_len=4096, world_size=1,
-                         gpus_per_node=1, gpu_mem_gib=gib, host_mem_gib=None)
+                         gpus_per_node=1, gpu_mem_gib=gib, host_mem_gib=None, attention="varlen")
     ckpt = Option(1, False, False, True)
     assert fewest_recomputed_layers(inp(79.6), ckpt, 32768) == 2
     assert fewest_recomputed_layers(inp(79.6), ckpt, 16384) > 2
@@ -267,8 +272,34 @@ def test_speed_choice_never_takes_zero3_or_offload_just_for_larger_rows():
         return dataclasses.replace(result, estimates=[
             dataclasses.replace(e, fits_gpu=False, max_tokens=tokens) if fast(e) else e for e in result.estimates])
     smaller = speed_choice(with_fast_rows(8192), shortest_row=4096, packing=True)
-    assert smaller.estimate.option.stage == 0 and smaller.row_tokens == 8192
+    assert smaller.estimate.option.stage == 1 and smaller.row_tokens == 8192
     none_fast = speed_choice(with_fast_rows(2048), shortest_row=4096, packing=True)
     assert none_fast.estimate.option.stage == 3 and none_fast.row_tokens == 32768
     # padded batches have no smaller row to fall back to: the fastest option that fits them
     assert speed_choice(with_fast_rows(8192), shortest_row=4096, packing=False).estimate.option.stage == 3
+
+
+def test_flash_varlen_keeps_k_v_at_gqa_width_and_no_separate_o_proj_input():
+    """Packed rows on a GPU run flash varlen: per layer and token it saves a*(3h + 2kv) for attention
+    where the sdpa count (k/v repeated, o_proj's own input copy) saves a*6h; everything else equal."""
+    from clustertune.plan import layer_activation_bytes_per_token
+    shape = QWEN_1_5B
+    def per_layer(attention):
+        return layer_activation_bytes_per_token(PlanInput(shape, tokens_per_micro_batch=8192, seq_len=4096,
+                                                          world_size=1, gpus_per_node=1, gpu_mem_gib=79.6,
+                                                          host_mem_gib=None, attention=attention))
+    h, kv = shape.hidden_size, shape.num_key_value_heads * shape.head_dim
+    assert per_layer("sdpa") - per_layer("varlen") == 2 * (3 * h - 2 * kv)
+
+
+def test_plan_input_plans_packed_auto_attention_as_varlen():
+    from clustertune.config import recipe_from_dict
+    from clustertune.plan_cli import attention_kind
+    def recipe(**model_and_data):
+        return recipe_from_dict({"run": {"output_dir": "/runs/x"}, "model": {"path": "tiny", **model_and_data.get("model", {})},
+                                 "data": {"train_files": ["/d.jsonl"], **model_and_data.get("data", {})},
+                                 "train": {"max_steps": 1}})
+    assert attention_kind(recipe()) == "varlen"  # packing is the default
+    assert attention_kind(recipe(data={"packing": False})) == "sdpa"
+    assert attention_kind(recipe(model={"attn_implementation": "sdpa"})) == "sdpa"
+    assert attention_kind(recipe(model={"attn_implementation": "eager"})) == "eager"

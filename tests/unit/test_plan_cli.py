@@ -53,17 +53,17 @@ def test_write_puts_recommendation_into_recipe_with_backup(tmp_path, capsys):
     assert main(["plan", str(path), "--gpu", "h100", "--nodes", "1", "--gpus-per-node", "1",
                  "--host-mem", "256", "--write"]) == 0
     out = capsys.readouterr().out
-    # one GPU: ZeRO-0 (what "auto" resolves to there); packed rows as large as it fits, for speed;
+    # one GPU: ZeRO-1 (what "auto" resolves to there); packed rows as large as it fits, for speed;
     # checkpoint_every_n_layers ("auto" in the file) written as the value it resolves to without checkpointing
-    assert ("wrote zero.stage = 0, train.gradient_checkpointing = false, train.micro_batch_tokens = 19456, "
+    assert ("wrote zero.stage = 1, train.gradient_checkpointing = false, train.micro_batch_tokens = 19456, "
             "train.checkpoint_every_n_layers = 1 into" in out)
     assert (tmp_path / "small.toml.bak").read_text() == SMALL_RECIPE
     # only the changed values changed: the comment and every other line stay as written
     assert path.read_text() == SMALL_RECIPE.replace(
         "gradient_checkpointing = true", "gradient_checkpointing = false\ncheckpoint_every_n_layers = 1"
-    ).replace("stage = 3", "stage = 0").replace("micro_batch_tokens = 8192", "micro_batch_tokens = 19456")
+    ).replace("stage = 3", "stage = 1").replace("micro_batch_tokens = 8192", "micro_batch_tokens = 19456")
     written = load_recipe(path)
-    assert (written.zero.stage, written.zero.offload_optimizer, written.zero.offload_params) == (0, False, False)
+    assert (written.zero.stage, written.zero.offload_optimizer, written.zero.offload_params) == (1, False, False)
     assert written.train.gradient_checkpointing is False
     # everything else is unchanged
     before = load_recipe(tmp_path / "small.toml.bak")

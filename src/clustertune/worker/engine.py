@@ -14,6 +14,7 @@ from typing import Any
 
 from clustertune.batch_math import BatchLayout
 from clustertune.config import TrainSection, ZeroSection
+from clustertune.plan import fp32_grad_accumulation
 from clustertune.worker.checkpoint import fsync_tree
 
 
@@ -74,8 +75,9 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
-        if zero.grad_accum_dtype == "fp32":
-            config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if fp32_grad_accumulation(zero.grad_accum_dtype, stage=zero.stage, precision=precision,
+                                  offload_optimizer=zero.offload_optimizer):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer
     if load_universal or node_local_storage:
         config["checkpoint"] = {"load_universal": load_universal, "use_node_local_storage": node_local_storage}
     if zero.offload_optimizer:
