@@ -213,6 +213,18 @@ def deepspeed_version() -> str:
 def consolidated_parameters(checkpoint_root: Path, tag: str):
     """(name, full fp32 tensor) of a ZeRO checkpoint, one tensor materialized at a time
     (DeepSpeed's lazy mode), so exporting a 32B model never holds it whole in host memory."""
+    tag_dir = Path(checkpoint_root) / tag
+    if any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        # ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer) writes optimizer files that
+        # zero_to_fp32 does not read. Its model file holds the whole module (stage 1 partitions no
+        # weights): the bf16 copies DeepSpeed made of the fp32 masters after the step, i.e. exactly what
+        # a bf16 export writes. Memory-mapped, so tensors are read as they are written out.
+        import torch
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True,
+                            weights_only=False)
+        for name, tensor in states["module"].items():
+            yield name, tensor.float().contiguous()
+        return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag, lazy_mode=True)
     for name, tensor in lazy.items():
