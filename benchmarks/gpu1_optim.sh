@@ -23,12 +23,5 @@ row_to $SUM w2_s1_fp32 100 $W2 --every-n 2 "${FP32[@]}"
 W3="python3 benchmarks/bench_clustertune.py --shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16 --budget 32768 --gc --steps 12 --order shuffled"
 row_to $SUM w3_s0 120 $W3 --stage 0 --busy
 row_to $SUM w3_s1_fp32 120 $W3 "${FP32[@]}" --busy
-python3 - $SUM <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    if line.startswith("== "): name = line.split()[1]
-    if line.startswith("RESULT "):
-        r = json.loads(line[7:])
-        print(f"{name:18s} {r['tok_per_s']:>7} tok/s  mfu {r['mfu']:.4f}  peak {r['peak_mem_gb']:5.1f}  step {r['step_s']}  {r['optimizer']}  {r.get('busy', '')}")
-PY
+harness_table $SUM
 echo "done t=$(( $(date +%s) - T0 ))s"

@@ -14,12 +14,5 @@ row_to $SUM z1_bf16 120 $H "${BF16[@]}"
 row_to $SUM z1_fp32 120 $H "${FP32[@]}"
 row_to $SUM z1_bf16_again 120 $H "${BF16[@]}"
 row_to $SUM z1_fp32_again 120 $H "${FP32[@]}"
-python3 - $SUM <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    if line.startswith("== "): name = line.split()[1]
-    if line.startswith("RESULT "):
-        r = json.loads(line[7:])
-        print(f"{name:16s} {r['tok_per_s']:>7} tok/s ({r['world_size']} GPUs)  mfu {r['mfu']:.4f}  peak {r['peak_mem_gb']:5.1f}  step {r['step_s']}  {r['optimizer']}")
-PY
+harness_table $SUM
 echo "done t=$(( $(date +%s) - T0 ))s"

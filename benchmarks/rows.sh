@@ -16,3 +16,16 @@ row_to() { local sum=$1 name=$2 lim=$3; shift 3
   grep -h "^RESULT\|^FAIL\|^auto:" "$LOGS/$name.log" | cut -c1-2500 >> "$sum"
   grep -h "first step after" "$LOGS/$name.log" | tail -1 | cut -c1-300 >> "$sum"
   grep -m2 -h "Error\|out of memory" "$LOGS/$name.log" | cut -c1-300 >> "$sum"; }
+
+# harness_table SUMMARY: one line per harness RESULT in SUMMARY (bench_clustertune.py rows).
+harness_table() { python3 - "$1" <<'PY'
+import json, sys
+name = "?"
+for line in open(sys.argv[1]):
+    if line.startswith("== "): name = line.split()[1]
+    if line.startswith("RESULT "):
+        r = json.loads(line[7:])
+        print(f"{name:18s} {r['tok_per_s']:>7} tok/s ({r['world_size']} GPU)  mfu {r['mfu']:.4f}  peak {r['peak_mem_gb']:5.1f}"
+              f"  step {r['step_s']}  {r.get('optimizer', '')}  {r.get('busy', '')}")
+PY
+}
