@@ -128,9 +128,12 @@ def test_ctrl_c_stops_every_node_and_nothing_else(make_cluster, tmp_path):
     run = tmp_path / "runs" / "fake"
     argv = h.sb.exec_argv("node1", [sys.executable, "-m", "clustertune.cli", "launch", "r.toml", "--cluster",
                                     str(h.sb.cluster_file)])
-    # `ip netns exec` and `env` exec into python: this PID is the launcher itself
+    # `ip netns exec` and `env` exec into python: this PID is the launcher itself. Ctrl-C's default
+    # disposition for it even when this suite runs as a background job (which ignores SIGINT, and an
+    # ignored SIGINT is inherited: Python then never raises KeyboardInterrupt).
     proc = subprocess.Popen(argv, cwd=tmp_path, env=dict(base_env(), **FAKE_ENV, CLUSTERTUNE_FAKE_MODE="sleep"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(lambda: all((run / "logs" / f"{n}.log").exists() and "FAKE sleeping" in
                               (run / "logs" / f"{n}.log").read_text() for n in ("node1", "node2")), 120,

@@ -139,8 +139,11 @@ def test_ctrl_c_stops_every_rank_of_train(tmp_path):
     (tmp_path / "train.jsonl").write_text(RECORD)
     env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
     env.update(PYTHONPATH=str(FAKE_WORKER_DIR), CLUSTERTUNE_WORKER_MODULE="ct_fake_worker", CLUSTERTUNE_FAKE_MODE="sleep")
+    # SIGINT's default disposition for the launcher even when this suite runs as a background job (which
+    # ignores SIGINT, inherited: Python then never raises KeyboardInterrupt and Ctrl-C does nothing)
     proc = subprocess.Popen([sys.executable, "-m", "clustertune.cli", "train", "r.toml", "--nproc", "2"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     logs = tmp_path / "runs" / "fake" / "logs"
     try:
         deadline = time.monotonic() + 60
