@@ -208,9 +208,9 @@ class TrainSection(_Section):
 
 
 class ZeroSection(_Section):
-    # "auto": the launcher picks it for the GPUs it finds (clustertune.auto): 0 on one GPU when it
-    # fits (W1 on an H100: 3% faster than ZeRO-1, same rows), else the planner's fastest stage that fits;
-    # 3 when a ZeRO-3-only key below is set; 2 on the CPU or when the GPU memory is unknown.
+    # "auto": the launcher picks it for the GPUs it finds (clustertune.auto): the planner's fastest stage
+    # that fits, 1 (with fp32 accumulation, below) before 0 (one GPU only) before 2 and 3; 3 when a
+    # ZeRO-3-only key below is set; 2 on the CPU or when the GPU memory is unknown.
     stage: StageOrAuto = AUTO
     offload_optimizer: bool = False
     offload_params: bool = False
