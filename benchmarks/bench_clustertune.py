@@ -37,6 +37,8 @@ p.add_argument("--liger-layer-kernels", default=None,
 p.add_argument("--liger-chunk-mem-const", type=int, default=None,
                help="override clustertune.plan.LIGER_CHUNK_MEM_CONST (the fused loss's chunk size) for an A/B; "
                     "1 is Liger's own default")
+p.add_argument("--lean-mlp", choices=["on", "off"], default=None,
+               help="override clustertune.plan.LEAN_MLP (the MLP recomputes silu(gate) * up in backward) for an A/B")
 p.add_argument("--diagnose", action="store_true",
                help="where the step's time goes: the host's enqueue time per step (before the closing sync) "
                     "and every synchronizing CUDA call of step N-2 with its caller (torch.cuda.set_sync_debug_mode)")
@@ -127,6 +129,10 @@ if a.liger_chunk_mem_const is not None:  # our own constant, read by worker/kern
     from clustertune import plan as planner
     planner.LIGER_CHUNK_MEM_CONST = a.liger_chunk_mem_const
 
+if a.lean_mlp is not None:  # our own constant, read by plan.lean_mlp_applies when the model is built
+    from clustertune import plan as planner
+    planner.LEAN_MLP = a.lean_mlp == "on"
+
 host = HostPeak()
 built_at = time.perf_counter()
 parts = assemble(recipe, rt, objective)
@@ -206,7 +212,7 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
                              peak_flops_per_gpu=peak), 4),
       # GiB (the key keeps its old name for the logs' readers: plan_validation.py, bench.py)
       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
-      "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "liger_layer_kernels": a.liger_layer_kernels, "engine_build_s": round(engine_s, 1),
+      "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "liger_layer_kernels": a.liger_layer_kernels, "lean_mlp": a.lean_mlp, "every_n": a.every_n, "engine_build_s": round(engine_s, 1),
       "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
       "step_times": [round(t, 3) for t in times], "losses": losses[:20],
       "overrides": a.set, "every_n": a.every_n, "optimizer": type(parts.ds_engine.optimizer).__name__,

@@ -285,6 +285,11 @@ class LoraSection(_Section):
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     merge_on_export: bool = True
 
+    @property
+    def wrapped_modules(self) -> tuple[str, ...] | None:
+        """The modules LoRA wraps; None without LoRA."""
+        return tuple(self.target_modules) if self.enabled else None
+
 
 class DpoSection(_Section):
     """Direct preference optimization (train.objective = "dpo"): sigmoid loss on

@@ -133,6 +133,8 @@ class PlanInput:
     # loss of every micro-batch after the first; without accumulation they appear in backward.
     grad_accumulation: bool = True
     grad_accum_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # zero.grad_accum_dtype
+    # The MLP keeps gate and up for backward, not silu(gate) * up (lean_mlp_applies)
+    lean_mlp: bool = False
     safety_margin: float = DEFAULT_SAFETY_MARGIN
     checkpoint_shard_gib: float = DEFAULT_CHECKPOINT_SHARD_GIB
 
@@ -256,6 +258,20 @@ def _module_dims(shape: Shape) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+# The worker's MLP (worker/kernels.py install_lean_mlp) recomputes silu(gate) * up in backward instead
+# of keeping it as down_proj's saved input: one elementwise kernel per layer buys a*i bytes per token
+# per layer (a quarter of a non-recomputed Qwen2.5-1.5B layer), which lets fewer layers recompute.
+LEAN_MLP = True
+
+
+def lean_mlp_applies(compiled: bool, lora_targets: tuple[str, ...] | None) -> bool:
+    """Whether the worker installs the lean MLP: not under train.compile (dynamo and its autograd
+    function are untested together) and not when LoRA wraps down_proj (it must see the product)."""
+    if not LEAN_MLP or compiled:
+        return False
+    return lora_targets is None or "down_proj" not in _lora_targets(lora_targets)
+
+
 def _lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
     return LORA_TARGETS if "all-linear" in targets else tuple(dict.fromkeys(targets))
 
@@ -361,6 +377,7 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     Eager attention adds its saved fp32 softmax and bf16 probabilities: (4 + a) * heads * seq.
     LoRA adds each target's rank-r intermediate (a*r) and ignores that frozen base layers need
     not save their inputs (an upper bound).
+    The lean MLP (lean_mlp_applies) keeps a*(h + 2i): its input, gate and up.
     """
     s, a = inp.shape, inp.bytes.activation
     h, i, heads = s.hidden_size, s.intermediate_size, s.num_attention_heads
@@ -374,6 +391,8 @@ def layer_activation_bytes_per_token(inp: PlanInput) -> float:
     else:
         norms = 2 * (4 * h + a * h)
         mlp = a * (h + 4 * i)
+    if inp.lean_mlp:  # input, gate and up: silu(gate) * up is recomputed in backward
+        mlp = a * (h + 2 * i)
     total = float(norms + attention + mlp)
     if inp.attention == "eager":
         total += (4 + a) * heads * inp.seq_len

@@ -47,8 +47,8 @@ from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
 from clustertune.plan import (CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED, DEFAULT_CHECKPOINT_SHARD_GIB, GIB,
                               ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan, PlanInput, ZeroBuckets,
-                              checkpoint_every_n_for_speed, fewest_recomputed_layers, plan, speed_choice,
-                              trainable_parameters)
+                              checkpoint_every_n_for_speed, fewest_recomputed_layers, lean_mlp_applies, plan,
+                              speed_choice, trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -323,6 +323,7 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         liger=recipe.model.liger != "off",  # auto = on with a GPU
         attention=attention_kind(recipe),
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
+        lean_mlp=lean_mlp_applies(recipe.train.compile, recipe.lora.wrapped_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
         hpz_partition_size=zero.hpz_partition_size or 1, grad_accum_dtype=zero.grad_accum_dtype,
         # "auto" (resolved by clustertune.auto from this plan): every layer recomputed, the baseline
@@ -494,7 +495,9 @@ def render_lora_fit_job(recipe: Recipe, args: argparse.Namespace) -> str:
     nodes, per_node, source = _resolve_topology(args.cluster, args.nodes, args.gpus_per_node)
     job = Job(1.0, "--lora-fit: each GPU of the table", nodes, per_node, source, None, "not checked")
     inp = plan_input(recipe, shape, job)
-    inp = dataclasses.replace(inp, lora_rank=recipe.lora.r, lora_targets=tuple(recipe.lora.target_modules))
+    targets = tuple(recipe.lora.target_modules)
+    inp = dataclasses.replace(inp, lora_rank=recipe.lora.r, lora_targets=targets,
+                              lean_mlp=lean_mlp_applies(recipe.train.compile, targets))
     spec = grpo_rollout_spec(recipe) if recipe.train.objective == "grpo" else None
     return render_lora_fit(inp, spec, shape_name=name)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from clustertune.batch_math import BatchLayout, batch_layout
 from clustertune.config import Recipe
+from clustertune.plan import lean_mlp_applies
 from clustertune.shapes import Shape, shape_from_model_path
 from clustertune.worker import checkpoint, engine
 from clustertune.worker.kernels import VARLEN_ATTENTION
@@ -44,7 +45,8 @@ def assemble(recipe: Recipe, rt: Runtime, objective: Objective, *, load_universa
     lm = build_causal_lm(recipe.model, dtype=model_dtype(rt.precision), zero3_context=zero_init,
                          gradient_checkpointing=recipe.train.gradient_checkpointing,
                          checkpoint_every_n_layers=recipe.train.checkpoint_every_n_layers, attn=attn,
-                         liger=use_liger(recipe.model, on_gpu=rt.on_gpu), init_device=rt.device)
+                         liger=use_liger(recipe.model, on_gpu=rt.on_gpu), init_device=rt.device,
+                         lean_mlp=lean_mlp_applies(recipe.train.compile, recipe.lora.wrapped_modules))
     if recipe.train.compile:
         from clustertune.worker.kernels import compile_decoder_layers
         compile_decoder_layers(lm)

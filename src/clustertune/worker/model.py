@@ -55,10 +55,12 @@ def use_liger(model: ModelSection, *, on_gpu: bool) -> bool:
 
 def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=None,
                     gradient_checkpointing: bool = False, checkpoint_every_n_layers: int = 1,
-                    attn: str | None = None, liger: bool = False, init_device: torch.device | None = None):
+                    attn: str | None = None, liger: bool = False, lean_mlp: bool = False,
+                    init_device: torch.device | None = None):
     """Create (random shape) or load (local directory) the HF model.
 
     `zero3_context` (from engine.zero3_init_context) makes every rank build only its partition.
+    `lean_mlp`: the MLP recomputes silu(gate) * up in backward (plan.lean_mlp_applies decides).
     `init_device`: where a random-init shape is built without ZeRO-3 (the rank's GPU: random init
     of billions of parameters on host cores takes tens of seconds before the first step).
     """
@@ -89,6 +91,9 @@ def build_causal_lm(model: ModelSection, *, dtype: torch.dtype, zero3_context=No
         from clustertune.worker import kernels
         kernels.apply_liger(lm)
         kernels.install_fused_head_loss(lm.lm_head)
+    if lean_mlp:
+        from clustertune.worker import kernels
+        kernels.install_lean_mlp(lm)
     if gradient_checkpointing:
         enable_activation_checkpointing(lm, every_n_layers=checkpoint_every_n_layers)
     return lm
