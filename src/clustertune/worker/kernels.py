@@ -160,29 +160,40 @@ def install_fused_head_loss(lm_head) -> None:
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu()[0](gate, up)[2]
+        return _liger_swiglu()(gate, up)[2]
     return F.silu(gate) * up
 
 
-def _silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad_product: torch.Tensor):
-    """(grad of gate, grad of up). Liger's kernel writes them into gate's and up's storage."""
-    if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu()[1](gate, up, grad_product)
-    wide = torch.promote_types(gate.dtype, torch.float32)  # bf16 math in fp32, as Liger's kernel does
+def _silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad_product: torch.Tensor, want_product: bool):
+    """(grad of gate, grad of up, silu(gate) * up or None). On a GPU one Triton kernel, which writes
+    the grads into gate's and up's storage."""
+    if gate.is_cuda and _triton_swiglu() is not None:
+        return _triton_swiglu().swiglu_backward(gate, up, grad_product, want_product)
+    wide = torch.promote_types(gate.dtype, torch.float32)  # bf16 math in fp32, as the kernel does
     gate_w, up_w, grad_w = gate.to(wide), up.to(wide), grad_product.to(wide)
     sig = torch.sigmoid(gate_w)
     grad_up = grad_w * gate_w * sig
     grad_gate = grad_w * up_w * sig * (1 + gate_w * (1 - sig))
-    return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+    product = _silu_mul(gate, up) if want_product else None
+    return grad_gate.to(gate.dtype), grad_up.to(up.dtype), product
 
 
 @functools.cache
 def _liger_swiglu():
     try:
-        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+        from liger_kernel.ops.swiglu import swiglu_forward
     except ImportError:
         return None
-    return swiglu_forward, swiglu_backward
+    return swiglu_forward
+
+
+@functools.cache
+def _triton_swiglu():
+    try:
+        from clustertune.worker import swiglu_triton
+    except ImportError:  # no triton (CPU builds of torch)
+        return None
+    return swiglu_triton
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -203,12 +214,11 @@ class SwiGLUDown(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate, up, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        want_weight_grad = ctx.needs_input_grad[2]  # False: frozen under LoRA of other modules
+        grad_gate, grad_up, product = _silu_mul_backward(gate, up, grad_out @ weight, want_weight_grad)
         grad_weight = None
-        if ctx.needs_input_grad[2]:  # frozen under LoRA of other modules
-            product = _silu_mul(gate, up)
+        if want_weight_grad:
             grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
-            del product
-        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_out @ weight)
         return grad_gate, grad_up, grad_weight
 
 
