@@ -26,6 +26,6 @@ for line in open(sys.argv[1]):
     if line.startswith("RESULT "):
         r = json.loads(line[7:])
         print(f"{name:18s} {r['tok_per_s']:>7} tok/s ({r['world_size']} GPU)  mfu {r['mfu']:.4f}  peak {r['peak_mem_gb']:5.1f}"
-              f"  step {r['step_s']}  {r.get('optimizer', '')}  {r.get('busy', '')}")
+              f"  step {r['step_s']}  {r.get('optimizer', '')}  {r.get('busy', '')}  retries {r.get('alloc_retries')}")
 PY
 }
