@@ -423,13 +423,16 @@ def saved_activation_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens:
 
 
 def backward_extra_bytes(inp: PlanInput, gradient_checkpointing: bool, tokens: int) -> float:
-    """What the backward through the layers adds on top of the saved activations, per rank:
-    with checkpointing the one layer being recomputed in full; both ways a working set of
-    gradients -- incoming and outgoing hidden grads and the two MLP branch grads, a*(2h + 2i)
-    per token."""
+    """What the backward through the layers adds on top of the saved activations, per rank: a
+    working set of gradients -- incoming and outgoing hidden grads and the two MLP branch grads,
+    a*(2h + 2i) per token -- and, with checkpointing, a recomputed layer in full, but only when the
+    last layer is one of the recomputed (0, n, 2n, ...): the backward runs from the last layer down,
+    so a recomputed layer below it starts after the layers above it freed at least as much.
+    Measured (1 x H100, W2 at 32k rows, lean MLP): 7 or 14 of the 28 layers kept, 63.2 / 71.7 GiB."""
     s, a = inp.shape, inp.bytes.activation
     working = a * (2 * s.hidden_size + 2 * s.intermediate_size)
-    recompute = layer_activation_bytes_per_token(inp) if gradient_checkpointing else 0.0
+    last_recomputed = (s.num_hidden_layers - 1) % inp.checkpoint_every_n_layers == 0
+    recompute = layer_activation_bytes_per_token(inp) if gradient_checkpointing and last_recomputed else 0.0
     return tokens * (recompute + working)
 
 
@@ -804,21 +807,52 @@ def speed_row_tokens(fitting_tokens: int, *, max_length: int, cap: int = ROW_TOK
 
 @dataclass(frozen=True)
 class SpeedChoice:
-    """The option to run and the packed-row size to run it with (None: padded batches)."""
+    """The option to run, the packed-row size to run it with (None: padded batches) and, with
+    checkpointing, the train.checkpoint_every_n_layers that fits (1 without it)."""
 
     estimate: Estimate
     row_tokens: int | None
+    checkpoint_every_n_layers: int = 1
+
+
+# How speed_choice ranks the options of one kind (no offload, not ZeRO-3; ...): an estimated step-time
+# share over ZeRO-1 with fp32 accumulation and no recompute. A recomputed layer runs its forward again,
+# about a third of its forward and backward. Measured on one H100 (benchmarks/RESULTS.md, session 7,
+# lean MLP, 32k rows): W3 (8 layers of 7B width) ZeRO-0 with 1 layer recomputed 33.8-34.6k tokens/s,
+# ZeRO-1 with all 8 (ZeRO-1 fits no fewer) 28.2-28.5k; W2 with 2 / 4 / 7 / 14 of 28 layers recomputed
+# 43.8k / 42.9k / 41.9k / 39.7k.
+RECOMPUTE_SHARE_OF_LAYER = 1 / 3
+# The optimizer and its gradient handling, per stage, against ZeRO-1 with fp32 accumulation (one H100,
+# W1, sessions 5-6): ZeRO-0 (FP16_UnfusedOptimizer) 4.2% slower, ZeRO-1 with bf16 accumulation 5.2%,
+# ZeRO-2 7% (2.8% below ZeRO-0).
+STAGE_STEP_PENALTY = {0: 0.042, 1: 0.052, 2: 0.07, 3: 0.0}
+
+
+def step_cost_share(inp: PlanInput, option: Option, every_n: int) -> float:
+    """speed_choice's ranking within a kind: recompute plus the stage's optimizer penalty."""
+    fp32 = fp32_grad_accumulation(inp.grad_accum_dtype, stage=option.stage, precision=inp.precision,
+                                  offload_optimizer=option.offload_optimizer)
+    penalty = 0.0 if fp32 else STAGE_STEP_PENALTY[option.stage]
+    if not option.gradient_checkpointing:
+        return penalty
+    layers = inp.shape.num_hidden_layers
+    return penalty + RECOMPUTE_SHARE_OF_LAYER * -(-layers // every_n) / layers
 
 
 def speed_choice(result: Plan, *, shortest_row: int, packing: bool,
-                 allowed: Callable[[Option], bool] = lambda option: True) -> SpeedChoice | None:
+                 allowed: Callable[[Option], bool] = lambda option: True,
+                 choose_every_n: bool = True, fixed_row: int | None = None) -> SpeedChoice | None:
     """The fastest `allowed` option that fits the job's micro-batch (result.input.tokens_per_micro_batch)
     and, packed, the row `speed_row_tokens` proposes for it (the largest that fits, up to
     ROW_TOKENS_FOR_SPEED, at least `shortest_row`), among the options of the fastest kind (offload,
-    ZeRO-3) that runs at all. When no allowed option of that kind fits that micro-batch, packed: the
-    one that fits the largest rows of at least `shortest_row`. None when nothing allowed fits. What `plan` recommends (all options) and what the launcher
-    resolves train.micro_batch_tokens / gradient_checkpointing "auto" to (the recipe's ZeRO
-    options only) are both this choice."""
+    ZeRO-3) that runs at all. Within that kind the lowest step_cost_share: with checkpointing at the
+    largest checkpoint_every_n_layers that fits (`choose_every_n`: "auto"), else at the input's; on
+    rows of `fixed_row` tokens when the recipe sets them (train.micro_batch_tokens). When
+    no allowed option of that kind fits that micro-batch, packed: the one that fits the largest rows
+    of at least `shortest_row`. None when nothing allowed fits. What `plan` recommends (all options)
+    and what the launcher resolves the "auto" keys to (the recipe's ZeRO options only) are both this
+    choice."""
+    inp = result.input
     # Only the fastest kind of option (no offload before offload, ZeRO-0/1/2 before ZeRO-3: the start
     # of speed_key) that runs at all: never ZeRO-3 or offload just for larger rows (ZeRO-3 measured
     # 1.86x slower than ZeRO-2 on one H100; 32k rows 1.35x faster than 16k).
@@ -828,38 +862,45 @@ def speed_choice(result: Plan, *, shortest_row: int, packing: bool,
         return None
     kind = min(_option_kind(e.option) for e in runs)
     of_kind = [e for e in runs if _option_kind(e.option) == kind]
-    # Of that kind the fastest that fits the micro-batch, else (packed) the largest rows (ties: the fastest).
-    best = next((e for e in of_kind if e.fits_gpu), None) or max(of_kind, key=lambda e: e.max_tokens)
-    row = speed_row_tokens(best.max_tokens, max_length=shortest_row) if packing else None
-    return SpeedChoice(best, row)
+    fitting = [e for e in of_kind if e.fits_gpu]
+    if not fitting:  # packed: the largest rows (ties: the fastest)
+        best = max(of_kind, key=lambda e: e.max_tokens)
+        row = speed_row_tokens(best.max_tokens, max_length=shortest_row)
+        return SpeedChoice(best, row, _every_n(inp, best.option, fixed_row or row or shortest_row, choose_every_n))
+    # Rows of the full speed size first: W1 (1 x H100, session 6) ran one 32k row with every 2nd layer
+    # recomputed 10% faster than 16k rows with none (a step then often takes a second, part-empty row).
+    full_row = speed_row_tokens(1 << 40, max_length=shortest_row)
+    ranked = []
+    for e in fitting:
+        fits = e.max_tokens
+        if choose_every_n and e.option.gradient_checkpointing:  # its rows with every layer recomputed
+            fits = max_tokens(dataclasses.replace(inp, checkpoint_every_n_layers=1), e.option)
+        row = speed_row_tokens(fits, max_length=shortest_row) if packing else None
+        every = _every_n(inp, e.option, fixed_row or row or inp.tokens_per_micro_batch, choose_every_n)
+        short_rows = fixed_row is None and row is not None and row < full_row
+        ranked.append((short_rows, step_cost_share(inp, e.option, every), e.option.speed_key(),
+                       SpeedChoice(e, row, every)))
+    return min(ranked, key=lambda item: item[:3])[3]
+
+
+def _every_n(inp: PlanInput, option: Option, tokens: int, choose: bool) -> int:
+    if not option.gradient_checkpointing:
+        return 1
+    if not choose:
+        return inp.checkpoint_every_n_layers
+    return fewest_recomputed_layers(inp, option, tokens) or 1
 
 
 def _option_kind(option: Option) -> tuple[bool, ...]:
     return option.speed_key()[:3]  # (param offload, optimizer offload, ZeRO-3)
 
 
-# train.checkpoint_every_n_layers = "auto": the largest n that fits (fewest_recomputed_layers), at most
-# this. Measured on one H100, W1 (Qwen2.5-1.5B shape, 32k-token rows, ZeRO-1) through `clustertune train`
-# (2026-11-26): n = 2 ran 3.1% faster than n = 1; n = 2, 3, 4 gave 35,256, 35,746 and 33,978 tokens/s,
-# within noise of each other: the gain stops at 2, and a larger n only costs memory.
-CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED = 2
-
-
-def checkpoint_every_n_for_speed(inp: PlanInput, option: Option, tokens: int,
-                                 cap: int = CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED) -> int:
-    """The train.checkpoint_every_n_layers to run `option` with on rows of `tokens`: 1 without
-    checkpointing or when only full checkpointing fits, else the largest n that fits, at most `cap`."""
-    if not option.gradient_checkpointing:
-        return 1
-    fitting = fewest_recomputed_layers(inp, option, tokens)
-    return min(cap, fitting) if fitting else 1
-
-
 def fewest_recomputed_layers(inp: PlanInput, option: Option, tokens: int) -> int | None:
     """The largest train.checkpoint_every_n_layers (> 1: the fewest layers recomputed in backward)
     at which `option`, with checkpointing, still fits rows of `tokens`; None when only full
     checkpointing fits or the option does not checkpoint. Memory grows with n, so a scan from the
-    top stops at the first fit. Measured: n = 2 ran W1 3% faster at +22 GiB (1 x H100, 2026-11-26)."""
+    top stops at the first fit. Since the GPU is 95-97% busy (session 6) each layer not recomputed
+    pays: see RECOMPUTE_SHARE_OF_LAYER."""
     if not option.gradient_checkpointing:
         return None
     for every in range(inp.shape.num_hidden_layers, 1, -1):

@@ -45,10 +45,8 @@ from clustertune.errors import UserError
 from clustertune.flops import effective_context
 from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
-from clustertune.plan import (CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED, DEFAULT_CHECKPOINT_SHARD_GIB, GIB,
-                              ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan, PlanInput, ZeroBuckets,
-                              checkpoint_every_n_for_speed, fewest_recomputed_layers, lean_mlp_applies, plan,
-                              speed_choice, trainable_parameters)
+from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
+                              PlanInput, ZeroBuckets, lean_mlp_applies, plan, speed_choice, trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -109,24 +107,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     print(render_time(recipe, shape, job, best.option, data_size(recipe, args), bandwidth(args)))
     choice = speed_choice(result, shortest_row=shortest_row(recipe), packing=recipe.data.packing)
+    if choice is not None and choice.estimate.option != best.option:
+        print(f"\nfaster: {choice.estimate.option.label} rather than {best.option.label} (full-size packed rows "
+              f"first, then the fewest recomputed layers: plan.speed_choice); what --write and \"auto\" take")
+        best = choice.estimate
     row = choice.row_tokens if choice is not None else None
     if row is not None and row != recipe.train.micro_batch_tokens:
-        print(f"\npacked rows: {best.option.label} fits rows of up to {best.max_tokens:,} tokens; "
-              f"train.micro_batch_tokens = {row:,} (now {recipe.train.micro_batch_tokens:,}) runs the step in fewer, "
-              f"larger micro-batches (W1 on an H100: one 32k row 35% faster than two 16k rows)"
-              + ("" if args.write else "; --write sets it"))
-    tokens = row or recipe.train.micro_batch_tokens
-    every = fewest_recomputed_layers(inp, best.option, tokens) if recipe.data.packing else None
-    if every is not None and every > recipe.train.checkpoint_every_n_layers < CHECKPOINT_EVERY_N_LAYERS_FOR_SPEED:
+        print(f"\npacked rows: {best.option.label} fits {row:,}-token rows; train.micro_batch_tokens = {row:,} "
+              f"(now {recipe.train.micro_batch_tokens:,}) runs the step in fewer, larger micro-batches (W1 on an "
+              f"H100: one 32k row 35% faster than two 16k rows)" + ("" if args.write else "; --write sets it"))
+    every = choice.checkpoint_every_n_layers if choice is not None else 1
+    if every > recipe.train.checkpoint_every_n_layers:
         recomputed = -(-shape.num_hidden_layers // every)
-        print(f"\nselective checkpointing: train.checkpoint_every_n_layers up to {every} still fits {tokens:,}-token "
-              f"rows (at {every}: recomputes {recomputed} of {shape.num_hidden_layers} layers instead of all; more "
-              f"memory for less recompute: n = 2 ran W1 3% faster than 1 on an H100, 3 and 4 no faster than 2); "
-              f"\"auto\" takes 2")
+        print(f"\nselective checkpointing: train.checkpoint_every_n_layers = {every} fits "
+              f"(recomputes {recomputed} of {shape.num_hidden_layers} layers, the fewest that fit; each layer "
+              f"not recomputed saves about a third of its time: W3 on an H100, 1 of 8 layers recomputed ran 19% "
+              f"faster than all 8); \"auto\" takes it")
     if args.write:
         # The n written: what "auto" resolves to for the recommended option (1 without checkpointing).
-        recompute = checkpoint_every_n_for_speed(inp, best.option, tokens if recipe.data.packing
-                                                 else inp.tokens_per_micro_batch)
+        recompute = every
         changed, backup = write_recommendation(Path(args.recipe), best.option, micro_batch_tokens=row,
                                                checkpoint_every_n_layers=recompute)
         if not changed:

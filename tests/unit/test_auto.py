@@ -15,7 +15,8 @@ import pytest
 
 from clustertune.auto import launched_recipe, require_resolved, resolve_auto
 from clustertune.config import RecipeError, recipe_from_dict
-from clustertune.plan import ROW_TOKENS_FOR_SPEED, plan, speed_choice
+from clustertune.plan import (ROW_TOKENS_FOR_SPEED, Option, fewest_recomputed_layers, plan, speed_choice,
+                              step_cost_share)
 from clustertune.plan_cli import Job, plan_input
 from clustertune.shapes import lookup_shape
 
@@ -60,36 +61,44 @@ def test_an_h100_gets_the_planners_32k_row_with_checkpointing():
     assert out.recipe.train.micro_batch_tokens == ROW_TOKENS_FOR_SPEED == 32768
     assert out.recipe.train.gradient_checkpointing is True
     assert out.recipe.zero.stage == 2  # explicit: kept
-    assert out.note.startswith("auto: train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true, "
-                               "train.checkpoint_every_n_layers = 2 (planner: ZeRO-2 + ckpt on 80.0 GiB GPUs "
-                               "[test], 1 rank(s)")
-    # the planner's own numbers agree: ZeRO-2 without checkpointing does not fit 32k rows, with it does
+    # the planner's own numbers agree: ZeRO-2 without checkpointing does not fit 32k rows, with it does,
+    # and n is the largest that still fits them (the fewest layers recomputed)
     job = Job(80.0, "test", 1, 1, "test", None, "")
-    estimates = {e.option: e for e in plan(plan_input(recipe_from_dict(w1()), lookup_shape("qwen2.5-1.5b"), job)).estimates}
+    inp = plan_input(recipe_from_dict(w1()), lookup_shape("qwen2.5-1.5b"), job)
+    estimates = {e.option: e for e in plan(inp).estimates}
     z2 = {o.gradient_checkpointing: e for o, e in estimates.items() if o.stage == 2 and not o.offload_optimizer}
     assert not z2[False].fits and z2[True].fits and z2[True].max_tokens >= 32768
+    every = fewest_recomputed_layers(inp, Option(2, False, False, True), 32768)
+    assert every > 2 and out.recipe.train.checkpoint_every_n_layers == every
+    assert out.note.startswith("auto: train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true, "
+                               f"train.checkpoint_every_n_layers = {every} (planner: ZeRO-2 + ckpt on 80.0 GiB GPUs "
+                               "[test], 1 rank(s)")
 
 
-def test_a_plain_recipe_on_one_h100_gets_zero1_and_every_2nd_layer_recomputed():
+def test_a_plain_recipe_on_one_h100_gets_zero1_and_the_fewest_recomputed_layers_that_fit():
     """The measured fast path of W1 on one H100 (benchmarks/RESULTS.md, issue 13): ZeRO-1 with fp32
-    gradient accumulation (DeepSpeed's BF16_Optimizer, +4.2% over ZeRO-0), one 32k-token row,
-    checkpointing of every 2nd layer (+3% over every layer) -- from a recipe that names none of these
-    keys; the line names each key it set."""
+    gradient accumulation (DeepSpeed's BF16_Optimizer, +4.2% over ZeRO-0), one 32k-token row, and as
+    few recomputed layers as fit (the lean MLP, session 7: every layer not recomputed pays) -- from a
+    recipe that names none of these keys; the line names each key it set."""
     out = resolve(plain_w1(), gpu_mem_gib=80.0)
-    assert resolved_keys(out) == (1, 32768, True, 2)
-    assert out.note.startswith("auto: zero.stage = 1, train.micro_batch_tokens = 32,768, "
-                               "train.gradient_checkpointing = true, train.checkpoint_every_n_layers = 2 "
-                               "(planner: ZeRO-1 + ckpt on 80.0 GiB GPUs [test], 1 rank(s)")
-    # the planner's own numbers: n = 2 is the largest that fits the 32k row (and the cap: measured no
-    # faster beyond it)
     job = Job(80.0, "test", 1, 1, "test", None, "")
     inp = plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), job)
-    from clustertune.plan import Option, fewest_recomputed_layers
-    assert fewest_recomputed_layers(inp, Option(0, False, False, True), 32768) == 2
-    # on 2 x 80 GiB ZeRO-1 (half the optimizer states) fits more than n = 2: still 2
+    assert inp.lean_mlp
+    every = fewest_recomputed_layers(inp, Option(1, False, False, True), 32768)
+    assert every >= 4  # 7 of 28 layers or fewer: session 6 (no lean MLP) fitted only every 2nd
+    assert resolved_keys(out) == (1, 32768, True, every)
+    assert out.note.startswith("auto: zero.stage = 1, train.micro_batch_tokens = 32,768, "
+                               f"train.gradient_checkpointing = true, train.checkpoint_every_n_layers = {every} "
+                               "(planner: ZeRO-1 + ckpt on 80.0 GiB GPUs [test], 1 rank(s)")
+    # ZeRO-0 would fit fewer recomputed layers, but not enough fewer to pay for its slower optimizer
+    z0_every = fewest_recomputed_layers(inp, Option(0, False, False, True), 32768)
+    assert z0_every >= every
+    assert step_cost_share(inp, Option(1, False, False, True), every) <= \
+        step_cost_share(inp, Option(0, False, False, True), z0_every)
+    # on 2 x 80 GiB ZeRO-1 (half the optimizer states) fits fewer recomputed layers still
     two = Job(80.0, "test", 1, 2, "test", None, "")
     assert fewest_recomputed_layers(plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), two),
-                                    Option(1, False, False, True), 32768) > 2
+                                    Option(1, False, False, True), 32768) > every
     # a row that only fits with every layer recomputed gets n = 1 (a 40 GiB GPU)
     small = resolve(plain_w1(), gpu_mem_gib=40.0)
     assert small.recipe.train.gradient_checkpointing is True and small.recipe.train.checkpoint_every_n_layers == 1
@@ -104,7 +113,10 @@ def test_several_ranks_get_the_planners_stage(nodes, gpus_per_node):
     result = plan(plan_input(recipe_from_dict(plain_w1()), lookup_shape("qwen2.5-1.5b"), job))
     best = speed_choice(result, shortest_row=4096, packing=True)
     assert out.recipe.zero.stage == best.estimate.option.stage == 1
-    assert resolved_keys(out) == (1, 32768, True, 2)
+    # 2 ranks: 2 of 28 layers recomputed fit; 16 ranks (ZeRO-1 states over 16): none
+    assert resolved_keys(out) == (1, 32768, best.estimate.option.gradient_checkpointing,
+                                  best.checkpoint_every_n_layers)
+    assert best.checkpoint_every_n_layers > 2 or not best.estimate.option.gradient_checkpointing
     assert f"{nodes * gpus_per_node} rank(s)" in out.note
 
 
@@ -139,7 +151,8 @@ def test_optimizer_offload_keeps_a_partitioning_stage():
 def test_lora_dpo_and_grpo_resolve_sensibly():
     # LoRA: no ZeRO-0 (its optimizer states are small, that path not run here): ZeRO-1 on one GPU
     lora = {**plain_w1(), "lora": {"enabled": True}}
-    assert resolved_keys(resolve(lora, gpu_mem_gib=80.0)) == (1, 32768, True, 2)
+    stage, row, checkpointing, every = resolved_keys(resolve(lora, gpu_mem_gib=80.0))
+    assert (stage, row, checkpointing) == (1, 32768, True) and every > 2
     # DPO: a pair per row (2 x max_length), ZeRO-1 on one GPU like SFT
     dpo = resolve(plain_w1(objective="dpo"), gpu_mem_gib=80.0)
     assert dpo.recipe.zero.stage == 1 and dpo.recipe.train.micro_batch_tokens >= 2 * 4096
@@ -188,10 +201,10 @@ def test_explicit_values_are_never_changed():
     assert out.recipe.train.checkpoint_every_n_layers == 1
     assert out.note.startswith("auto: train.gradient_checkpointing = false, train.checkpoint_every_n_layers = 1 "
                                "(planner: ZeRO-2 on")
-    # explicit stage and n on a plain recipe: kept, the rest planned around them (n = 4 keeps more
+    # explicit stage and n on a plain recipe: kept, the rest planned around them (n = 8 keeps more
     # activations: a smaller row than 32k fits)
-    assert resolved_keys(resolve(plain_w1(checkpoint_every_n_layers=4) | {"zero": {"stage": 1}},
-                                 gpu_mem_gib=80.0)) == (1, 23552, True, 4)
+    assert resolved_keys(resolve(plain_w1(checkpoint_every_n_layers=8) | {"zero": {"stage": 1}},
+                                 gpu_mem_gib=80.0)) == (1, 29696, True, 8)
     out = resolve(w1(gradient_checkpointing=False))
     assert out.recipe.train.gradient_checkpointing is False
     assert out.recipe.train.micro_batch_tokens < 32768  # the largest row without checkpointing
@@ -296,18 +309,21 @@ def test_plan_of_a_plain_recipe_shows_and_writes_what_train_resolves(tmp_path, c
     flags = ["--gpu-mem", "80", "--samples", "1400", "--tokens-per-sample", "1500"]
     assert main(["plan", str(path), *flags, "--nodes", "1", "--gpus-per-node", "1", "--write"]) == 0
     out = capsys.readouterr().out
+    every = resolve(plain_w1(), gpu_mem_gib=80.0).recipe.train.checkpoint_every_n_layers  # what train takes
+    assert every > 2
     assert out.startswith("auto: zero.stage = 1, train.micro_batch_tokens = 32,768, train.gradient_checkpointing = "
-                          "true, train.checkpoint_every_n_layers = 2 (planner: ZeRO-1 + ckpt")
+                          f"true, train.checkpoint_every_n_layers = {every} (planner: ZeRO-1 + ckpt")
     assert "recommended: ZeRO-1 + ckpt: zero.stage=1" in out
     written = recipe_from_dict(__import__("tomllib").loads(path.read_text()))
     assert (written.zero.stage, written.train.micro_batch_tokens, written.train.gradient_checkpointing,
-            written.train.checkpoint_every_n_layers) == (1, 32768, True, 2)
+            written.train.checkpoint_every_n_layers) == (1, 32768, True, every)
     # 2 x 8 GPUs: the same line as a launch there
     path.write_text(path.with_name("w1.toml.bak").read_text())
     assert main(["plan", str(path), *flags, "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    # (ZeRO-1 states over 16 ranks leave room for 32k rows with no layer recomputed)
     assert capsys.readouterr().out.startswith(
-        "auto: zero.stage = 1, train.micro_batch_tokens = 32,768, train.gradient_checkpointing = true, "
-        "train.checkpoint_every_n_layers = 2 (planner: ZeRO-1 + ckpt on 80.0 GiB GPUs [--gpu-mem 80 (GiB)], 16 rank(s)")
+        "auto: zero.stage = 1, train.micro_batch_tokens = 32,768, train.gradient_checkpointing = false, "
+        "train.checkpoint_every_n_layers = 1 (planner: ZeRO-1 on 80.0 GiB GPUs [--gpu-mem 80 (GiB)], 16 rank(s)")
 
 
 def test_a_launch_hands_ranks_values_and_resume_keeps_them(tmp_path, monkeypatch, capsys):

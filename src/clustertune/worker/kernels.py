@@ -189,11 +189,8 @@ def _liger_swiglu():
 
 @functools.cache
 def _triton_swiglu():
-    try:
-        from clustertune.worker import swiglu_triton
-    except ImportError:  # no triton (CPU builds of torch)
-        return None
-    return swiglu_triton
+    from clustertune.worker import swiglu_triton
+    return swiglu_triton if swiglu_triton.AVAILABLE else None
 
 
 class SwiGLUDown(torch.autograd.Function):
