@@ -15,7 +15,7 @@ row_to() { local sum=$1 name=$2 lim=$3; shift 3
   timeout $lim "$@" > "$LOGS/$name.log" 2>&1; echo "rc=$?" >> "$sum"
   grep -h "^RESULT\|^FAIL\|^auto:" "$LOGS/$name.log" | cut -c1-2500 >> "$sum"
   grep -h "first step after" "$LOGS/$name.log" | tail -1 | cut -c1-300 >> "$sum"
-  grep -m2 -h "Error\|out of memory" "$LOGS/$name.log" | cut -c1-300 >> "$sum"; }
+  grep -v "Backend impl" "$LOGS/$name.log" | grep -m2 "Error\|out of memory" | cut -c1-300 >> "$sum"; }
 
 # harness_table SUMMARY: one line per harness RESULT in SUMMARY (bench_clustertune.py rows).
 harness_table() { python3 - "$1" <<'PY'
