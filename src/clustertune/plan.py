@@ -815,12 +815,12 @@ class SpeedChoice:
     checkpoint_every_n_layers: int = 1
 
 
-# How speed_choice ranks the options of one kind (no offload, not ZeRO-3; ...): an estimated step-time
+# How speed_choice ranks the options of one kind (the same offload, ZeRO-3 or not): an estimated step-time
 # share over ZeRO-1 with fp32 accumulation and no recompute. A recomputed layer runs its forward again,
 # about a third of its forward and backward. Measured on one H100 (benchmarks/RESULTS.md, session 7,
-# lean MLP, 32k rows): W3 (8 layers of 7B width) ZeRO-0 with 1 layer recomputed 33.8-34.6k tokens/s,
-# ZeRO-1 with all 8 (ZeRO-1 fits no fewer) 28.2-28.5k; W2 with 2 / 4 / 7 / 14 of 28 layers recomputed
-# 43.8k / 42.9k / 41.9k / 39.7k.
+# lean MLP, 32k rows, harness): W3 (8 layers of 7B width) ZeRO-0 with 1 layer recomputed 33.8-34.6k
+# tokens/s, ZeRO-1 with all 8 (it fits no fewer) 28.2-28.5k; W2 with 2 / 4 / 7 / 14 of 28 layers
+# recomputed 43.8k / 42.9k / 41.9k / 39.7k (calls 1-2).
 RECOMPUTE_SHARE_OF_LAYER = 1 / 3
 # The optimizer and its gradient handling, per stage, against ZeRO-1 with fp32 accumulation (one H100,
 # W1, sessions 5-6): ZeRO-0 (FP16_UnfusedOptimizer) 4.2% slower, ZeRO-1 with bf16 accumulation 5.2%,

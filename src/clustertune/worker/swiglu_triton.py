@@ -4,8 +4,10 @@ elementwise ops where triton is missing, as in CPU builds of torch).
 Reads grad_product, gate and up once and writes grad_gate and grad_up into gate's and up's storage
 (as Liger's SwiGLU backward does: they are dead after it) and, when asked, the recomputed product
 silu(gate) * up for down_proj's weight gradient into grad_product's storage, so the backward
-allocates nothing HF's MLP does not. Measured on one H100 (benchmarks/NOTES.md, session 7): a
-separate product kernel into a new buffer cost 4-6% of the step; this kernel 0.5% on W1.
+allocates nothing HF's MLP does not. Measured on one H100 (benchmarks/NOTES.md, session 7, at the
+same recompute): Liger's product kernel into a new buffer cost 4-6% of the step; this one 0.5% on W1
+(every 2nd layer recomputed), but still 5.5% on W3 with every layer recomputed (not found why; the
+planner's choices recompute fewer layers there, where it pays for itself: +14%).
 """
 
 from __future__ import annotations
