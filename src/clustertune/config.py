@@ -179,8 +179,8 @@ class TrainSection(_Section):
     gradient_checkpointing: BoolOrAuto = AUTO
     # Selective checkpointing: with gradient_checkpointing on, recompute only every N-th decoder
     # layer (1 = all); the others keep their activations. Less recompute for more memory;
-    # `clustertune plan` counts both. "auto": with checkpointing on, the largest n <= 2 the planner
-    # fits (W1 on an H100: n = 2 ran 3% faster than n = 1, n = 3 and 4 no faster than 2); else 1.
+    # `clustertune plan` counts both. "auto": with checkpointing on, the largest n the planner fits
+    # (the fewest layers recomputed; chosen together with zero.stage: plan.speed_choice); else 1.
     checkpoint_every_n_layers: LayersOrAuto = AUTO
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cuda", "cpu"] = "auto"
