@@ -6,8 +6,9 @@ Reads grad_product, gate and up once and writes grad_gate and grad_up into gate'
 silu(gate) * up for down_proj's weight gradient into grad_product's storage, so the backward
 allocates nothing HF's MLP does not. Measured on one H100 (benchmarks/NOTES.md, session 7, at the
 same recompute): Liger's product kernel into a new buffer cost 4-6% of the step; this one 0.5% on W1
-(every 2nd layer recomputed), but still 5.5% on W3 with every layer recomputed (not found why; the
-planner's choices recompute fewer layers there, where it pays for itself: +14%).
+(every 2nd layer recomputed), but still 5.5% on W3 with every layer recomputed: in isolation the MLP
+tail's forward and backward take 24.7 vs 22.9 ms there (benchmarks/lean_mlp_gemm.py), a quarter of
+the end-to-end cost; the rest not found. The planner recomputes fewer layers there, where it pays.
 """
 
 from __future__ import annotations
