@@ -214,6 +214,7 @@ print("RESULT " + json.dumps({"impl": "clustertune", "world_size": rt.world_size
       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
       "offload": a.offload, "layers": shape.num_hidden_layers, "liger_chunk_mem_const": a.liger_chunk_mem_const, "liger_layer_kernels": a.liger_layer_kernels, "lean_mlp": a.lean_mlp, "every_n": a.every_n,
       "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None,
+      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else 0,
       "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "engine_build_s": round(engine_s, 1),
       "time_to_first_step_s": round(first_step_at, 1), "host_peak_gib_node": round(host.gib, 1),
       "step_times": [round(t, 3) for t in times], "losses": losses[:20],

@@ -6,7 +6,8 @@ metrics.jsonl has one JSON object per line (metrics.MetricsSink, written by the 
 train.log_every steps). Training lines carry "step", "loss", "lr", "grad_norm", "tokens" and
 "trained_tokens" (of that step: all and loss-bearing tokens), "tokens_per_s" (the whole cluster),
 "tokens_per_s_per_gpu", "world_size", "step_time_s", "mfu" (per GPU: cluster FLOPs over world
-size x one GPU's peak), "mem_gib" (GPU only; max_memory_allocated / 2**30) and "time"; eval lines
+size x one GPU's peak), "mem_gib" and "mem_reserved_gib" (GPU only; max_memory_allocated and
+max_memory_reserved / 2**30) and "time"; eval lines
 carry "eval_loss"
 (and maybe "eval_ppl", "eval_tokens"); lines of generated samples carry no metric and are left
 out. Missing and unknown keys are fine, and so is a torn last line (the run may still be

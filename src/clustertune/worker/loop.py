@@ -194,6 +194,7 @@ class TrainingLoop:
                                        peak_flops_per_gpu=self.peak_flops, **self.flops_base)}
         if rt.on_gpu:
             record["mem_gib"] = metrics.peak_memory_gib()
+            record["mem_reserved_gib"] = metrics.peak_reserved_gib()
         return record, outcome
 
     def save(self, step: int) -> None:

@@ -51,6 +51,13 @@ def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / GIB
 
 
+def peak_reserved_gib() -> float:
+    """torch.cuda.max_memory_reserved(): what the caching allocator held at most, allocated or not.
+    The gap to peak_memory_gib is the allocator slack the planner counts as FRAGMENTATION."""
+    import torch
+    return torch.cuda.max_memory_reserved() / GIB
+
+
 class MetricsSink:
     """Writes one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to
     TensorBoard (RUN_DIR/tensorboard) when the package is installed. Rank 0 only."""
