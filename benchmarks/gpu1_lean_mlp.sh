@@ -8,11 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=${DEADLINE_S:-585}
 . benchmarks/rows.sh
-SUM=$OUT/summary.txt
-B="python3 benchmarks/bench_clustertune.py --steps 12 --order shuffled --budget 32768 --gc"
-W3="$B --stage 1 --shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
-W2="$B --stage 1 --shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 16"
-W1="$B --stage 1 --shape qwen2.5-1.5b --mode var --seq 4096 --batch 32"
+W1="$HARNESS --gc --stage 1 $W1_ARGS"; W2="$HARNESS --gc --stage 1 $W2_ARGS"; W3="$HARNESS --gc --stage 1 $W3_ARGS"
 row_to $SUM warmup 60 $W1 --every-n 2 --lean-mlp on --steps 8
 row_to $SUM w1_n2_off 60 $W1 --every-n 2 --lean-mlp off
 row_to $SUM w1_n2_on 60 $W1 --every-n 2 --lean-mlp on
@@ -23,7 +19,7 @@ row_to $SUM w3_n1_off 60 $W3 --every-n 1 --lean-mlp off
 row_to $SUM w3_n1_on 60 $W3 --every-n 1 --lean-mlp on
 row_to $SUM w3_n2_on 60 $W3 --every-n 2 --lean-mlp on
 row_to $SUM w3_n3_on 60 $W3 --every-n 3 --lean-mlp on
-row_to $SUM w3_n3_on_z0 60 ${W3/--stage 1/--stage 0} --every-n 3 --lean-mlp on
+row_to $SUM w3_n3_on_z0 60 $HARNESS --gc --stage 0 $W3_ARGS --every-n 3 --lean-mlp on
 row_to $SUM w2_n2_off 60 $W2 --every-n 2 --lean-mlp off
 row_to $SUM w2_n2_on 60 $W2 --every-n 2 --lean-mlp on
 row_to $SUM w2_n4_on 60 $W2 --every-n 4 --lean-mlp on

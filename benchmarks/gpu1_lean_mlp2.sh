@@ -7,13 +7,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=${DEADLINE_S:-585}
 . benchmarks/rows.sh
-SUM=$OUT/summary.txt
-{ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_lean_mlp.py 2>&1 || echo "pytest rc=$?"; } | tail -5 >> $SUM
-B="python3 benchmarks/bench_clustertune.py --steps 12 --order shuffled --budget 32768"
-W3="$B --stage 1 --shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
-W3Z0="$B --stage 0 --shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
-W2="$B --stage 1 --shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 16"
-W1="$B --stage 1 --shape qwen2.5-1.5b --mode var --seq 4096 --batch 32"
+gpu_unit_tests $SUM tests/unit/test_lean_mlp.py
+W3="$HARNESS --stage 1 $W3_ARGS"
+W3Z0="$HARNESS --stage 0 $W3_ARGS"
+W2="$HARNESS --stage 1 $W2_ARGS"
+W1="$HARNESS --stage 1 $W1_ARGS"
 row_to $SUM warmup 60 $W1 --gc --every-n 2 --lean-mlp on --steps 8
 row_to $SUM w1_n2_off 60 $W1 --gc --every-n 2 --lean-mlp off
 row_to $SUM w1_n2_on 60 $W1 --gc --every-n 2 --lean-mlp on

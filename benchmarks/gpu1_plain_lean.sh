@@ -8,11 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=585 . benchmarks/rows.sh
-SUM=$OUT/summary.txt
 CVH="python3 benchmarks/cli_vs_harness.py --steps 15 --cli-only --plain --verbose"
-W1="--shape qwen2.5-1.5b --seq 4096 --batch 32"
-W2="--shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 16"
-W3="--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
+W1=$W1_ARGS; W2=$W2_ARGS; W3=$W3_ARGS
 row_to $SUM peer_w1 150 python3 -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/hf_trainer.py \
     --gc --steps 15 --padfree --liger --fused-adamw --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 --ga 2
 row_to $SUM loss_gate_lean 200 python3 benchmarks/loss_gate.py --stage 1 --out /tmp/p/gate

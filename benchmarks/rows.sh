@@ -1,10 +1,22 @@
 # Sourced by the benchmarks/gpu*.sh call scripts: the call's clock and one way to run a row.
 #   OUT (default /tmp/out): what comes back from the GPU machine; LOGS (default $OUT): each row's log;
+#   SUM (default $OUT/summary.txt): the call's summary;
 #   DEADLINE_S (default 570): no row runs past this many seconds after the call started.
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-$OUT}; mkdir -p "$OUT" "$LOGS"
+OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-$OUT}; mkdir -p "$OUT" "$LOGS"; SUM=${SUM:-$OUT/summary.txt}
 T0=$(date +%s); DEADLINE=$(( T0 + ${DEADLINE_S:-570} ))
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader; date -u
+
+# The harness and issue 13's three workloads (the shape flags of bench_clustertune.py and
+# cli_vs_harness.py): W1 SFT-like lengths, W2 fixed 2048, W3 the 7B width cut to 8 layers.
+HARNESS="python3 benchmarks/bench_clustertune.py --steps 12 --order shuffled --budget 32768"
+W1_ARGS="--shape qwen2.5-1.5b --mode var --seq 4096 --batch 32"
+W2_ARGS="--shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 16"
+W3_ARGS="--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
+
+# gpu_unit_tests SUMMARY TEST_FILE...: the files' tests (their CUDA cases run here), last lines to SUMMARY.
+gpu_unit_tests() { local sum=$1; shift
+  { timeout 90 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 || echo "pytest rc=$?"; } | tail -3 >> "$sum"; }
 
 # row_to SUMMARY NAME LIMIT cmd...: cmd under `timeout` (cut to the call's deadline) into
 # $LOGS/NAME.log; its RESULT/FAIL lines, start-up line and first errors appended to SUMMARY.

@@ -56,6 +56,16 @@ def test_fp32_accumulation_trains_skips_a_nan_step_resumes_and_exports(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(offline(probe).logits, live(probe).logits)
     assert all(torch.isfinite(t).all() for t in offline.state_dict().values())
+    # Its model file holds the whole model: a node without the other rank's optimizer shard (checkpoints
+    # kept per node) exports the same weights, where a ZeRO-2/3 checkpoint needs every shard.
+    for f in (run_dir / "checkpoints" / "step_00000006").glob("*rank_1_*optim_states.pt"):
+        f.unlink()
+    assert not list((run_dir / "checkpoints" / "step_00000006").glob("*rank_1_*optim_states.pt"))
+    alone = run_export(run_dir, tmp_path / "y")
+    assert alone.returncode == 0, alone.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "y")(probe).logits,
+                                   live(probe).logits)
 
 
 def test_resume_gives_the_uninterrupted_runs_losses(tmp_path, task_dir):

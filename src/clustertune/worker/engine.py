@@ -210,11 +210,21 @@ def deepspeed_version() -> str:
     return deepspeed.__version__
 
 
+def _is_bf16_optimizer_checkpoint(tag_dir: Path) -> bool:
+    return any(Path(tag_dir).glob("bf16_zero_pp_rank_*_optim_states.pt"))
+
+
+def export_needs_every_rank(tag_dir: Path) -> bool:
+    """Whether consolidated_parameters reads every rank's shard (zero_to_fp32) or only the model file
+    (a BF16_Optimizer checkpoint: see there), which every node's copy holds whole."""
+    return not _is_bf16_optimizer_checkpoint(tag_dir)
+
+
 def consolidated_parameters(checkpoint_root: Path, tag: str):
     """(name, full fp32 tensor) of a ZeRO checkpoint, one tensor materialized at a time
     (DeepSpeed's lazy mode), so exporting a 32B model never holds it whole in host memory."""
     tag_dir = Path(checkpoint_root) / tag
-    if any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+    if _is_bf16_optimizer_checkpoint(tag_dir):
         # ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer) writes optimizer files that
         # zero_to_fp32 does not read. Its model file holds the whole module (stage 1 partitions no
         # weights): the bf16 copies DeepSpeed made of the fp32 masters after the step, i.e. exactly what

@@ -84,10 +84,12 @@ def _write_safetensors_shards(named: Iterator[tuple[str, Any]], out: Path, *, dt
 
 
 def _check_all_shards(directory: Path) -> None:
-    """The consolidation needs every rank's ZeRO shard. Without a shared filesystem each node
-    holds only its own ranks' shards: say how to gather them instead of failing deep inside."""
+    """The consolidation needs every rank's ZeRO shard (not a BF16_Optimizer checkpoint's: its model
+    file holds the whole model). Without a shared filesystem each node holds only its own ranks'
+    shards: say how to gather them instead of failing deep inside."""
+    from clustertune.worker import engine
     world = read_marker(directory).get("world_size")
-    if not world:
+    if not world or not engine.export_needs_every_rank(directory):
         return
     ranks = {int(m.group(1)) for f in directory.glob("*optim_states.pt")
              if (m := re.search(r"_rank_(\d+)_", f.name))}
