@@ -824,7 +824,7 @@ class SpeedChoice:
 RECOMPUTE_SHARE_OF_LAYER = 1 / 3
 # The optimizer and its gradient handling, per stage, against ZeRO-1 with fp32 accumulation (one H100,
 # W1, sessions 5-6): ZeRO-0 (FP16_UnfusedOptimizer) 4.2% slower, ZeRO-1 with bf16 accumulation 5.2%,
-# ZeRO-2 7% (2.8% below ZeRO-0).
+# ZeRO-2 7% (2.8% below ZeRO-0). ZeRO-3 is a kind of its own (speed_key), ranked only against itself.
 STAGE_STEP_PENALTY = {0: 0.042, 1: 0.052, 2: 0.07, 3: 0.0}
 
 
