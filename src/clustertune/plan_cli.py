@@ -46,7 +46,8 @@ from clustertune.flops import effective_context
 from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
-                              PlanInput, ZeroBuckets, lean_mlp_applies, plan, speed_choice, trainable_parameters)
+                              PlanInput, SpeedChoice, ZeroBuckets, lean_mlp_applies, plan, speed_choice,
+                              trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -93,7 +94,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if recipe.train.objective == "grpo":  # an option fits only when its rollout fits too
         grpo = plan_generation.with_rollout(result, grpo_rollout_spec(recipe))
         result = grpo.plan
-    print(render(result, recipe, job, shape_note))
+    choice = speed_choice(result, shortest_row=shortest_row(recipe), packing=recipe.data.packing)
+    print(render(result, recipe, job, shape_note, choice=choice))
     if grpo is not None:
         print()
         print(render_rollout(grpo))
@@ -101,16 +103,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print()
             print(render_lora_fit(inp, grpo.spec, shape_name=recipe.model.path))
         plan_generation.check_rollout_fits(grpo)  # GenerationMemoryError: numbers and fixes
-    best = result.recommended
-    if best is None:
+    if result.recommended is None:
         return 1
+    best = choice.estimate if choice is not None else result.recommended
     print()
     print(render_time(recipe, shape, job, best.option, data_size(recipe, args), bandwidth(args)))
-    choice = speed_choice(result, shortest_row=shortest_row(recipe), packing=recipe.data.packing)
-    if choice is not None and choice.estimate.option != best.option:
-        print(f"\nfaster: {choice.estimate.option.label} rather than {best.option.label} (full-size packed rows "
-              f"first, then the fewest recomputed layers: plan.speed_choice); what --write and \"auto\" take")
-        best = choice.estimate
     row = choice.row_tokens if choice is not None else None
     if row is not None and row != recipe.train.micro_batch_tokens:
         print(f"\npacked rows: {best.option.label} fits {row:,}-token rows; train.micro_batch_tokens = {row:,} "
@@ -346,12 +343,11 @@ def _fit_text(e: Estimate) -> str:
     return "no: " + "+".join(name for ok, name in ((e.fits_gpu, "GPU"), (e.fits_host, "host")) if not ok)
 
 
-def render_table(result: Plan, current: Option | None) -> str:
+def render_table(result: Plan, current: Option | None, best: Estimate | None) -> str:
     head = (f"{'#':>2}  {'stage':>5} {'offload':>9} {'ckpt':>4} | {'params':>6} {'grads':>6} {'optim':>6} "
             f"{'activ':>6} {'logits':>6} {'step':>5} {'buffers':>7} | {'GPU':>6} {'peak at':<8} | "
             f"{'host load':>9} {'train':>6} | {'fits':<11} {'max tok':>7}")
     lines = [head, "-" * len(head)]
-    best = result.recommended
     for rank, e in enumerate(result.estimates, 1):
         o, g = e.option, e.gpu
         mark = "  <- recommended" if e is best else ""
@@ -376,8 +372,11 @@ def _host_line(result: Plan, job: Job) -> str:
             f"budget {result.host_budget_gib:.0f} GiB")
 
 
-def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
+def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "", choice: SpeedChoice | None = None) -> str:
+    """The plan as `clustertune plan` prints it. `choice` (plan.speed_choice) is what it recommends
+    and what "auto" and --write take; without one, the table's first option that fits."""
     inp = result.input
+    best = result.recommended if choice is None or result.recommended is None else choice.estimate
     tuning = "LoRA r=%d (%s)" % (inp.lora_rank, ",".join(inp.lora_targets)) if inp.lora_rank else "full fine-tuning"
     out = [
         f"model: {recipe.model.path}: {result.parameters / 1e9:.2f}B params, {_count(result.trainable)} trainable "
@@ -395,7 +394,7 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         "worst moment (peak at): the loss (saved activations + logits), the backward (activ) or the optimizer",
         "step (step: gradient copies being stepped) -- plus buffers = ZeRO buckets + gathered params + CUDA/NCCL",
         "runtime + allocator slack. max tok = largest micro-batch (tokens) that fits the GPU.",
-        render_table(result, recipe_option(recipe)),
+        render_table(result, recipe_option(recipe), best),
         "",
     ]
     ckpt = result.checkpoint
@@ -407,7 +406,6 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
     else:
         out.append(f"final export (HF safetensors, {inp.precision}): {ckpt.export:.0f} GiB")
     out.append("")
-    best = result.recommended
     if best is None:
         out.append(f"recommendation: none -- {result.why()}")
     else:
@@ -415,8 +413,14 @@ def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "") -> str:
         settings = (f"zero.stage={o.stage} zero.offload_optimizer={str(o.offload_optimizer).lower()} "
                     f"zero.offload_params={str(o.offload_params).lower()} "
                     f"train.gradient_checkpointing={str(o.gradient_checkpointing).lower()}")
+        if choice is not None and o.gradient_checkpointing:
+            settings += f" train.checkpoint_every_n_layers={choice.checkpoint_every_n_layers}"
         out.append(f"recommended: {o.label}: {settings}")
-        out.append(f"why: {result.why()}")
+        why = result.why()
+        if best is not result.recommended:
+            why = (f"full-size packed rows first, then the fewest recomputed layers and the stage's optimizer cost "
+                   f"(plan.speed_choice), ahead of {result.recommended.option.label}, the table's first that fits")
+        out.append(f"why: {why}")
     return "\n".join(out)
 
 

@@ -41,9 +41,14 @@ def test_shipped_r1_recipe_plans_zero3_ckpt(capsys):
     out = capsys.readouterr().out
     # the model directory is not on this machine: the built-in shape of the same name is used
     assert "planned with the built-in shape deepseek-r1-distill-qwen-32b" in out
-    # with the lean MLP (session 7) 4k rows fit 16 H20s without recomputing: ZeRO-3 either way
-    assert "recommended: ZeRO-3: zero.stage=3 zero.offload_optimizer=false zero.offload_params=false" in out
-    assert "<- recommended" in out and "(recipe now)" in out
+    # the table's first that fits is ZeRO-3 without checkpointing (the lean MLP's memory, session 7) on the
+    # recipe's 4k rows; the recommendation (what --write takes) is 32k rows with checkpointing: fewer,
+    # larger micro-batches first (plan.speed_choice)
+    assert ("recommended: ZeRO-3 + ckpt: zero.stage=3 zero.offload_optimizer=false zero.offload_params=false "
+            "train.gradient_checkpointing=true train.checkpoint_every_n_layers=1") in out
+    assert "<- recommended  (recipe now)" in out
+    assert "ahead of ZeRO-3, the table's first that fits" in out
+    assert "train.micro_batch_tokens = 32,768 (now 4,096)" in out
     assert "95.6 GiB" in out and "budget 86.0 GiB" in out
     assert "checkpoint on disk (DeepSpeed, per save): 427 GiB" in out
 
@@ -242,7 +247,7 @@ def test_nothing_fits_without_lora_advises_it_and_the_gpu_count(tmp_path, capsys
 def test_seed_job_prints_a_time_estimate_with_its_assumptions(capsys):
     assert plan_main(str(R1_RECIPE), *H20_JOB, "--samples", "100000", "--tokens-per-sample", "2000") == 0
     out = capsys.readouterr().out
-    text = out[out.index("time estimate (ZeRO-3, 16 x h20):"):]
+    text = out[out.index("time estimate (ZeRO-3 + ckpt, 16 x h20):"):]
     for expected in ("100,000 train samples [--samples]", "128,000 tokens (64 samples)",
                      "no MFU measured on h20: borrowed from H100", "100 Gb/s between nodes [ASSUMED",
                      "50% overlap ASSUMED", "3,124 steps (2 epochs x 100,000 samples / 64 per step)", "wall time: "):
