@@ -245,7 +245,8 @@ def install_lean_mlp(lm) -> int:
     for layer in decoder_layers(lm):
         mlp = layer.mlp
         down = getattr(mlp, "down_proj", None)
-        if (getattr(mlp.config, "hidden_act", None) not in ("silu", "swish") or type(down) is not torch.nn.Linear
+        if (getattr(getattr(mlp, "config", None), "hidden_act", None) not in ("silu", "swish")
+                or type(down) is not torch.nn.Linear
                 or down.bias is not None or not hasattr(mlp, "gate_proj") or not hasattr(mlp, "up_proj")):
             continue
         down.forward = types.MethodType(_down_proj_forward, down)
