@@ -5,7 +5,8 @@
 - Liger kernels: RMSNorm, RoPE, SwiGLU, and fused linear cross-entropy so the vocabulary-wide
   logits are never materialized in fp32;
 - the lean MLP: down_proj(silu(gate) * up) that keeps gate and up for backward, not the product
-  (Liger's SwiGLU kernels on a GPU, torch's elementwise ops elsewhere).
+  (on a GPU Liger's SwiGLU forward kernel and worker/swiglu_triton.py's backward; torch's
+  elementwise ops elsewhere).
 """
 
 from __future__ import annotations
