@@ -6,9 +6,9 @@ metrics.jsonl has one JSON object per line (metrics.MetricsSink, written by the 
 train.log_every steps). Training lines carry "step", "loss", "lr", "grad_norm", "tokens" and
 "trained_tokens" (of that step: all and loss-bearing tokens), "tokens_per_s" (the whole cluster),
 "tokens_per_s_per_gpu", "world_size", "step_time_s", "mfu" (per GPU: cluster FLOPs over world
-size x one GPU's peak), "mem_gib" and "mem_reserved_gib" (GPU only; max_memory_allocated and
-max_memory_reserved / 2**30) and "time"; eval lines
-carry "eval_loss"
+size x one GPU's peak), "mem_gib", "mem_reserved_gib" and "mem_resident_gib" (GPU only;
+max_memory_allocated, max_memory_reserved, and memory_allocated at the step's start / 2**30) and
+"time"; eval lines carry "eval_loss"
 (and maybe "eval_ppl", "eval_tokens"); lines of generated samples carry no metric and are left
 out. Missing and unknown keys are fine, and so is a torn last line (the run may still be
 writing). A resumed run appends to the file, so a step can appear twice: the later line wins.

@@ -107,3 +107,24 @@ def test_a_one_gpu_checkpoint_resumes_on_two_ranks(tmp_path, task_dir):
     for step in (5, 6):
         assert b[step] == pytest.approx(a[step], rel=2e-2), (step, a, b)
     assert b[5] < 0.9 * a[1]
+
+
+def test_freeing_each_bf16_gradient_at_once_trains_the_same_steps(tmp_path, task_dir):
+    """zero.immediate_grad_update (the default) adds each parameter's bf16 gradient into the fp32 buffer
+    inside backward and frees it; DeepSpeed's own way copies them all after each micro-batch. Same
+    samples, same weights, several micro-batches per step on 2 ranks: the same losses and gradient norms."""
+    runs = {}
+    for immediate in (True, False):
+        run_dir = tmp_path / f"immediate_{immediate}"
+        recipe = write_recipe(tmp_path / f"{immediate}.toml", task_dir, run_dir,
+                              zero={**BF16_ZERO1["zero"], "immediate_grad_update": immediate},
+                              train={**BF16_ZERO1["train"], "max_steps": 4})
+        proc = run_train(recipe)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert json.loads((run_dir / "ds_config.json").read_text())["bf16"]["immediate_grad_update"] is immediate
+        runs[immediate] = {m["step"]: m for m in metrics(run_dir) if "loss" in m}
+    assert sorted(runs[True]) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "grad_norm"):
+            assert runs[True][step][key] == pytest.approx(runs[False][step][key], rel=1e-3), (step, key, runs)
+    assert runs[True][4]["loss"] < runs[True][1]["loss"]

@@ -103,6 +103,19 @@ def test_zero1_in_bf16_accumulates_in_fp32_by_default_and_nowhere_else():
         assert data_types(ZeroSection(stage=stage)) is None
 
 
+def test_fp32_accumulation_frees_each_bf16_gradient_at_once_unless_told_not_to():
+    layout = batch_layout(train(global_batch_size=8, micro_batch_size=1), world_size=1, packing=False)
+
+    def bf16_block(zero: ZeroSection):
+        return build_deepspeed_config(train(global_batch_size=8, micro_batch_size=1), zero, layout=layout,
+                                      precision="bf16", hidden_size=64)["bf16"]
+
+    assert bf16_block(ZeroSection(stage=1)) == {"enabled": True, "immediate_grad_update": True}
+    assert bf16_block(ZeroSection(stage=1, immediate_grad_update=False)) == {"enabled": True,
+                                                                            "immediate_grad_update": False}
+    assert bf16_block(ZeroSection(stage=2)) == {"enabled": True}  # no BF16_Optimizer: nothing to say
+
+
 @pytest.mark.parametrize("zero, named", [({"stage": 0}, "got stage 0"), ({"stage": 2}, "got stage 2"),
                                          ({"stage": 3}, "got stage 3"),
                                          ({"stage": 1, "offload_optimizer": True}, "offload_optimizer")])

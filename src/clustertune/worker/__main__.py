@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    # Before torch touches CUDA: growable segments instead of fixed-size blocks keep reserved memory
+    # close to allocated (what clustertune.plan's FRAGMENTATION counts); torchtitan's launch script
+    # sets the same. A value the user exported wins (even an empty one: torch's default).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     import warnings
     # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.

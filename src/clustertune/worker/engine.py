@@ -78,6 +78,7 @@ def build_deepspeed_config(train: TrainSection, zero: ZeroSection, *, layout: Ba
         if fp32_grad_accumulation(zero.grad_accum_dtype, stage=zero.stage, precision=precision,
                                   offload_optimizer=zero.offload_optimizer):
             config["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer
+            config["bf16"]["immediate_grad_update"] = zero.immediate_grad_update
     if load_universal or node_local_storage:
         config["checkpoint"] = {"load_universal": load_universal, "use_node_local_storage": node_local_storage}
     if zero.offload_optimizer:

@@ -176,6 +176,9 @@ class TrainingLoop:
             units = [self.objective.loss_units(s) for s in samples]
         plan = batching.plan_step(step, indices, lengths=lengths, units=units, layout=self.parts.layout,
                                   packing=self.recipe.data.packing, token_budget=train.micro_batch_tokens)
+        # What stays allocated between steps (weights, gradient buffers, optimizer states): the step's
+        # peak minus this is what its activations and transients took (clustertune.plan's split).
+        resident_gib = metrics.allocated_gib() if rt.on_gpu else None
         started = time.perf_counter()
         lr = train.lr * lr_multiplier(step, train=train, total_steps=self.total_steps)
         with profile_step(self.run_dir / "profile", step + 1, enabled=rt.is_main and train.profile_step == step + 1):
@@ -195,6 +198,7 @@ class TrainingLoop:
         if rt.on_gpu:
             record["mem_gib"] = metrics.peak_memory_gib()
             record["mem_reserved_gib"] = metrics.peak_reserved_gib()
+            record["mem_resident_gib"] = resident_gib
         return record, outcome
 
     def save(self, step: int) -> None:

@@ -51,6 +51,12 @@ def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / GIB
 
 
+def allocated_gib() -> float:
+    """torch.cuda.memory_allocated() now, in GiB."""
+    import torch
+    return torch.cuda.memory_allocated() / GIB
+
+
 def peak_reserved_gib() -> float:
     """torch.cuda.max_memory_reserved(): what the caching allocator held at most, allocated or not.
     The gap to peak_memory_gib is the allocator slack the planner counts as FRAGMENTATION."""
