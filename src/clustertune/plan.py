@@ -60,14 +60,20 @@ CUDA_CONTEXT_GIB = 1.0
 NCCL_BUFFERS_GIB = 0.5
 # The caching allocator's slack: reserved minus allocated on memory that is allocated and freed
 # every step (activations, logits, gathered params). Model states are a few large flat buffers
-# allocated once, so they get no slack.
-FRAGMENTATION = 0.10
+# allocated once, so they get no slack. Measured through `clustertune train` on one H100 (2026-11-27,
+# benchmarks/RESULTS.md "Where the card's memory ends"): with expandable segments (the worker's
+# default) 0.2-0.5 GiB over 28-48 GiB of activations (< 1.5%); with torch's fixed-size blocks
+# 4.7 GiB (W2, 10%) and 9.7 GiB (W3, 34%).
+FRAGMENTATION = 0.02
+FRAGMENTATION_FIXED_BLOCKS = 0.35
 # Host RSS of one worker before any weights: python, torch + CUDA host libraries, DeepSpeed,
 # tokenized-data and dataloader workers.
 PROCESS_HOST_GIB = 3.0
 # Feasibility: keep this share of the GPU (and of host RAM) free for what the model misses
-# (NCCL growth, dataloader spikes, a longer-than-usual packed batch).
-DEFAULT_SAFETY_MARGIN = 0.10
+# (NCCL growth, dataloader spikes, shapes never measured). Packed rows never exceed their token
+# budget, so the plan's tokens are already the worst case; on the 12 points measured at the edge of
+# an 80 GB card (tests/unit/test_plan_lean_measured.py) the estimate is 0-3% over max_memory_allocated.
+DEFAULT_SAFETY_MARGIN = 0.05
 # Hugging Face shards weights into files of at most ~5 GB; under zero.Init every rank
 # materializes one shard at a time, never the whole model.
 DEFAULT_CHECKPOINT_SHARD_GIB = 5.0
@@ -128,11 +134,18 @@ class PlanInput:
     # train.checkpoint_every_n_layers: with checkpointing on, only layers 0, n, 2n, ... recompute;
     # the others keep everything they save (selective checkpointing).
     checkpoint_every_n_layers: int = 1
-    # More than one micro-batch per optimizer step on a rank (always assumed with packing: the
-    # rows per step depend on the data). Stage 1/2 gradients then exist during the forward and
-    # loss of every micro-batch after the first; without accumulation they appear in backward.
+    # More than one micro-batch per optimizer step on a rank. Stage 0-2 gradients then exist during
+    # the forward and loss of every micro-batch after the first; without accumulation they appear in
+    # backward as the activations go. step_tokens, when known, decides it per micro-batch size:
+    # the most tokens one optimizer step can give a rank (packed: samples per step x the longest
+    # sample); None: grad_accumulation says (packing with unknown lengths: assume several).
     grad_accumulation: bool = True
+    step_tokens: int | None = None
     grad_accum_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # zero.grad_accum_dtype
+    immediate_grad_update: bool = True  # zero.immediate_grad_update (fp32 accumulation only)
+    # The worker's allocator grows segments (PYTORCH_CUDA_ALLOC_CONF expandable_segments:True, its
+    # default): little slack. False: torch's fixed-size blocks (FRAGMENTATION_FIXED_BLOCKS).
+    expandable_segments: bool = True
     # The MLP keeps gate and up for backward, not silu(gate) * up (lean_mlp_applies)
     lean_mlp: bool = False
     safety_margin: float = DEFAULT_SAFETY_MARGIN
@@ -164,6 +177,23 @@ class PlanInput:
     @property
     def bytes(self) -> Precision:
         return PRECISIONS[self.precision]
+
+    @property
+    def allocator_slack(self) -> float:
+        """Reserved over allocated, as a share of what is allocated and freed every step."""
+        return FRAGMENTATION if self.expandable_segments else FRAGMENTATION_FIXED_BLOCKS
+
+    def accumulates(self, tokens: int) -> bool:
+        """Whether a step has several micro-batches of `tokens` on a rank."""
+        return self.grad_accumulation if self.step_tokens is None else self.step_tokens > tokens
+
+
+def expandable_segments_on(alloc_conf: str | None) -> bool:
+    """PYTORCH_CUDA_ALLOC_CONF as the worker will see it: unset means the worker's default (on)."""
+    if alloc_conf is None:
+        return True
+    settings = dict(item.split(":", 1) for item in alloc_conf.replace(" ", "").split(",") if ":" in item)
+    return settings.get("expandable_segments", "").lower() == "true"
 
 
 @dataclass(frozen=True)
@@ -287,6 +317,12 @@ def trainable_parameters(shape: Shape, lora_rank: int | None, targets: tuple[str
 
 def _largest_layer_module(shape: Shape) -> int:
     return max(a * b for a, b in _module_dims(shape).values())
+
+
+def _layer_parameters(shape: Shape) -> int:
+    """Parameters of one decoder layer."""
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    return (shape.parameter_count() - embeddings - shape.hidden_size) // shape.num_hidden_layers
 
 
 def _largest_module(shape: Shape) -> int:
@@ -494,7 +530,8 @@ class GpuMemory:
     fragmentation: float
     saved_activations: float = 0.0  # the part of `activations` alive at the loss
     buckets_in_backward_only: bool = False  # stage 1/2: reduce buckets exist during backward only
-    grads_in_backward_only: bool = False  # stage 1/2 without accumulation: gradients too
+    grads_in_backward_only: bool = False  # stage 1/2 without accumulation: none between steps
+    grads_with_activations: float | None = None  # the part of `grads` alive with every activation (None: all)
 
     @property
     def model_states(self) -> float:
@@ -514,13 +551,21 @@ class GpuMemory:
         """End of the forward / backward of the loss: saved activations + logits. Stage 1/2
         gradients count unless there is one micro-batch per step (they are allocated at the
         first gradient hook, after the loss)."""
-        grads = 0.0 if self.grads_in_backward_only else self.grads
+        grads = 0.0 if self.grads_in_backward_only else self._grads_with_activations
         return (self.params + self.optimizer + grads + self._persistent_buckets + self.saved_activations
                 + self.logits + self.live_params)
 
     @property
+    def _grads_with_activations(self) -> float:
+        return self.grads if self.grads_with_activations is None else self.grads_with_activations
+
+    @property
     def backward_peak(self) -> float:
-        return self.model_states + self.comm_buckets + self.activations + self.live_params
+        """The larger of backward's start (every activation, the gradients already there) and its end
+        (every gradient, only the first layer's recompute and transients left)."""
+        start = self.params + self.optimizer + self._grads_with_activations + self.activations
+        end = self.model_states + self.activations - self.saved_activations
+        return max(start, end) + self.comm_buckets + self.live_params
 
     @property
     def step_peak(self) -> float:
@@ -691,20 +736,35 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     # The step converts the gradients it updates: a flattened copy in the gradient dtype, then
     # its fp32 conversion (none when the gradients are fp32 already); both exist for a moment.
     step_bytes = b.grad + (4 if b.grad != 4 else 0)
+    accumulation = inp.accumulates(tokens)
+    # Without accumulation, gradients that the step frees (ZeRO-0's, the BF16_Optimizer's bf16 ones)
+    # appear in backward as the activations go: next to (nearly) all activations only the first ones
+    # backward makes, the lm_head's and the last layer's (measured, W3 on one H100: ZeRO-0 holds
+    # 14 B/param between steps). ZeRO-1/2's own gradient partitions stay allocated: counted whole.
+    first_grads = b.grad * min(trainable, _largest_module(inp.shape) + _layer_parameters(inp.shape))
     if option.offload_optimizer:
         # Stage 1 does not partition gradients, so the full gradients stay on the GPU; stage 2/3
         # send each reduced bucket to the host's fp32 buffers.
         grads = b.grad * trainable if option.stage == 1 else 0.0
         optimizer = 0.0
         step_transient = 0.0
+        grads_with_acts = grads
     else:
         grads = b.grad * trainable / (1 if option.stage <= 1 else n)
         optimizer = b.optimizer * trainable / states_over
         stepped = largest_sub_group(inp) if stage3 else trainable / states_over
         step_transient = step_bytes * stepped
+        grads_with_acts = grads if accumulation or option.stage != 0 else min(grads, first_grads)
         if fp32_accumulation:  # the fp32 buffer is the step's gradient: no conversion copy
-            grads += 4 * trainable
             step_transient = 0.0
+            # the bf16 gradients are freed at every step (zero_grad sets them to None); with
+            # immediate_grad_update each one as soon as it is added: one at a time, the largest
+            if inp.immediate_grad_update:
+                grads, grads_with_acts = 0.0, b.grad * _largest_module(inp.shape)
+            else:
+                grads_with_acts = grads if accumulation else min(grads, first_grads)
+            grads += 4 * trainable
+            grads_with_acts += 4 * trainable
 
     # Communication buffers. Stage 1/2 double-buffer the reduce bucket when overlap_comm is on;
     # stage 3 has one bucket per dtype, and gathers params module by module: the module in use
@@ -727,13 +787,13 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     acts = saved + backward_extra_bytes(inp, option.gradient_checkpointing, tokens)
     logits = logits_bytes(inp, tokens)
     runtime = CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if n > 1 else 0.0)
-    frag = FRAGMENTATION * (acts + logits + live)
+    frag = inp.allocator_slack * (acts + logits + live)
     return GpuMemory(params=params / GIB, grads=grads / GIB, optimizer=optimizer / GIB,
                      activations=acts / GIB, logits=logits / GIB, comm_buckets=comm / GIB,
                      live_params=live / GIB, step_transient=step_transient / GIB,
                      runtime=runtime, fragmentation=frag / GIB, saved_activations=saved / GIB,
-                     buckets_in_backward_only=not stage3,
-                     grads_in_backward_only=not stage3 and not inp.grad_accumulation and not fp32_accumulation)
+                     buckets_in_backward_only=not stage3, grads_with_activations=grads_with_acts / GIB,
+                     grads_in_backward_only=not stage3 and not accumulation and not fp32_accumulation)
 
 
 def host_memory(inp: PlanInput, option: Option) -> HostMemory:

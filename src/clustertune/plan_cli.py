@@ -46,7 +46,8 @@ from clustertune.flops import effective_context
 from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
-                              PlanInput, SpeedChoice, ZeroBuckets, lean_mlp_applies, plan, speed_choice,
+                              PlanInput, SpeedChoice, ZeroBuckets, expandable_segments_on, lean_mlp_applies, plan,
+                              speed_choice,
                               trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
@@ -64,6 +65,8 @@ class Job:
     host_mem_gib: float | None  # None: unknown (another machine and no --host-mem): not checked
     host_source: str
     gpu_name: str | None = None  # catalog name (clustertune.gpus): its peak FLOP/s for the time estimate
+    # The workers' allocator mode, from the PYTORCH_CUDA_ALLOC_CONF the launch forwards (plan.expandable_segments_on)
+    expandable_segments: bool = True
 
     @property
     def world_size(self) -> int:
@@ -177,7 +180,8 @@ def resolve_job(args: argparse.Namespace) -> Job:
     this_machine = all(value is None for value in (args.cluster, args.nodes, args.gpus_per_node, args.gpu,
                                                    args.gpu_mem))
     host, host_source = _resolve_host(args.host_mem, this_machine=this_machine)
-    return Job(gpu_mem, gpu_source, nodes, per_node, topo_source, host, host_source, gpu_name)
+    return Job(gpu_mem, gpu_source, nodes, per_node, topo_source, host, host_source, gpu_name,
+               expandable_segments=expandable_segments_on(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
 
 
 def _resolve_gpu(name: str | None, mem: float | None) -> tuple[float, str, str | None]:
@@ -286,6 +290,16 @@ def tokens_per_micro_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * sample_length(recipe)
 
 
+def packed_step_tokens(recipe: Recipe) -> int | None:
+    """The most tokens one optimizer step holds, all ranks together, when packed SFT or DPO samples
+    decide it (global_batch_size x the longest sample or pair); None otherwise (GRPO's completions
+    per prompt, padded micro-batches). A rank gets at most this, so a row this long means no
+    accumulation."""
+    if not recipe.data.packing or recipe.train.objective not in ("sft", "dpo"):
+        return None
+    return recipe.train.global_batch_size * shortest_row(recipe)
+
+
 def attention_kind(recipe: Recipe) -> str:
     """The planner's attention memory kind: packed rows with "auto" run flash varlen on a GPU
     (worker/model.attention_implementation); plans are for GPUs."""
@@ -308,7 +322,8 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
                                      else zero.param_persistence_threshold),
         **({"sub_group_size": zero.sub_group_size} if zero.sub_group_size else {}))
     check_zero_topology(zero, world_size=job.world_size, gpus_per_node=job.gpus_per_node)
-    # Packed: the rows per step depend on the data, assume several; padded: global / (micro x world).
+    # Packed: several rows per step unless all of a step's samples fit one row (step_tokens); padded:
+    # global / (micro x world).
     accumulation = recipe.data.packing or (
         recipe.train.global_batch_size > recipe.train.micro_batch_size * job.world_size)
     return PlanInput(
@@ -321,6 +336,8 @@ def plan_input(recipe: Recipe, shape: Shape, job: Job,
         lora_rank=recipe.lora.r if recipe.lora.enabled else None, lora_targets=tuple(recipe.lora.target_modules),
         lean_mlp=lean_mlp_applies(recipe.train.compile, recipe.lora.wrapped_modules),
         buckets=buckets, overlap_comm=zero.overlap_comm, grad_accumulation=accumulation,
+        step_tokens=packed_step_tokens(recipe), immediate_grad_update=zero.immediate_grad_update,
+        expandable_segments=job.expandable_segments,
         hpz_partition_size=zero.hpz_partition_size or 1, grad_accum_dtype=zero.grad_accum_dtype,
         # "auto" (resolved by clustertune.auto from this plan): every layer recomputed, the baseline
         checkpoint_every_n_layers=1 if recipe.train.checkpoint_every_n_layers == AUTO
@@ -480,7 +497,7 @@ def render_lora_fit(inp: PlanInput, spec: plan_generation.RolloutSpec | None, *,
     for r in rows:
         rollout = (f" {r.rollout.total:7.1f} {r.max_prompts:>11}" if r.rollout is not None else "")
         lines.append(f"{r.gpu:<10} {r.gpu_mem_gib:6.1f} | {r.base:6.1f} {r.adapter_states:6.1f} {r.training_peak:6.1f}"
-                     f"{rollout} | {'yes' if r.fits(inp.safety_margin) else 'no':<4}")
+                     f"{rollout} | {'yes' if r.fits(plan_generation.rollout_margin(inp)) else 'no':<4}")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ During a rollout (worker/generation.py) each GPU holds:
   * one decoding step's logits: generate keeps only the last position's (logits_to_keep=1), as
     bf16 logits (2 B) and their fp32 copy, processed scores and softmax probabilities (4 + 4 + 4),
     rounded up to 16 B per sequence per vocabulary entry for top-p's sort;
-  * the CUDA context / NCCL buffers, and the allocator's slack (plan.FRAGMENTATION) on the KV
+  * the CUDA context / NCCL buffers, and the allocator's slack (ROLLOUT_SLACK) on the KV
     cache and the prefill/decoding temporaries.
 Training activations are not alive during the rollout (it runs between optimizer steps).
 """
@@ -39,9 +39,15 @@ import dataclasses
 from dataclasses import dataclass
 
 from clustertune.errors import UserError
-from clustertune.plan import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, MAX_WORLD_SEARCHED, NCCL_BUFFERS_GIB,
+from clustertune.plan import (CUDA_CONTEXT_GIB, GIB, MAX_WORLD_SEARCHED, NCCL_BUFFERS_GIB,
                               Option, Plan, PlanInput, all_options, gpu_memory, plan, trainable_parameters)
 from clustertune.shapes import Shape
+
+# The rollout's memory (gathered weights, KV cache, prefill) has not been measured at the edge of a card,
+# unlike the training step's (plan.DEFAULT_SAFETY_MARGIN): it keeps the planner's former margins, 10% of
+# the card and 10% slack on what it allocates per rollout.
+ROLLOUT_SAFETY_MARGIN = 0.10
+ROLLOUT_SLACK = 0.10
 
 # Per sequence per vocabulary entry, one decoding step: bf16 logits + fp32 copy + scores + probs, and top-p's sort.
 DECODE_BYTES_PER_LOGIT = 16
@@ -136,14 +142,18 @@ def rollout_memory(inp: PlanInput, option: Option, spec: RolloutSpec) -> Rollout
     runtime = CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if inp.world_size > 1 else 0.0)
     # Slack on what a rollout allocates and frees; the gathered weights, like the model states,
     # are large tensors allocated once per rollout, so none on them (plan.py's rule).
-    frag = FRAGMENTATION * (kv + max(prefill, logits))
+    frag = max(inp.allocator_slack, ROLLOUT_SLACK) * (kv + max(prefill, logits))
     return RolloutMemory(engine_states=engine_states, gathered_weights=gathered / GIB, kv_cache=kv / GIB,
                          prefill=prefill / GIB, logits=logits / GIB, runtime=runtime, fragmentation=frag / GIB,
                          sequences=sequences)
 
 
+def rollout_margin(inp: PlanInput) -> float:
+    return max(inp.safety_margin, ROLLOUT_SAFETY_MARGIN)
+
+
 def gpu_budget(inp: PlanInput) -> float:
-    return inp.gpu_mem_gib * (1 - inp.safety_margin)
+    return inp.gpu_mem_gib * (1 - rollout_margin(inp))
 
 
 def fits(inp: PlanInput, mem: RolloutMemory) -> bool:
@@ -239,7 +249,7 @@ def rollout_failure_message(inp: PlanInput, option: Option, mem: RolloutMemory, 
     prompts = spec.prompts_per_rank(world)
     head = (f"the GRPO rollout does not fit: during generation each GPU holds {mem.total:.1f} GiB with "
             f"{option.label} (the leanest rollout of the options whose training step fits), over the "
-            f"{budget:.1f} GiB budget ({inp.gpu_mem_gib:.1f} GiB less the {inp.safety_margin:.0%} margin) = "
+            f"{budget:.1f} GiB budget ({inp.gpu_mem_gib:.1f} GiB less the {rollout_margin(inp):.0%} margin) = "
             f"engine states {mem.engine_states:.1f} + gathered {inp.precision} weights {mem.gathered_weights:.1f} + "
             f"KV cache {mem.kv_cache:.1f} ({mem.sequences} completions x ({spec.prompt_tokens} prompt + "
             f"{spec.max_new_tokens} new tokens) x {s.num_hidden_layers} layers x 2 x {s.num_key_value_heads} KV heads "

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from clustertune.plan import (GIB, Option, PlanError, PlanInput, activation_bytes, all_options, gpu_memory,
+from clustertune.plan import (DEFAULT_SAFETY_MARGIN, GIB, Option, PlanError, PlanInput, activation_bytes, all_options, gpu_memory,
                               host_memory, logits_bytes, plan, trainable_parameters)
 from clustertune.shapes import SHAPES
 
@@ -48,7 +48,7 @@ def test_r1_32b_on_2x8_h20_recommends_zero3_with_checkpointing_no_offload():
     # the loss, the backward and the step peak within 0.1 GiB of each other at ~37.3 GiB
     assert g.allocated_peak == pytest.approx(37.35, abs=0.1)
     assert max(g.loss_peak, g.backward_peak, g.step_peak) - min(g.loss_peak, g.backward_peak, g.step_peak) < 0.1
-    assert g.total == pytest.approx(39.6, abs=0.3)
+    assert g.total == pytest.approx(39.0, abs=0.3)  # + the CUDA context and 2% allocator slack
     assert best.host.load == pytest.approx(64, abs=1)  # zero.Init: one shard per rank, 8 ranks
     assert best.max_tokens > 4 * 4096  # room to grow the micro-batch
 
@@ -59,7 +59,7 @@ def test_r1_32b_on_2x8_h20_recommends_zero3_with_checkpointing_no_offload():
     # ZeRO-3 without checkpointing: 64 layers of full activations (~64 GiB) do not fit.
     zero3 = by_label(result, "ZeRO-3")
     assert zero3.gpu.activations > 60 and not zero3.fits
-    assert "ZeRO-2 + ckpt" in result.why()
+    assert "every faster option is over budget" in result.why()
 
     # DeepSpeed checkpoint: 2 B weights + 12 B optimizer states per param; export: bf16 weights.
     assert result.checkpoint.deepspeed == pytest.approx(32_763_876_352 * 14 / GIB)
@@ -93,9 +93,12 @@ def test_small_model_on_one_h100_fits_without_zero3():
     assert by_label(result, "ZeRO-2 + ckpt").fits
     best = result.recommended
     # one rank: ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, measured faster than
-    # ZeRO-0), its fp32 buffer counted: 4 B/param more than ZeRO-0, whose memory is ZeRO-1's with bf16 accumulation
+    # ZeRO-0), its fp32 buffer counted in place of ZeRO-0's bf16 gradients (immediate_grad_update frees
+    # each bf16 gradient once added): 2 B/param more; ZeRO-0's memory is ZeRO-1's with bf16 accumulation
     assert best.option == Option(1, False, False, False)
-    assert best.gpu.grads - by_label(result, "ZeRO-0").gpu.grads == pytest.approx(4 * 1.54e9 / 2**30, rel=0.01)
+    assert best.gpu.grads - by_label(result, "ZeRO-0").gpu.grads == pytest.approx(2 * 1.54e9 / 2**30, rel=0.01)
+    keeping = plan(dataclasses.replace(inp, immediate_grad_update=False))  # DeepSpeed's default: both live
+    assert by_label(keeping, "ZeRO-1").gpu.grads - best.gpu.grads == pytest.approx(2 * 1.54e9 / 2**30, rel=0.01)
     bf16_accumulation = plan(dataclasses.replace(inp, grad_accum_dtype="bf16"))
     assert by_label(result, "ZeRO-0").gpu.total == pytest.approx(by_label(bf16_accumulation, "ZeRO-1").gpu.total)
     # several ranks: no ZeRO-0 among the options (not measured there)
@@ -240,21 +243,21 @@ def test_selective_checkpointing_memory_lies_between_full_and_none():
 
 
 def test_fewest_recomputed_layers_is_the_largest_n_that_still_fits():
-    """W1 on an 80 GB card: every 2nd layer fits 32k-token rows (measured 53.9 GiB at ~24k tokens,
-    2026-11-26), every 3rd does not; smaller rows leave room for fewer recomputes; an option
-    without checkpointing, or a card where only full checkpointing fits, gets None."""
+    """W1 (no lean MLP) on an 80 GB card: every 3rd layer fits 32k-token rows, every 4th does not;
+    smaller rows leave room for fewer recomputes; an option without checkpointing, or a card where
+    only full checkpointing fits, gets None."""
     from clustertune.plan import fewest_recomputed_layers
     def inp(gib):  # packed rows on a GPU: flash varlen attention
         return PlanInput(SHAPES["qwen2.5-1.5b"], tokens_per_micro_batch=32768, seq_len=4096, world_size=1,
                          gpus_per_node=1, gpu_mem_gib=gib, host_mem_gib=None, attention="varlen")
     ckpt = Option(1, False, False, True)
-    assert fewest_recomputed_layers(inp(79.6), ckpt, 32768) == 2
-    assert fewest_recomputed_layers(inp(79.6), ckpt, 16384) > 2
+    assert fewest_recomputed_layers(inp(79.6), ckpt, 32768) == 3
+    assert fewest_recomputed_layers(inp(79.6), ckpt, 16384) > 3
     assert fewest_recomputed_layers(inp(40.0), ckpt, 32768) is None
     assert fewest_recomputed_layers(inp(79.6), Option(1, False, False, False), 32768) is None
     n = fewest_recomputed_layers(inp(79.6), ckpt, 16384)
     fits = lambda every: gpu_memory(dataclasses.replace(inp(79.6), checkpoint_every_n_layers=every), ckpt,
-                                    16384).total <= 79.6 * 0.9
+                                    16384).total <= 79.6 * (1 - DEFAULT_SAFETY_MARGIN)
     assert fits(n) and (n == 28 or not fits(n + 1))
 
 
@@ -303,3 +306,38 @@ def test_plan_input_plans_packed_auto_attention_as_varlen():
     assert attention_kind(recipe(data={"packing": False})) == "sdpa"
     assert attention_kind(recipe(model={"attn_implementation": "sdpa"})) == "sdpa"
     assert attention_kind(recipe(model={"attn_implementation": "eager"})) == "eager"
+
+
+def test_allocator_mode_comes_from_the_forwarded_alloc_conf():
+    from clustertune.plan import FRAGMENTATION, FRAGMENTATION_FIXED_BLOCKS, expandable_segments_on
+    assert expandable_segments_on(None)  # unset: the worker's default
+    assert expandable_segments_on("expandable_segments:True")
+    assert expandable_segments_on("max_split_size_mb:512, expandable_segments:true")
+    assert not expandable_segments_on("")  # set, even empty: torch's own default
+    assert not expandable_segments_on("expandable_segments:False")
+    assert not expandable_segments_on("max_split_size_mb:512")
+    inp = PlanInput(QWEN_1_5B, tokens_per_micro_batch=32768, seq_len=4096, world_size=1, gpus_per_node=1,
+                    gpu_mem_gib=79.6, host_mem_gib=None)
+    blocks = dataclasses.replace(inp, expandable_segments=False)
+    option = Option(1, False, False, True)
+    grown, fixed = gpu_memory(inp, option), gpu_memory(blocks, option)
+    assert grown.allocated_peak == fixed.allocated_peak
+    assert fixed.fragmentation / grown.fragmentation == pytest.approx(FRAGMENTATION_FIXED_BLOCKS / FRAGMENTATION)
+
+
+def test_a_step_that_fits_one_row_has_no_accumulation_and_its_gradients_come_in_backward():
+    """16 samples of 2048 tokens in 32k rows: one row per step, so ZeRO-0's gradients (freed by every
+    step) appear in backward as the activations go; 16k rows: two rows, the first row's gradients are
+    there for the whole second one."""
+    inp = PlanInput(QWEN_1_5B, tokens_per_micro_batch=32768, seq_len=2048, world_size=1, gpus_per_node=1,
+                    gpu_mem_gib=79.6, host_mem_gib=None, step_tokens=16 * 2048, attention="varlen")
+    assert not inp.accumulates(32768) and inp.accumulates(16384)
+    assert dataclasses.replace(inp, step_tokens=None).accumulates(32768)  # unknown: assume several rows
+    zero0 = Option(0, False, False, True)
+    one_row, two_rows = gpu_memory(inp, zero0, 32768), gpu_memory(inp, zero0, 16384)
+    assert one_row.grads == two_rows.grads == pytest.approx(2 * QWEN_1_5B.parameter_count() / GIB)
+    assert two_rows.grads_with_activations == two_rows.grads
+    assert one_row.grads_with_activations < 0.2 * one_row.grads  # the lm_head's and one layer's
+    # ZeRO-2 keeps its gradient partition allocated: counted whole either way
+    zero2 = gpu_memory(inp, Option(2, False, False, True), 32768)
+    assert zero2.grads_with_activations == zero2.grads

@@ -80,8 +80,8 @@ def test_an_option_fits_only_when_its_rollout_fits_too():
     # LoRA 32B on 8 x H100: ZeRO-3 trains in 15 GiB but gathers 61.0 GiB of weights for the rollout:
     # 8.9 engine states (7.6 partition + 0.9 reduce bucket + LoRA states) + 61.0 + 3.0 KV + 0.7 prefill
     # + 1.5 runtime + 0.37 slack = 75.5 GiB > 71.6 budget; ZeRO-1/2 keep the base whole and fit both
-    # (61.5 + 3.0 + 0.7 + 1.5 + 0.37 = 67.0 GiB at ZeRO-1, + 0.5 for ZeRO-1's fp32 accumulation
-    # buffer of the LoRA parameters: 67.5).
+    # (61.5 + 3.0 + 0.7 + 1.5 + 0.37 = 67.0 GiB at ZeRO-1, + 0.25 for ZeRO-1's fp32 accumulation
+    # buffer of the LoRA parameters, whose bf16 gradients immediate_grad_update frees: 67.3).
     inp = job(lora_rank=16)
     training = plan(inp)
     grpo = with_rollout(training, SPEC)
@@ -90,7 +90,7 @@ def test_an_option_fits_only_when_its_rollout_fits_too():
     assert not next(e for e in grpo.plan.estimates if e.option == zero3.option).fits
     assert grpo.rollouts[zero3.option].total == pytest.approx(75.48, abs=0.01)
     assert grpo.plan.recommended.option.stage in (1, 2)
-    assert grpo.recommended_rollout.total == pytest.approx(67.55, abs=0.01)
+    assert grpo.recommended_rollout.total == pytest.approx(67.30, abs=0.01)
     check_rollout_fits(grpo)  # something fits: no error
 
 

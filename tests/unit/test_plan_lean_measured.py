@@ -1,8 +1,10 @@
 """The planner against the peak GPU memory measured on one H100 80GB HBM3 with the lean MLP
 (2026-11-26, fifth session: benchmarks/RESULTS.md "The lean MLP" and "The plain recipe, stage and
 recompute chosen together"; summaries in benchmarks/logs/session7_*). Fixed-length workloads, so
-every 32k-token row is full and the plan's tokens are the run's. The planner may over-count (it is
-what keeps `auto` from running out of memory) but never under-count, and by at most 10%."""
+every 32k-token row is full and the plan's tokens are the run's, and each step is one row. The planner
+may over-count (it is what keeps `auto` from running out of memory) but never under-count, and by at
+most 5% (plan.DEFAULT_SAFETY_MARGIN rests on it). Session 8's points ran at the edge of the card,
+through `clustertune train` with the worker's defaults (expandable segments, immediate_grad_update)."""
 
 from __future__ import annotations
 
@@ -19,34 +21,44 @@ W2 = ("qwen2.5-1.5b", None)
 W3 = ("qwen2.5-7b", 8)
 
 MEASURED = [
-    # workload, zero stage, checkpoint_every_n_layers, lean MLP, measured max_memory_allocated GiB (call)
-    (W2, 1, 2, True, 52.1),  # harness, call 1
-    (W2, 1, 4, True, 63.2),  # harness, call 1
-    (W2, 1, 7, True, 68.5),  # harness, call 2 (68.0 in call 1)
-    (W2, 1, 14, True, 71.7),  # harness, call 2 (71.17 through clustertune train, call 4)
-    (W3, 1, 1, True, 60.6),  # harness, calls 1-3
-    (W3, 0, 3, True, 61.6),  # harness, call 2 (60.66 through clustertune train, call 4)
-    (W3, 0, 4, True, 64.8),  # harness, call 2
-    (W3, 0, 8, True, 68.3),  # harness, call 2 (67.3 in call 3 and through clustertune train, call 4)
-    (W2, 1, 2, False, 59.7),  # harness, session 6 call 7
-    (W3, 1, 1, False, 60.6),  # harness, call 3
+    # workload, zero stage, checkpoint_every_n_layers (None: no checkpointing), lean MLP,
+    # bf16.immediate_grad_update, measured max_memory_allocated GiB (session, call)
+    (W2, 1, 2, True, False, 52.1),  # harness, 7.1
+    (W2, 1, 4, True, False, 63.2),  # harness, 7.1
+    (W2, 1, 7, True, False, 68.5),  # harness, 7.2 (68.0 in 7.1)
+    (W2, 1, 14, True, False, 71.7),  # harness, 7.2 (71.17 through clustertune train, 7.4)
+    (W3, 1, 1, True, False, 60.6),  # harness, 7.1-7.3
+    (W3, 0, 3, True, False, 61.6),  # harness, 7.2 (60.66 through clustertune train, 7.4)
+    (W3, 0, 4, True, False, 64.8),  # harness, 7.2
+    (W3, 0, 8, True, False, 68.3),  # harness, 7.2 (67.3 in 7.3 and through clustertune train, 7.4)
+    (W2, 1, 2, False, False, 59.7),  # harness, 6.7
+    (W3, 1, 1, False, False, 60.6),  # harness, 7.3
+    # through `clustertune train`, expandable segments, session 8 call 1 (benchmarks/gpu1_memory_edge.sh)
+    (W2, 1, 14, True, True, 71.17),
+    (W2, 1, 28, True, True, 72.76),
+    (W2, 1, None, True, True, 74.36),
+    (W3, 0, 8, True, True, 67.18),
+    (W3, 0, None, True, True, 70.65),
+    (W3, 1, 2, True, True, 68.73),
 ]
 
 
-@pytest.mark.parametrize("workload,stage,every,lean,measured", MEASURED)
-def test_planned_peak_covers_the_measured_one_by_at_most_ten_percent(workload, stage, every, lean, measured):
+@pytest.mark.parametrize("workload,stage,every,lean,immediate,measured", MEASURED)
+def test_planned_peak_covers_the_measured_one_by_at_most_five_percent(workload, stage, every, lean, immediate,
+                                                                       measured):
     path, layers = workload
     recipe = recipe_from_dict({
         "model": {"path": path, **({"num_layers": layers} if layers else {})},
         "data": {"train_files": ["x.jsonl"], "max_length": 2048},
         "train": {"max_steps": 12, "global_batch_size": 16, "micro_batch_tokens": 32768,
-                  "gradient_checkpointing": True, "checkpoint_every_n_layers": every},
-        "zero": {"stage": stage}})
+                  "gradient_checkpointing": every is not None, **({"checkpoint_every_n_layers": every} if every else {})},
+        "zero": {"stage": stage, "immediate_grad_update": immediate}})
     job = Job(gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=1, topology_source="test",
               host_mem_gib=None, host_source="test")
     inp = plan_input(recipe, shape_from_model_path(path, layers), job)
     assert inp.attention == "varlen" and inp.lean_mlp  # what the GPU runs used (lean: the worker's default)
     if not lean:
         inp = dataclasses.replace(inp, lean_mlp=False)
-    planned = gpu_memory(inp, Option(stage, False, False, True), 32768).allocated_peak
-    assert measured <= planned <= 1.10 * measured, (planned, measured)
+    assert inp.step_tokens == 16 * 2048 and not inp.accumulates(32768)  # one full row per step
+    planned = gpu_memory(inp, Option(stage, False, False, every is not None), 32768).allocated_peak
+    assert measured <= planned <= 1.05 * measured, (planned, measured)
