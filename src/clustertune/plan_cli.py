@@ -386,7 +386,7 @@ def _host_line(result: Plan, job: Job) -> str:
     if job.host_mem_gib is None or result.host_budget_gib is None:
         return f"host RAM: NOT CHECKED [{job.host_source}]"
     return (f"host: {job.host_mem_gib:.0f} GiB/node [{job.host_source}], "
-            f"budget {result.host_budget_gib:.0f} GiB")
+            f"budget {result.host_budget_gib:.0f} GiB after the {result.input.host_safety_margin:.0%} margin")
 
 
 def render(result: Plan, recipe: Recipe, job: Job, shape_note: str = "", choice: SpeedChoice | None = None) -> str:

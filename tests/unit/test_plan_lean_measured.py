@@ -41,16 +41,21 @@ MEASURED = [
     (W3, 0, None, True, True, 70.65),
     (W3, 1, 2, True, True, 68.73),
 ]
+# 48 samples per step = three full 32k rows: the earlier rows' gradients live through the later ones
+# (session 8 call 4, benchmarks/gpu1_accumulation_edge.sh): workload, stage, n, immediate_grad_update, GiB
+ACCUMULATING = [
+    (W2, 1, 28, True, 72.76),  # the bf16 gradients freed as they are added: as with one row
+    (W2, 1, 28, False, 75.64),  # DeepSpeed's default: +2 B/param (2.88 GiB)
+    (W3, 0, 8, True, 72.12),  # ZeRO-0's bf16 gradients, whole from the second row on
+]
 
 
-@pytest.mark.parametrize("workload,stage,every,lean,immediate,measured", MEASURED)
-def test_planned_peak_covers_the_measured_one_by_at_most_five_percent(workload, stage, every, lean, immediate,
-                                                                       measured):
+def planned_peak(workload, stage, every, lean, immediate, *, samples_per_step: int) -> float:
     path, layers = workload
     recipe = recipe_from_dict({
         "model": {"path": path, **({"num_layers": layers} if layers else {})},
         "data": {"train_files": ["x.jsonl"], "max_length": 2048},
-        "train": {"max_steps": 12, "global_batch_size": 16, "micro_batch_tokens": 32768,
+        "train": {"max_steps": 12, "global_batch_size": samples_per_step, "micro_batch_tokens": 32768,
                   "gradient_checkpointing": every is not None, **({"checkpoint_every_n_layers": every} if every else {})},
         "zero": {"stage": stage, "immediate_grad_update": immediate}})
     job = Job(gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=1, topology_source="test",
@@ -59,6 +64,18 @@ def test_planned_peak_covers_the_measured_one_by_at_most_five_percent(workload, 
     assert inp.attention == "varlen" and inp.lean_mlp  # what the GPU runs used (lean: the worker's default)
     if not lean:
         inp = dataclasses.replace(inp, lean_mlp=False)
-    assert inp.step_tokens == 16 * 2048 and not inp.accumulates(32768)  # one full row per step
-    planned = gpu_memory(inp, Option(stage, False, False, every is not None), 32768).allocated_peak
+    assert inp.step_tokens == samples_per_step * 2048
+    return gpu_memory(inp, Option(stage, False, False, every is not None), 32768).allocated_peak
+
+
+@pytest.mark.parametrize("workload,stage,every,lean,immediate,measured", MEASURED)
+def test_planned_peak_covers_the_measured_one_by_at_most_five_percent(workload, stage, every, lean, immediate,
+                                                                       measured):
+    planned = planned_peak(workload, stage, every, lean, immediate, samples_per_step=16)  # one row per step
+    assert measured <= planned <= 1.05 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("workload,stage,every,immediate,measured", ACCUMULATING)
+def test_planned_peak_of_steps_of_several_rows(workload, stage, every, immediate, measured):
+    planned = planned_peak(workload, stage, every, True, immediate, samples_per_step=48)
     assert measured <= planned <= 1.05 * measured, (planned, measured)
