@@ -23,9 +23,9 @@ fits:
     makes it 3; zero.offload_optimizer leaves stages 1 to 3 open.
   * train.checkpoint_every_n_layers "auto": with checkpointing on, the largest n that still fits the
     rows (the fewest layers recomputed), else 1. Stage and n are chosen together (plan.speed_choice,
-    plan.step_cost_share): on one H100, W3 (8 layers of 7B width) now resolves to ZeRO-0 with 3 of 8
-    layers recomputed, 32.6k tokens/s (50.0% MFU) through `clustertune train`, where ZeRO-1's larger
-    states leave room only for recomputing all 8 (30.2k in the harness, session 7).
+    plan.step_cost_share): on one H100, W3 (8 layers of 7B width) resolves to ZeRO-0 without recompute,
+    35.6k tokens/s (54.6% MFU) through `clustertune train` (session 8), where ZeRO-1's larger states
+    need half the layers recomputed (32.1k).
 
 Where the planner cannot run:
   * CPU (train.device = "cpu", no GPU, a cpu cluster): the former defaults, ZeRO-2, 8192 tokens and
