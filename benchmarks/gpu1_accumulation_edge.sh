@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=300 . benchmarks/rows.sh
-CVH="python3 benchmarks/cli_vs_harness.py --steps 10 --cli-only --plain --verbose"
+CVH="$CLI_PLAIN --steps 10"
 W2B="--shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 48"
 W3B="--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 48"
 row_to $SUM w2_b48_plain 80 $CVH $W2B --out /tmp/p/a

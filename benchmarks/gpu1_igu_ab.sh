@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=420 . benchmarks/rows.sh
-CVH="python3 benchmarks/cli_vs_harness.py --steps 15 --cli-only --plain --verbose --set zero.stage=1 --set train.micro_batch_tokens=32768 --set train.checkpoint_every_n_layers=28"
+CVH="$CLI_PLAIN --steps 15 --set zero.stage=1 --set train.micro_batch_tokens=32768 --set train.checkpoint_every_n_layers=28"
 OFF="--set zero.immediate_grad_update=false"
 for i in 1 2 3; do
   row_to $SUM w1_on_$i 70 $CVH $W1_ARGS --out /tmp/p/on$i

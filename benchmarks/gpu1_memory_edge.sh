@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=585 . benchmarks/rows.sh
-CVH="python3 benchmarks/cli_vs_harness.py --steps 14 --cli-only --plain --verbose"
+CVH="$CLI_PLAIN --steps 14"
 Z1="--set zero.stage=1 --set train.micro_batch_tokens=32768"
 Z0="--set zero.stage=0 --set train.micro_batch_tokens=32768"
 NOEXP="env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"

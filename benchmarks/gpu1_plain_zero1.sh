@@ -10,8 +10,7 @@ DEADLINE_S=575 . benchmarks/rows.sh
 SUM=$OUT/summary.txt
 CVH="python3 benchmarks/cli_vs_harness.py --steps 15 --cli-only --plain --verbose"
 W1="--shape qwen2.5-1.5b --seq 4096 --batch 32"
-row_to $SUM peer_w1 150 python3 -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/hf_trainer.py \
-    --gc --steps 15 --padfree --liger --fused-adamw --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 --ga 2
+row_to $SUM peer_w1 150 $PEER_W1
 row_to $SUM w1_plain 100 $CVH $W1 --out /tmp/p/w1a
 row_to $SUM w1_plain_again 100 $CVH $W1 --out /tmp/p/w1b
 row_to $SUM loss_gate_zero1 200 python3 benchmarks/loss_gate.py --stage 1 --out /tmp/p/gate

@@ -14,6 +14,23 @@ W1_ARGS="--shape qwen2.5-1.5b --mode var --seq 4096 --batch 32"
 W2_ARGS="--shape qwen2.5-1.5b --mode fixed --seq 2048 --batch 16"
 W3_ARGS="--shape qwen2.5-7b --layers 8 --mode fixed --seq 2048 --batch 16"
 
+# A `clustertune train` row on issue 13's generated JSONL, speed keys left to "auto" (add --set to fix them).
+CLI_PLAIN="python3 benchmarks/cli_vs_harness.py --cli-only --plain --verbose"
+# The strongest HF Trainer peer on W1 (padding-free collator + Liger + fused AdamW, 16 x 2 per step).
+PEER_W1="python3 -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/hf_trainer.py \
+--gc --steps 15 --padfree --liger --fused-adamw --shape 1.5b --stage 2 --mode var --seq 4096 --mbs 16 --ga 2"
+
+# issue13_rows SUMMARY: issue 13's rows that every speed call repeats (ratios only within one call): the
+# strongest peer on W1 (it also warms the machine), the loss gate on clustertune's default path, then
+# W1, W2 and W3 through `clustertune train` with the speed keys left to "auto".
+issue13_rows() { local sum=$1 cli="$CLI_PLAIN --steps 15"
+  row_to $sum peer_w1 150 $PEER_W1
+  row_to $sum loss_gate 200 python3 benchmarks/loss_gate.py --stage 1 --out /tmp/p/gate
+  tail -3 $LOGS/loss_gate.log >> $sum
+  row_to $sum w1_plain 80 $cli $W1_ARGS --out /tmp/p/w1a
+  row_to $sum w2_plain 80 $cli $W2_ARGS --out /tmp/p/w2
+  row_to $sum w3_plain 80 $cli $W3_ARGS --out /tmp/p/w3; }
+
 # gpu_unit_tests SUMMARY TEST_FILE...: the files' tests (their CUDA cases run here), last lines to SUMMARY.
 gpu_unit_tests() { local sum=$1; shift
   { timeout 90 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 || echo "pytest rc=$?"; } | tail -3 >> "$sum"; }
