@@ -66,6 +66,12 @@ NCCL_BUFFERS_GIB = 0.5
 # 4.7 GiB (W2, 10%) and 9.7 GiB (W3, 34%).
 FRAGMENTATION = 0.02
 FRAGMENTATION_FIXED_BLOCKS = 0.35
+# ZeRO-3 gathering weights across ranks allocates and frees each layer's full weights and gradients,
+# layer-sized blocks that the allocator keeps: slack of about this many layers of bf16 weights on top
+# of the above. Measured on 2 x H100 (2026-11-27, session 8 call 5): 6.9 layers at the 7B width
+# (2.96 GiB) and at the 32B width (6.28 GiB) with expandable segments, 9.8 at the 32B width without.
+GATHER_SLACK_LAYERS = 7.0
+GATHER_SLACK_LAYERS_FIXED_BLOCKS = 10.0
 # Host RSS of one worker before any weights: python, torch + CUDA host libraries, DeepSpeed,
 # tokenized-data and dataloader workers.
 PROCESS_HOST_GIB = 3.0
@@ -187,6 +193,11 @@ class PlanInput:
     def allocator_slack(self) -> float:
         """Reserved over allocated, as a share of what is allocated and freed every step."""
         return FRAGMENTATION if self.expandable_segments else FRAGMENTATION_FIXED_BLOCKS
+
+    @property
+    def gather_slack_layers(self) -> float:
+        """ZeRO-3 gathering across ranks: allocator slack in layers' worth of weights."""
+        return GATHER_SLACK_LAYERS if self.expandable_segments else GATHER_SLACK_LAYERS_FIXED_BLOCKS
 
     def accumulates(self, tokens: int) -> bool:
         """Whether a step has several micro-batches of `tokens` on a rank."""
@@ -793,6 +804,8 @@ def gpu_memory(inp: PlanInput, option: Option, tokens: int | None = None) -> Gpu
     logits = logits_bytes(inp, tokens)
     runtime = CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if n > 1 else 0.0)
     frag = inp.allocator_slack * (acts + logits + live)
+    if live:  # weights gathered per layer (ZeRO-3 on several ranks, or from the host)
+        frag += inp.gather_slack_layers * b.param * _layer_parameters(inp.shape)
     return GpuMemory(params=params / GIB, grads=grads / GIB, optimizer=optimizer / GIB,
                      activations=acts / GIB, logits=logits / GIB, comm_buckets=comm / GIB,
                      live_params=live / GIB, step_transient=step_transient / GIB,
