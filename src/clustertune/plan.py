@@ -67,11 +67,12 @@ NCCL_BUFFERS_GIB = 0.5
 FRAGMENTATION = 0.02
 FRAGMENTATION_FIXED_BLOCKS = 0.35
 # ZeRO-3 gathering weights across ranks allocates and frees each layer's full weights and gradients,
-# layer-sized blocks that the allocator keeps: slack of about this many layers of bf16 weights on top
-# of the above. Measured on 2 x H100 (2026-11-27, session 8 call 5): 6.9 layers at the 7B width
-# (2.96 GiB) and at the 32B width (6.28 GiB) with expandable segments, 9.8 at the 32B width without.
-GATHER_SLACK_LAYERS = 7.0
-GATHER_SLACK_LAYERS_FIXED_BLOCKS = 10.0
+# layer-sized blocks that the allocator keeps: slack of up to this many layers of bf16 weights on top
+# of the above. Measured (2026-11-27, session 8 calls 5-6), with expandable segments: 6.9 layers on
+# 2 x H100 at the 7B width (2.96 GiB) and at the 32B width (6.28 GiB), 9.8 on 4 x H100 at the 32B
+# width with two rows per step (8.93 GiB); without them 9.8 on 2 x H100 (32B width), scaled alike.
+GATHER_SLACK_LAYERS = 10.0
+GATHER_SLACK_LAYERS_FIXED_BLOCKS = 14.0
 # Host RSS of one worker before any weights: python, torch + CUDA host libraries, DeepSpeed,
 # tokenized-data and dataloader workers.
 PROCESS_HOST_GIB = 3.0

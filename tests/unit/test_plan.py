@@ -48,8 +48,8 @@ def test_r1_32b_on_2x8_h20_recommends_zero3_with_checkpointing_no_offload():
     # the loss, the backward and the step peak within 0.1 GiB of each other at ~37.3 GiB
     assert g.allocated_peak == pytest.approx(37.35, abs=0.1)
     assert max(g.loss_peak, g.backward_peak, g.step_peak) - min(g.loss_peak, g.backward_peak, g.step_peak) < 0.1
-    # + CUDA context and NCCL 1.5, 2% allocator slack and ZeRO-3's gather slack, 7 layers of bf16 weights
-    assert g.total == pytest.approx(45.4, abs=0.3)
+    # + CUDA context and NCCL 1.5, 2% allocator slack and ZeRO-3's gather slack, 10 layers of bf16 weights
+    assert g.total == pytest.approx(48.1, abs=0.3)
     assert best.host.load == pytest.approx(64, abs=1)  # zero.Init: one shard per rank, 8 ranks
     assert best.max_tokens > 4 * 4096  # room to grow the micro-batch
 

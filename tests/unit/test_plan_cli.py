@@ -231,7 +231,7 @@ def test_nothing_fits_with_lora_on_does_not_advise_lora(tmp_path, capsys):
     assert "recommendation: none -- nothing fits" in out
     assert "use LoRA" not in out
     assert "LoRA is already on: its frozen bf16 base weights alone are 135 GiB" in out
-    assert "3 GPUs = 3 nodes x 1 of this size would fit (now 1)" in out
+    assert "4 GPUs = 4 nodes x 1 of this size would fit (now 1)" in out
 
 
 def test_nothing_fits_without_lora_advises_it_and_the_gpu_count(tmp_path, capsys):

@@ -81,29 +81,34 @@ def test_planned_peak_of_steps_of_several_rows(workload, stage, every, immediate
     assert measured <= planned <= 1.05 * measured, (planned, measured)
 
 
-# ZeRO-3 on 2 x H100 (session 8 call 5, benchmarks/gpu2_zero3_edge.sh): 32 samples of 2048 tokens per step,
-# one full 32k row per rank. The allocator's slack there is mostly the per-layer gathers: the card must
-# hold max_memory_reserved, which the plan's total (allocated + runtime + slack) covers.
-ZERO3_TWO_RANKS = [
-    # shape, layers, checkpoint_every_n_layers (None: off), expandable segments, allocated, reserved GiB
-    ("qwen2.5-7b", 8, None, True, 55.49, 58.45),
-    ("deepseek-r1-distill-qwen-32b", 8, 2, True, 68.51, 74.79),
-    ("deepseek-r1-distill-qwen-32b", 8, 1, False, 52.76, 66.78),
+# ZeRO-3 across ranks, 2048-token samples, 32k tokens per rank per step (session 8: call 5 on 2 x H100,
+# benchmarks/gpu2_zero3_edge.sh, one 32k row per rank; call 6 on 4 x H100, gpu4_zero3_edge.sh, two
+# 30,720-token rows per rank, what `auto` chose). The allocator's slack there is mostly the per-layer
+# gathers: the card must hold max_memory_reserved, which the plan's total (allocated + runtime + slack)
+# covers, by at most 10% (its gather slack is the largest measured).
+ZERO3_ACROSS_RANKS = [
+    # GPUs, shape, layers, row tokens, checkpoint_every_n_layers (None: off), expandable segments,
+    # allocated, reserved GiB
+    (2, "qwen2.5-7b", 8, 32768, None, True, 55.49, 58.45),
+    (2, "deepseek-r1-distill-qwen-32b", 8, 32768, 2, True, 68.51, 74.79),
+    (2, "deepseek-r1-distill-qwen-32b", 8, 32768, 1, False, 52.76, 66.78),
+    (4, "deepseek-r1-distill-qwen-32b", 24, 30720, 1, True, 65.55, 74.48),
 ]
 
 
-@pytest.mark.parametrize("path,layers,every,expandable,allocated,reserved", ZERO3_TWO_RANKS)
-def test_zero3_across_ranks_plan_covers_allocated_and_reserved(path, layers, every, expandable, allocated, reserved):
+@pytest.mark.parametrize("gpus,path,layers,row,every,expandable,allocated,reserved", ZERO3_ACROSS_RANKS)
+def test_zero3_across_ranks_plan_covers_allocated_and_reserved(gpus, path, layers, row, every, expandable,
+                                                               allocated, reserved):
     recipe = recipe_from_dict({
         "model": {"path": path, "num_layers": layers},
         "data": {"train_files": ["x.jsonl"], "max_length": 2048},
-        "train": {"max_steps": 12, "global_batch_size": 32, "micro_batch_tokens": 32768,
+        "train": {"max_steps": 12, "global_batch_size": 16 * gpus, "micro_batch_tokens": row,
                   "gradient_checkpointing": every is not None, **({"checkpoint_every_n_layers": every} if every else {})},
         "zero": {"stage": 3}})
-    job = Job(gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=2, topology_source="test",
+    job = Job(gpu_mem_gib=79.6, gpu_source="test", nodes=1, gpus_per_node=gpus, topology_source="test",
               host_mem_gib=None, host_source="test", expandable_segments=expandable)
     inp = plan_input(recipe, shape_from_model_path(path, layers), job)
-    mem = gpu_memory(inp, Option(3, False, False, every is not None), 32768)
+    mem = gpu_memory(inp, Option(3, False, False, every is not None), row)
     assert allocated <= mem.allocated_peak <= 1.05 * allocated, (mem.allocated_peak, allocated)
     # reserved + the CUDA context and NCCL outside the allocator (at least 0.5 GiB) within the plan's total
-    assert reserved + 0.5 <= mem.total <= 1.05 * (reserved + 1.5), (mem.total, reserved)
+    assert reserved + 0.5 <= mem.total <= 1.10 * (reserved + 1.5), (mem.total, reserved)
