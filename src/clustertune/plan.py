@@ -78,8 +78,9 @@ GATHER_SLACK_LAYERS_FIXED_BLOCKS = 14.0
 PROCESS_HOST_GIB = 3.0
 # Feasibility: keep this share of the GPU (and of host RAM) free for what the model misses
 # (NCCL growth, dataloader spikes, shapes never measured). Packed rows never exceed their token
-# budget, so the plan's tokens are already the worst case; on the 12 points measured at the edge of
-# an 80 GB card (tests/unit/test_plan_lean_measured.py) the estimate is 0-3% over max_memory_allocated.
+# budget, so the plan's tokens are already the worst case; at the points measured at the edge of an
+# 80 GB card (tests/unit/test_plan_lean_measured.py: 19 on one GPU, 4 under ZeRO-3 across ranks) the
+# estimate is 0-4% over max_memory_allocated.
 DEFAULT_SAFETY_MARGIN = 0.05
 # Host RAM: its model matched one measured point (4 x H100, offload, within 1.4%) and dataloader workers
 # and page cache vary by machine: the former 10%.
