@@ -42,7 +42,6 @@ Launcher side: never imports torch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +147,8 @@ def _planned(recipe: Recipe, *, gpu_mem_gib: float, gpu_source: str, nodes: int,
     """The planner's choice among the options the recipe leaves open (the stages and checkpointing
     that are "auto", the recipe's own offload)."""
     from clustertune import plan_generation
-    from clustertune.plan import expandable_segments_on, plan, speed_choice
-    from clustertune.plan_cli import Job, grpo_rollout_spec, plan_input, resolve_shape
+    from clustertune.plan import plan, speed_choice
+    from clustertune.plan_cli import Job, grpo_rollout_spec, launch_expandable_segments, plan_input, resolve_shape
     try:
         shape, _ = resolve_shape(recipe.model.path, recipe.model.num_layers)
     except RecipeError as err:  # a model only on the nodes, under a name that is no built-in shape
@@ -168,7 +167,7 @@ def _planned(recipe: Recipe, *, gpu_mem_gib: float, gpu_source: str, nodes: int,
     if zero.stage == 0:  # ZeRO-0 keeps every state whole on each rank: one rank's memory, planned as such
         nodes, gpus_per_node = 1, 1
     job = Job(gpu_mem_gib, gpu_source, nodes, gpus_per_node, "this launch", None, "not checked",
-              expandable_segments=expandable_segments_on(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
+              expandable_segments=launch_expandable_segments())
     every = train.checkpoint_every_n_layers
     if train.gradient_checkpointing != AUTO:
         checkpointing = {train.gradient_checkpointing}

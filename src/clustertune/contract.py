@@ -26,6 +26,10 @@ WORLD_SIZE = "WORLD_SIZE"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
+# torch's CUDA allocator settings, and what the worker sets when the launch forwards none: growable
+# segments (the planner's allocator slack depends on it: plan.expandable_segments_on).
+ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+WORKER_DEFAULT_ALLOC_CONF = "expandable_segments:True"
 # What DeepSpeed's per-node launcher sets instead: ranks on this node, and the node's rank.
 DEEPSPEED_LOCAL_SIZE = "LOCAL_SIZE"
 DEEPSPEED_NODE_RANK = "CROSS_RANK"

@@ -207,7 +207,8 @@ class PlanInput:
 
 
 def expandable_segments_on(alloc_conf: str | None) -> bool:
-    """PYTORCH_CUDA_ALLOC_CONF as the worker will see it: unset means the worker's default (on)."""
+    """PYTORCH_CUDA_ALLOC_CONF as the launch forwards it to the workers: unset means the worker's
+    default (contract.WORKER_DEFAULT_ALLOC_CONF: on)."""
     if alloc_conf is None:
         return True
     settings = dict(item.split(":", 1) for item in alloc_conf.replace(" ", "").split(",") if ":" in item)

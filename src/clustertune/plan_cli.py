@@ -38,7 +38,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from clustertune import plan_generation, timing
+from clustertune import contract, plan_generation, timing
 from clustertune.batch_math import total_steps
 from clustertune.config import Recipe, RecipeError, check_zero_topology, load_recipe, recipe_from_dict
 from clustertune.errors import UserError
@@ -47,8 +47,7 @@ from clustertune.gpus import GPUS, known_gpu_names, local_gpu_count, lookup_gpu
 from clustertune.config import AUTO
 from clustertune.plan import (DEFAULT_CHECKPOINT_SHARD_GIB, GIB, ROW_TOKENS_FOR_SPEED, Estimate, Option, Plan,
                               PlanInput, SpeedChoice, ZeroBuckets, expandable_segments_on, lean_mlp_applies, plan,
-                              speed_choice,
-                              trainable_parameters)
+                              speed_choice, trainable_parameters)
 from clustertune.shapes import SHAPES, Shape, lookup_shape, shape_from_model_path
 from clustertune.toml_edit import set_scalars, toml_literal
 
@@ -181,7 +180,13 @@ def resolve_job(args: argparse.Namespace) -> Job:
                                                    args.gpu_mem))
     host, host_source = _resolve_host(args.host_mem, this_machine=this_machine)
     return Job(gpu_mem, gpu_source, nodes, per_node, topo_source, host, host_source, gpu_name,
-               expandable_segments=expandable_segments_on(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
+               expandable_segments=launch_expandable_segments())
+
+
+def launch_expandable_segments() -> bool:
+    """The workers' allocator mode for a launch from this environment (its PYTORCH_CUDA_ALLOC_CONF is
+    forwarded to every rank)."""
+    return expandable_segments_on(os.environ.get(contract.ALLOC_CONF_ENV))
 
 
 def _resolve_gpu(name: str | None, mem: float | None) -> tuple[float, str, str | None]:

@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch touches CUDA: growable segments instead of fixed-size blocks keep reserved memory
     # close to allocated (what clustertune.plan's FRAGMENTATION counts); torchtitan's launch script
     # sets the same. A value the user exported wins (even an empty one: torch's default).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from clustertune import contract
+    os.environ.setdefault(contract.ALLOC_CONF_ENV, contract.WORKER_DEFAULT_ALLOC_CONF)
 
     import warnings
     # torch.distributed deprecation chatter from inside DeepSpeed, once per rank per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    from clustertune import contract
     from clustertune.config import load_recipe
     from clustertune.errors import UserError
     from clustertune.worker.distributed import PeerFailed, shutdown_distributed
