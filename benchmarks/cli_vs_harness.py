@@ -97,6 +97,7 @@ def run_cli(a, data: Path, run_dir: Path) -> dict:
             "mfu": sum(r["mfu"] * r["step_time_s"] for r in measured) / sum(r["step_time_s"] for r in measured), "peak_gib": max(r.get("mem_gib", 0) for r in records),
             "peak_reserved_gib": max(r.get("mem_reserved_gib", 0) for r in records),
             "resident_gib": max(r.get("mem_resident_gib") or 0 for r in records),
+            "alloc_retries": max(r.get("alloc_retries") or 0 for r in records),
             "time_to_first_step_s": records[0].get("time_to_first_step_s"), "command_wall_s": round(wall_s, 1),
             "resolved": resolved_speed_keys(run_dir)}
 

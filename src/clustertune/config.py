@@ -191,6 +191,10 @@ class TrainSection(_Section):
     compile: bool = False
     # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
     profile_step: int | None = Field(default=None, ge=1)
+    # Record GPU kernels only in that profile (no CPU ops): the host is barely slowed, so the GPU busy
+    # share in step_N.txt is the unprofiled step's; with CPU ops recorded the host runs slower and
+    # the share reads low (benchmarks/RESULTS.md: 74% vs the kernels-only figure).
+    profile_kernels_only: bool = False
     # A step with a non-finite loss or gradient norm changes no weight and is logged; this many in a
     # row stop the run (exit 4), its last complete checkpoint intact (worker/nonfinite.py).
     max_nonfinite_steps: int = Field(default=3, ge=1)
@@ -204,6 +208,8 @@ class TrainSection(_Section):
         if every != AUTO and every > 1 and self.gradient_checkpointing is False:
             raise ValueError(f"train.checkpoint_every_n_layers = {self.checkpoint_every_n_layers} needs "
                              "train.gradient_checkpointing = true or \"auto\" (it says which layers to recompute)")
+        if self.profile_kernels_only and self.profile_step is None:
+            raise ValueError("train.profile_kernels_only = true needs train.profile_step (the step to profile)")
         return self
 
 

@@ -51,6 +51,7 @@ def test_wrong_type_is_rejected_not_coerced(tmp_path):
      "micro_batch_tokens (512) must be >= data.max_length (1024)"),
     ("[train]\nmax_steps = 0\n", "train.max_steps"),
     ("[zero]\nstage = 5\n[train]\nmax_steps = 1\n", "zero.stage"),
+    ("[train]\nmax_steps = 3\nprofile_kernels_only = true\n", "profile_kernels_only = true needs train.profile_step"),
 ])
 def test_impossible_combinations(tmp_path, text, fragment):
     with pytest.raises(RecipeError) as err:

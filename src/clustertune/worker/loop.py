@@ -181,7 +181,8 @@ class TrainingLoop:
         resident_gib = metrics.allocated_gib() if rt.on_gpu else None
         started = time.perf_counter()
         lr = train.lr * lr_multiplier(step, train=train, total_steps=self.total_steps)
-        with profile_step(self.run_dir / "profile", step + 1, enabled=rt.is_main and train.profile_step == step + 1):
+        with profile_step(self.run_dir / "profile", step + 1, kernels_only=train.profile_kernels_only,
+                          enabled=rt.is_main and train.profile_step == step + 1):
             engine.set_lr(ds_engine, lr)
             result = forward_backward(ds_engine, self.objective, plan, samples, rt=rt)
             outcome = engine.optimizer_step(ds_engine)
@@ -199,6 +200,7 @@ class TrainingLoop:
             record["mem_gib"] = metrics.peak_memory_gib()
             record["mem_reserved_gib"] = metrics.peak_reserved_gib()
             record["mem_resident_gib"] = resident_gib
+            record["alloc_retries"] = metrics.alloc_retries()
         return record, outcome
 
     def save(self, step: int) -> None:

@@ -64,6 +64,13 @@ def peak_reserved_gib() -> float:
     return torch.cuda.max_memory_reserved() / GIB
 
 
+def alloc_retries() -> int:
+    """Times the caching allocator found no free block, freed its cache and retried (cumulative). Each
+    one synchronises the GPU and costs a slow step: the memory plan's margin was too thin."""
+    import torch
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+
+
 class MetricsSink:
     """Writes one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to
     TensorBoard (RUN_DIR/tensorboard) when the package is installed. Rank 0 only."""
