@@ -19,7 +19,8 @@ def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
     gradient_checkpointing and checkpoint_every_n_layers "auto"): on the CPU the launcher resolves
     them to ZeRO-2 / 8192 / false / 1, deterministically, says so, and the ranks read those values."""
     run_dir = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir, train={"max_steps": 12, "micro_batch_size": None},
+    recipe = write_recipe(tmp_path / "r.toml", task_dir, run_dir,
+                          train={"max_steps": 12, "micro_batch_size": None, "profile_step": 5},
                           data={"packing": None}, zero={"stage": None}, checkpoint={"every_steps": 6, "keep_last": 1})
     text = recipe.read_text()
     assert "packing" not in text and "micro_batch_tokens" not in text and "stage" not in text
@@ -46,6 +47,9 @@ def test_two_ranks_zero2_train_checkpoint_and_export(tmp_path, task_dir):
     assert (run_dir / "checkpoints" / "step_00000012" / "COMPLETE.json").is_file()
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= {p.name for p in (run_dir / "final").iterdir()}
+    # train.profile_step: rank 0 profiled step 5 (the op table and a trace), no other step
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == ["step_5.trace.json", "step_5.txt"]
+    assert (run_dir / "profile" / "step_5.txt").read_text().startswith("profiled step wall ")
     for name in ("recipe.toml", "ds_config.json", "logs/rank0.log", "logs/rank1.log"):
         assert (run_dir / name).is_file(), name
 
