@@ -48,6 +48,9 @@ p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
 p.add_argument("--busy", action="store_true",
                help="GPU busy share of step N-2 from a kernels-only profile (no CPU ops recorded, so the host "
                     "runs at about its unprofiled speed); written with --profile's layout into --profile or /tmp")
+p.add_argument("--cu-seqlens-on-gpu", action="store_true",
+               help="issue 13's lever 'cu_seqlens on the CPU in collate', its before: collate's sample boundaries "
+                    "dropped, so the model derives them from position ids on the GPU (two syncs per micro-batch)")
 a = p.parse_args()
 
 os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
@@ -132,6 +135,15 @@ if a.liger_chunk_mem_const is not None:  # our own constant, read by worker/kern
 if a.lean_mlp is not None:  # our own constant, read by plan.lean_mlp_applies when the model is built
     from clustertune import plan as planner
     planner.LEAN_MLP = a.lean_mlp == "on"
+
+if a.cu_seqlens_on_gpu:  # our own function, called through the module by the objectives
+    collate_with_boundaries = batching.collate
+
+    def collate_without_boundaries(*args, **kwargs):
+        batch = collate_with_boundaries(*args, **kwargs)
+        batch.pop("cu_seq_lens", None), batch.pop("max_length", None)
+        return batch
+    batching.collate = collate_without_boundaries
 
 host = HostPeak()
 built_at = time.perf_counter()
