@@ -55,6 +55,10 @@ a = p.parse_args()
 
 os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+from clustertune import contract  # noqa: E402
+# The workers' allocator default (worker/__main__), set before torch starts CUDA: the harness measures the
+# memory `clustertune train` runs with (without it, rows at the card's edge retried allocations).
+os.environ.setdefault(contract.ALLOC_CONF_ENV, contract.WORKER_DEFAULT_ALLOC_CONF)
 if "MASTER_PORT" not in os.environ:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); os.environ["MASTER_PORT"] = str(s.getsockname()[1])
