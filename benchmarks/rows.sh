@@ -54,6 +54,8 @@ for line in open(sys.argv[1]):
     if line.startswith("== "): name = line.split()[1]
     if line.startswith("RESULT "):
         r = json.loads(line[7:])
+        if "tok_per_s" not in r:  # another script's RESULT (cli_vs_harness.py, loss_gate.py)
+            continue
         print(f"{name:18s} {r['tok_per_s']:>7} tok/s ({r['world_size']} GPU)  mfu {r['mfu']:.4f}  peak {r['peak_mem_gb']:5.1f}"
               f"  step {r['step_s']}  {r.get('optimizer', '')}  {r.get('busy', '')}  retries {r.get('alloc_retries')}")
 PY

@@ -192,8 +192,8 @@ class TrainSection(_Section):
     # Profile this (1-based) optimizer step with torch.profiler: RUN_DIR/profile/step_N.txt + trace.
     profile_step: int | None = Field(default=None, ge=1)
     # Record GPU kernels only in that profile (no CPU ops): the host is barely slowed, so the GPU busy
-    # share in step_N.txt is the unprofiled step's; with CPU ops recorded the host runs slower and
-    # the share reads low (benchmarks/RESULTS.md: 74% vs the kernels-only figure).
+    # share in step_N.txt stays close to the unprofiled step's where recording every CPU op would hold
+    # a host-bound step back (benchmarks/RESULTS.md, seventh session: both 90-92% on W1's final step).
     profile_kernels_only: bool = False
     # A step with a non-finite loss or gradient norm changes no weight and is logged; this many in a
     # row stop the run (exit 4), its last complete checkpoint intact (worker/nonfinite.py).
