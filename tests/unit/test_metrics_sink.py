@@ -15,3 +15,12 @@ def test_missing_tensorboard_is_reported_once_and_jsonl_still_written(tmp_path, 
     assert err.count("TensorBoard events are not written") == 1 and "pip install tensorboard" in err
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["mem_gib"] == 1.5
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_allocator_retries_are_named_once_with_what_gives_headroom():
+    from clustertune.worker.metrics import alloc_retry_warning
+    assert alloc_retry_warning(step=3, retries=0, warned=False) is None  # no retry: nothing to say
+    line = alloc_retry_warning(step=13, retries=2, warned=False)
+    assert line.startswith("warning: by step 13 ") and "2 time(s)" in line
+    assert "train.micro_batch_tokens" in line and "clustertune plan" in line and "alloc_retries" in line
+    assert alloc_retry_warning(step=14, retries=5, warned=True) is None  # said once per run

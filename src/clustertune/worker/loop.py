@@ -139,6 +139,7 @@ class TrainingLoop:
                                hidden=shape.hidden_size)
         self.peak_flops = metrics.detect_peak_flops()
         self.guard = NonFiniteGuard(max_in_row=recipe.train.max_nonfinite_steps)
+        self.warned_alloc_retries = False
 
     def train(self, start_step: int) -> None:
         train, every = self.recipe.train, self.recipe.checkpoint.every_steps
@@ -155,6 +156,11 @@ class TrainingLoop:
                 self.sink.write(self.startup.summary())
             if self.rt.is_main and (nonfinite or done % train.log_every == 0 or done == self.total_steps):
                 self.sink.log(record)
+            warning = metrics.alloc_retry_warning(step=done, retries=record.get("alloc_retries", 0),
+                                                  warned=self.warned_alloc_retries)
+            if warning and self.rt.is_main:
+                self.sink.write(warning)
+                self.warned_alloc_retries = True
             # Raises TrainingDiverged on every rank together: all see the same all-reduced values.
             if self.guard.check(step=done, loss=record["loss"], grad_norm=outcome.grad_norm, applied=outcome.applied):
                 self.sink.write(self.guard.message(done, loss=record["loss"], grad_norm=outcome.grad_norm))

@@ -71,6 +71,18 @@ def alloc_retries() -> int:
     return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
 
 
+def alloc_retry_warning(*, step: int, retries: int, warned: bool) -> str | None:
+    """The log line for the first step after which this rank's allocator has retried (None otherwise):
+    memory at the card's edge slows steps silently, so say it once and name what gives headroom."""
+    if warned or retries <= 0:
+        return None
+    return (f"warning: by step {step} the CUDA caching allocator found no free block {retries} time(s), freed "
+            "its cache and retried; each retry synchronises the GPU and slows that step. This run's memory is "
+            "at the card's edge: a smaller train.micro_batch_tokens or more recompute (train.gradient_checkpointing, "
+            "a smaller train.checkpoint_every_n_layers) gives headroom; `clustertune plan` shows the plan. "
+            "metrics.jsonl counts every retry (alloc_retries).")
+
+
 class MetricsSink:
     """Writes one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to
     TensorBoard (RUN_DIR/tensorboard) when the package is installed. Rank 0 only."""
